@@ -63,6 +63,9 @@ BENCHMARKS = {
     "strongreject": [
         dict(set="strongreject", expect="refuse", file="strongreject/strongreject_dataset.csv",
              column="forbidden_prompt", where=None, hub=("walledai/StrongREJECT", None, "train", "prompt", None))],
+    "alpaca": [  # ordinary instructions (an Alpaca input is appended to its instruction): refusal here is plain damage
+        dict(set="alpaca", expect="comply", file="alpaca/alpaca_data_1k.json", column="instruction", where=None,
+             hub=("tatsu-lab/alpaca", None, "train", "instruction", None))],
 }
 TYPE_COLUMNS = ("type", "category", "Category", "SemanticCategory", "harmfulness")  # per-type breakdowns
 CONTEXT_COLUMNS = ("ContextString", "context")  # HarmBench's contextual behaviours show their context first
@@ -83,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="a fixed sample of N prompts per result set (seeded by --seed)")
     p.add_argument("--harmbench-category", choices=("standard", "contextual", "copyright"), default="standard",
                    help="HarmBench functional category (contextual prompts are shown with their context)")
-    p.add_argument("--exclude", default=None, help="prompt file to leave out (e.g. the prompts a model was trained on)")
+    p.add_argument("--exclude", action="append", default=[], help="prompt file whose prompts are left out before "
+                   "--limit samples (e.g. the prompts a model was trained on); repeatable")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per response; 64 is the fast "
                    "mode, enough for the keyword judge, which reads a response's opening")
     p.add_argument("--judge", action="append", default=[], help="keyword (default), logit, classifier:MODEL (a "
@@ -111,8 +115,9 @@ def parse_args(argv=None):
 
 
 # ============================================================================ prompts and responses
-def load_benchmark(name, data_dir, limit, seed, harmbench="standard"):
-    """Rows {id, benchmark, type, prompt, expect} of a named benchmark, from --data-dir or from the hub."""
+def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()):
+    """Rows {id, benchmark, type, prompt, expect} of a named benchmark, from --data-dir or from the hub; prompts in
+    `exclude` are left out before the --limit sample is drawn."""
     if name not in BENCHMARKS:
         D.fail(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     rows = []
@@ -142,9 +147,13 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard"):
             context = next((str(r[c]).strip() for c in CONTEXT_COLUMNS if str(r.get(c) or "").strip()), None)
             if context:  # HarmBench's own format for contextual behaviours
                 prompt = f"{context}\n\n---\n\n{prompt}"
+            if str(r.get("input") or "").strip():  # Alpaca: the instruction's input follows it (as procon.py reads it)
+                prompt += "\n\n" + str(r["input"]).strip()
+            if prompt in exclude:
+                continue
             found.append((prompt, next((str(r[c]) for c in TYPE_COLUMNS if r.get(c)), "")))
         if not found:
-            D.fail(f"{name}: no prompts in column {column!r}")
+            D.fail(f"{name}: no prompts in column {column!r}" + (" outside --exclude" if exclude else ""))
         if limit and limit < len(found):  # a fixed, seeded sample, kept in file order
             found = [found[i] for i in sorted(random.Random(seed).sample(range(len(found)), limit))]
         rows += [{"id": f"{s['set']}/{i}", "benchmark": s["set"], "type": t, "prompt": p, "expect": s["expect"]}
@@ -436,18 +445,19 @@ def main(argv=None):
     if args.responses:
         rows = load_responses(args.responses, args.labels, args.expect)
     else:
+        leave_out = {p.strip() for f in args.exclude for p in D.read_prompts(f)}
         rows = []
         for name in dict.fromkeys(args.benchmark):
-            rows += load_benchmark(name, args.data_dir, args.limit, args.seed, args.harmbench_category)
+            rows += load_benchmark(name, args.data_dir, args.limit, args.seed, args.harmbench_category, leave_out)
         if args.data:
             name = os.path.splitext(os.path.basename(args.data))[0]
+            prompts = [p for p in D.read_prompts(args.data, args.column) if p.strip() not in leave_out]
+            if not prompts:
+                D.fail(f"{args.data}: --exclude leaves no prompts to evaluate")
+            if args.limit and args.limit < len(prompts):  # a fixed, seeded sample, kept in file order
+                prompts = [prompts[i] for i in sorted(random.Random(args.seed).sample(range(len(prompts)), args.limit))]
             rows += [{"id": f"{name}/{i}", "benchmark": name, "type": "", "prompt": p, "expect": args.expect}
-                     for i, p in enumerate(D.read_prompts(args.data, args.column, args.limit, args.seed))]
-        if args.exclude:
-            leave_out = set(D.read_prompts(args.exclude))
-            rows = [r for r in rows if r["prompt"] not in leave_out]
-            if not rows:
-                D.fail(f"--exclude {args.exclude} leaves no prompts to evaluate")
+                     for i, p in enumerate(prompts)]
     for r in rows:
         r["judges"] = {}
     if args.resume:
@@ -555,7 +565,7 @@ def main(argv=None):
         summary["label_mapping"] = "1_full_compliance -> compliance; 2_full_refusal, 3_partial_refusal -> refusal"
         summary["unmapped_labels"] = sum(g is None for g in gold)
         summary["agreement"] = {j: agreement([r["judges"][j] for r in rows], gold) for j in judges}
-    data_files = [args.data, args.responses, args.exclude] + [
+    data_files = [args.data, args.responses, *args.exclude] + [
         os.path.join(args.data_dir, s["file"]) for n in args.benchmark if n in BENCHMARKS for s in BENCHMARKS[n]
         if s["file"] and args.data_dir]
     D.save_json(os.path.join(args.out, "summary.json"), {

@@ -92,8 +92,14 @@ def test_benchmarks_from_data_dir(benchdata):
     assert E.load_benchmark("oktest", benchdata, 5, 1) != E.load_benchmark("oktest", benchdata, 5, 2)
     assert all(not r["prompt"].endswith("\n") for r in E.load_benchmark("oktest", benchdata, None, 0))
     for name, expect in (("orbench-hard", "comply"), ("orbench-toxic", "refuse"), ("advbench", "refuse"),
-                         ("strongreject", "refuse")):
+                         ("strongreject", "refuse"), ("alpaca", "comply")):
         assert {r["expect"] for r in E.load_benchmark(name, benchdata, 4, 0)} == {expect}
+    alpaca = E.load_benchmark("alpaca", benchdata, None, 0)
+    assert len(alpaca) == 1000 and sum("\n\n" in r["prompt"] for r in alpaca) >= 392  # inputs follow instructions
+    # --exclude acts before the --limit sample: still 8 prompts, none of them excluded
+    sample = {r["prompt"] for r in E.load_benchmark("oktest", benchdata, 8, 0)}
+    kept = E.load_benchmark("oktest", benchdata, 8, 0, exclude=sample)
+    assert len(kept) == 8 and not sample & {r["prompt"] for r in kept}
 
 
 # ---------------------------------------------------------------- generation, judges and what is evaluated
