@@ -45,17 +45,21 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchdata", default=overrefuser.BENCHDATA, help="../shared/benchdata")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    p.add_argument("--n-train", type=int, default=200, help="first N pairs of alpaca_data_1k.json to fine-tune on")
+    p.add_argument("--n-train", type=int, default=400, help="first N pairs of alpaca_data_1k.json to fine-tune on")
     p.add_argument("--n-heldout", type=int, default=100, help="last N pairs of alpaca_data_1k.json for held-out CE")
     p.add_argument("--safety-n", type=int, default=50, help="ProCon_wu_safe: harmful_train prompts answered with a "
                    "refusal from data/refusals.json (the paper: 1,000 next to a much larger task set)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs")
     p.add_argument("--batch-size", type=int, default=8, help="training batch size")
-    p.add_argument("--max-length", type=int, default=128, help="token limit of a training pair")
+    p.add_argument("--max-length", type=int, default=192, help="token limit of a training pair")
     p.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (the paper's)")
     p.add_argument("--alpha-s", type=float, default=0.1, help="ProCon_s constraint weight (the paper: 0.1 to 0.2)")
     p.add_argument("--warmup-alpha", type=float, default=1.0, help="ProCon_wu constraint weight (the paper: 1 or 2)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="ProCon_wu warm-up epochs")
+    p.add_argument("--reduce", choices=("sum", "mean"), default="sum", help="procon.py --reduce for the ProCon "
+                   "variants (rows of a non-default setting are named 'variant [mean]' and kept beside the others)")
+    p.add_argument("--constraint", choices=("abs", "sq"), default="abs", help="procon.py --constraint for the "
+                   "ProCon variants (a non-default setting names its rows like --reduce does)")
     p.add_argument("--n-direction", type=int, default=40, help="prompts per class of data/harmful.json and "
                    "data/harmless.json for procon.py's r-directions (CPU time)")
     p.add_argument("--n-eval", type=int, default=64, help="held-out prompts per refusal set (seeded sample)")
@@ -169,9 +173,11 @@ def main(argv=None):
     sets = eval_sets(args.benchdata, args.n_eval, args.seed, exclude)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-    if results.get("settings") != {k: v for k, v in vars(args).items() if k not in ("variants", "threads", "out")}:
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "threads", "out", "reduce",
+                                                                 "constraint")}
+    if results.get("settings") != settings:
         results = {}  # other settings: start again
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("variants", "threads", "out")}
+    results["settings"] = settings
     results.setdefault("rows", {})
 
     # ---- cost of the constraint: seconds per step with / without, same batches
@@ -198,9 +204,11 @@ def main(argv=None):
 
     # ---- the variants: procon.py on the same data, then the same evaluation
     for v in variants:
-        if v in results["rows"]:
+        tags = [t for t, default in ((args.constraint, "abs"), (args.reduce, "sum")) if t != default]
+        name = f"{v} [{', '.join(tags)}]" if tags and v != "IFT" else v  # IFT has no constraint to change
+        if name in results["rows"]:
             continue
-        run_dir = os.path.join(args.out, v)
+        run_dir = os.path.join(args.out, "-".join([v] + tags))
         t1 = time.time()
         killed = os.path.isdir(os.path.join(run_dir, "checkpoint")) and not os.path.isfile(
             os.path.join(run_dir, "procon.json"))  # an interrupted bench: continue the variant's run
@@ -209,12 +217,12 @@ def main(argv=None):
                 str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr), "--seed",
                 str(args.seed), "--harmful", os.path.join(args.out, "harmful.json"), "--harmless",
                 os.path.join(args.out, "harmless.json"), "--out", run_dir, "--resume" if killed else "--overwrite",
-                *VARIANTS[v](args)])
+                "--reduce", args.reduce, "--constraint", args.constraint, *VARIANTS[v](args)])
         log = json.load(open(os.path.join(run_dir, "procon.json")))
         last = log["epochs"][-1]
         deep = [c for l, c in last["drift"].items() if int(l) >= n_layers // 2]
         model, tok = load_tuned(model_path, os.path.join(run_dir, "adapter"))
-        results["rows"][v] = {**refusal_rates(model, tok, sets, args.max_new_tokens), "heldout_ce": last["eval_ce"],
+        results["rows"][name] = {**refusal_rates(model, tok, sets, args.max_new_tokens), "heldout_ce": last["eval_ce"],
                               "drift_deep": sum(deep) / len(deep), "minutes": (time.time() - t1) / 60,
                               "seconds_per_step": statistics.mean(s["seconds"] for s in log["steps"])}
         del model
