@@ -236,8 +236,9 @@ def quality(args):
         cmd = eval_cmd + extra + ["--out", os.path.join(args.out, f"eval_{name}")]
         summary = os.path.join(args.out, f"eval_{name}", "summary.json")
         same = json.loads(json.dumps(vars(evaluate.parse_args(cmd))))
-        if name == "before" and os.path.isfile(summary) and json.load(open(summary)).get("args") == same:
-            print(f"reusing {summary} (same command)")  # the base model's evaluation does not change between runs
+        old = json.load(open(summary)) if name == "before" and os.path.isfile(summary) else {}
+        if old.get("args") == same and old.get("data", {}).get(files["exclude"]) == D.sha256(files["exclude"]):
+            print(f"reusing {summary} (same command, same excluded prompts)")  # the base model does not change
         else:
             print("python evaluate.py " + " ".join(cmd))
             evaluate.main(cmd)
