@@ -154,11 +154,17 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
             found.append((prompt, next((str(r[c]) for c in TYPE_COLUMNS if r.get(c)), "")))
         if not found:
             D.fail(f"{name}: no prompts in column {column!r}" + (" outside --exclude" if exclude else ""))
-        if limit and limit < len(found):  # a fixed, seeded sample, kept in file order
-            found = [found[i] for i in sorted(random.Random(seed).sample(range(len(found)), limit))]
+        found = sample(found, limit, seed)
         rows += [{"id": f"{s['set']}/{i}", "benchmark": s["set"], "type": t, "prompt": p, "expect": s["expect"]}
                  for i, (p, t) in enumerate(found)]
     return rows
+
+
+def sample(items, limit, seed):
+    """--limit: a fixed, seeded sample of N items, kept in file order (all of them without a limit)."""
+    if not limit or limit >= len(items):
+        return items
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
 
 
 def load_hub(hub_id, config, split):
@@ -454,8 +460,7 @@ def main(argv=None):
             prompts = [p for p in D.read_prompts(args.data, args.column) if p.strip() not in leave_out]
             if not prompts:
                 D.fail(f"{args.data}: --exclude leaves no prompts to evaluate")
-            if args.limit and args.limit < len(prompts):  # a fixed, seeded sample, kept in file order
-                prompts = [prompts[i] for i in sorted(random.Random(args.seed).sample(range(len(prompts)), args.limit))]
+            prompts = sample(prompts, args.limit, args.seed)
             rows += [{"id": f"{name}/{i}", "benchmark": name, "type": "", "prompt": p, "expect": args.expect}
                      for i, p in enumerate(prompts)]
     for r in rows:
