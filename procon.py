@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    "ProCon_s uses 0.1 to 0.2)")
     p.add_argument("--warmup-epochs", type=int, default=0, help="ProCon_wu: epochs of strong constraint first")
     p.add_argument("--warmup-alpha", type=float, default=1.0, help="ProCon_wu: constraint weight during warm-up")
+    p.add_argument("--reset-optimizer", action=argparse.BooleanOptionalAction, default=False,
+                   help="start AdamW afresh when the warm-up ends (the paper is silent; see the loop)")
     p.add_argument("--layers", default="all", help="constrained layers: 'all' (1..L-1) or a list like 10,12,14")
     p.add_argument("--constraint", choices=("abs", "sq"), default="abs",
                    help="|z - z0| (the paper's L2 norm of a scalar) or (z - z0)^2")
@@ -178,7 +180,8 @@ def drift(r0, r1, layers):
 # ============================================================================ checkpoints
 # what must not change between a killed run and its --resume (--epochs may grow, and alpha may be fixed after a NaN)
 RESUME_KEYS = ("model", "data", "limit", "safety_data", "safety_n", "layers", "constraint", "reduce", "lr",
-               "max_length", "full", "lora_r", "lora_alpha", "lora_targets", "batch_size", "seed", "warmup_epochs")
+               "max_length", "full", "lora_r", "lora_alpha", "lora_targets", "batch_size", "seed", "warmup_epochs",
+               "reset_optimizer")
 def trainable_state(model):
     return {k: v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad}
 
@@ -320,6 +323,11 @@ def main(argv=None):
     drift_log = {str(e["epoch"]): e["drift"] for e in log["epochs"]}
     for epoch in range(start_epoch, args.epochs):
         alpha = alpha_at(epoch, args)
+        if args.reset_optimizer and args.warmup_epochs and epoch == args.warmup_epochs and alpha != args.warmup_alpha:
+            # The paper is silent; by default one AdamW runs throughout, as in a plain training loop. But its second
+            # moments (beta2 = 0.999: a memory of ~1000 steps) still hold the warm-up constraint's far larger gradients
+            # and shrink every CE step after it; on short runs that stalls learning (bench/bench_procon.py measures both).
+            opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
         order = list(range(len(batches)))
         random.Random(args.seed * 1000 + epoch).shuffle(order)  # batch order per epoch: resumable, reproducible
         bar = tqdm(order, desc=f"epoch {epoch + 1}/{args.epochs} alpha={alpha:g}")

@@ -122,6 +122,12 @@ def test_warmup_schedule(tiny_llama, pairs_file, tmp_path):
     assert [e["alpha"] for e in log["epochs"]] == [1.0, 0.0, 0.0]
     drift = json.loads((tmp_path / "drift.json").read_text())["cosine_to_initial"]
     assert set(drift) == {"1", "2", "3"} and all(-1 <= c <= 1.0001 for c in drift["1"].values())
+    # one AdamW throughout (3 epochs of 3 batches); with --reset-optimizer it starts afresh when the warm-up ends
+    steps = lambda: {int(s["step"]) for s in torch.load(tmp_path / "checkpoint" / "optimizer.pt")["state"].values()}
+    assert steps() == {9}
+    P.main(["--model", tiny_llama, "--data", pairs_file, "--out", str(tmp_path), "--epochs", "3", "--overwrite",
+            "--batch-size", "4", "--warmup-epochs", "1", "--warmup-alpha", "1", "--reset-optimizer", *FLAGS])
+    assert steps() == {6}
 
 
 def test_lora_changes_only_adapters(tiny_llama, pairs_file, tmp_path):
