@@ -2,6 +2,7 @@
 
 On the over-refusing SmolLM2 (bench/overrefuser.py), LoRA fine-tuning on the same benign Alpaca pairs, four ways:
   IFT             --alpha 0                                  (plain instruction fine-tuning, the baseline)
+  IFT_safe        IFT + --safety-data                        (the control: the safety data without the constraint)
   ProCon_s        --alpha 0.1                                (a light constraint throughout)
   ProCon_wu       --warmup-epochs 1 --warmup-alpha 1         (a strong constraint in the first epoch, then none)
   ProCon_wu_safe  ProCon_wu + --safety-data                  (refusal samples mixed in; the paper's headline variant)
@@ -33,6 +34,7 @@ import procon as P  # noqa: E402
 
 VARIANTS = {
     "IFT": lambda a: ["--alpha", "0"],
+    "IFT_safe": lambda a: ["--alpha", "0", "--safety-data", os.path.join(a.out, "safety.json")],
     "ProCon_s": lambda a: ["--alpha", str(a.alpha_s)],
     "ProCon_wu": lambda a: ["--alpha", "0", "--warmup-epochs", str(a.warmup_epochs), "--warmup-alpha",
                             str(a.warmup_alpha)],
@@ -53,13 +55,17 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="training batch size")
     p.add_argument("--max-length", type=int, default=192, help="token limit of a training pair")
     p.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (the paper's)")
-    p.add_argument("--alpha-s", type=float, default=0.1, help="ProCon_s constraint weight (the paper: 0.1 to 0.2)")
-    p.add_argument("--warmup-alpha", type=float, default=1.0, help="ProCon_wu constraint weight (the paper: 1 or 2)")
+    p.add_argument("--alpha-s", type=float, default=0.1, help="ProCon_s constraint weight (the paper: 0.1 to 0.2; "
+                   "another value names its row 'ProCon_s [alpha A]')")
+    p.add_argument("--warmup-alpha", type=float, default=1.0, help="ProCon_wu constraint weight (the paper: 1 or 2; "
+                   "another value names its rows like --alpha-s does)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="ProCon_wu warm-up epochs")
     p.add_argument("--reduce", choices=("sum", "mean"), default="sum", help="procon.py --reduce for the ProCon "
                    "variants (rows of a non-default setting are named 'variant [mean]' and kept beside the others)")
     p.add_argument("--constraint", choices=("abs", "sq"), default="abs", help="procon.py --constraint for the "
                    "ProCon variants (a non-default setting names its rows like --reduce does)")
+    p.add_argument("--reset-optimizer", action=argparse.BooleanOptionalAction, default=False,
+                   help="procon.py --reset-optimizer for the warm-up variants (names their rows 'variant [reset]')")
     p.add_argument("--n-direction", type=int, default=40, help="prompts per class of data/harmful.json and "
                    "data/harmless.json for procon.py's r-directions (CPU time)")
     p.add_argument("--n-eval", type=int, default=64, help="held-out prompts per refusal set (seeded sample)")
@@ -173,8 +179,8 @@ def main(argv=None):
     sets = eval_sets(args.benchdata, args.n_eval, args.seed, exclude)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "threads", "out", "reduce",
-                                                                 "constraint")}
+    variant_flags = ("reduce", "constraint", "reset_optimizer", "alpha_s", "warmup_alpha")  # they name rows instead
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "threads", "out") + variant_flags}
     if results.get("settings") != settings:
         results = {}  # other settings: start again
     results["settings"] = settings
@@ -205,10 +211,14 @@ def main(argv=None):
     # ---- the variants: procon.py on the same data, then the same evaluation
     for v in variants:
         tags = [t for t, default in ((args.constraint, "abs"), (args.reduce, "sum")) if t != default]
-        name = f"{v} [{', '.join(tags)}]" if tags and v != "IFT" else v  # IFT has no constraint to change
+        tags += [f"alpha {args.alpha_s:g}"] if v == "ProCon_s" and args.alpha_s != 0.1 else []
+        tags += [f"warm-up alpha {args.warmup_alpha:g}"] if v.startswith("ProCon_wu") and args.warmup_alpha != 1 else []
+        tags += ["reset"] if args.reset_optimizer and v.startswith("ProCon_wu") else []
+        tags = tags if v.startswith("ProCon") else []  # IFT has no constraint to change
+        name = f"{v} [{', '.join(tags)}]" if tags else v
         if name in results["rows"]:
             continue
-        run_dir = os.path.join(args.out, "-".join([v] + tags))
+        run_dir = os.path.join(args.out, "-".join([v] + tags).replace(" ", ""))
         t1 = time.time()
         killed = os.path.isdir(os.path.join(run_dir, "checkpoint")) and not os.path.isfile(
             os.path.join(run_dir, "procon.json"))  # an interrupted bench: continue the variant's run
@@ -217,7 +227,8 @@ def main(argv=None):
                 str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr), "--seed",
                 str(args.seed), "--harmful", os.path.join(args.out, "harmful.json"), "--harmless",
                 os.path.join(args.out, "harmless.json"), "--out", run_dir, "--resume" if killed else "--overwrite",
-                "--reduce", args.reduce, "--constraint", args.constraint, *VARIANTS[v](args)])
+                "--reduce", args.reduce, "--constraint", args.constraint,
+                "--reset-optimizer" if args.reset_optimizer else "--no-reset-optimizer", *VARIANTS[v](args)])
         log = json.load(open(os.path.join(run_dir, "procon.json")))
         last = log["epochs"][-1]
         deep = [c for l, c in last["drift"].items() if int(l) >= n_layers // 2]
@@ -226,6 +237,8 @@ def main(argv=None):
                               "drift_deep": sum(deep) / len(deep), "minutes": (time.time() - t1) / 60,
                               "seconds_per_step": statistics.mean(s["seconds"] for s in log["steps"])}
         del model
+        if os.path.isfile(results_path):  # rows written meanwhile by another bench process on the same --out
+            results["rows"] = {**json.load(open(results_path)).get("rows", {}), **results["rows"]}
         D.save_json(results_path, results)
 
     # ---- the table
