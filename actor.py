@@ -51,6 +51,9 @@ def parse_args(argv=None):
                    help="where projections are measured from: the benign mean (default) or 0 (the formula as "
                    "printed; its sign depends on where the activations sit, see targets())")
     p.add_argument("--epochs", type=int, default=3, help="rounds of training; R_hat and targets are renewed before each")
+    p.add_argument("--renew", choices=("epoch", "never"), default="epoch",
+                   help="renew R_hat and the targets from the current weights before every epoch (the paper) or keep "
+                   "those of the initial weights (targets then cannot compound from epoch to epoch)")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="AdamW learning rate (not given in the paper; 1e-3 measured in bench/bench_actor.py)")
     p.add_argument("--train", choices=("all", "mlp", "attn"), default="all",
@@ -207,17 +210,17 @@ def projections(a, r_hat, groups):
     return {name: (a[groups == g] @ r_hat).mean().item() for g, name in enumerate(GROUPS)}
 
 
-def actor(block, cache, groups, alpha, origin, lr, epochs, train="all", seed=0, log=print):
-    """The loop: before each epoch R_hat and the targets are renewed from the current weights of block l*; then one
-    pass of AdamW over the cached batches (fixed batches, their order shuffled with the seed). Returns the epoch log
-    and the activations before and after training."""
+def actor(block, cache, groups, alpha, origin, lr, epochs, train="all", seed=0, log=print, renew="epoch"):
+    """The loop: before each epoch R_hat and the targets are renewed from the current weights of block l* (with
+    renew="never" they stay those of the initial weights); then one pass of AdamW over the cached batches (fixed
+    batches, their order shuffled with the seed). Returns the epoch log and the activations before and after training."""
     n = len(groups)
     opt = torch.optim.AdamW(trainable(block, train), lr=lr, weight_decay=0.0)
     a_init = activations(block, cache, n)
     a, history = a_init, []
     for epoch in range(epochs):
-        r_hat = refusal_direction(a, groups)
-        a_tgt = targets(a, r_hat, groups, alpha, origin)
+        r_hat = refusal_direction(a if renew == "epoch" else a_init, groups)
+        a_tgt = targets(a if renew == "epoch" else a_init, r_hat, groups, alpha, origin)
         order = list(range(len(cache)))
         random.Random(seed * 1000 + epoch).shuffle(order)
         loss = train_epoch(block, cache, a_tgt, opt, order)
@@ -372,7 +375,7 @@ def main(argv=None):
           f"cache {cache_mb:.1f} MiB on {args.cache_device}")
     t_train = time.time()
     history, a_init, a_final = actor(block, cache, groups, args.alpha, args.origin, args.lr, args.epochs,
-                                     args.train, args.seed)
+                                     args.train, args.seed, renew=args.renew)
     t_train = time.time() - t_train
     r_hat_init, r_hat_final = refusal_direction(a_init, groups), refusal_direction(a_final, groups)
 
@@ -386,7 +389,7 @@ def main(argv=None):
     D.save_json(os.path.join(args.out, "actor.json"), {
         "base_model": args.model, "layer": layer, "layer_choice": "silhouette" if sil else "fixed",
         "n_layers": n_layers, "hidden_size": D.text_config(model).hidden_size, "alpha": args.alpha,
-        "origin": args.origin, "lr": args.lr, "epochs": args.epochs, "train": args.train,
+        "origin": args.origin, "lr": args.lr, "epochs": args.epochs, "renew": args.renew, "train": args.train,
         "block_dtype": str(next(block.parameters()).dtype), "load_in_4bit": args.load_in_4bit, "seed": args.seed,
         "n_queries": {name: int((groups == g).sum()) for g, name in enumerate(GROUPS)},
         "data_sha256": {name: D.sha256(f) for name, f in files.items()},

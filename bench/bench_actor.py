@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="quality: actor.py --lr")
     p.add_argument("--epochs", type=int, default=3, help="quality: actor.py --epochs")
     p.add_argument("--train", default="all", help="quality: actor.py --train")
+    p.add_argument("--renew", default="epoch", help="quality: actor.py --renew")
     p.add_argument("--n-train", type=int, default=128, help="quality: training queries per group (seeded "
                    "samples; harmful: N from harmful_train and N from OR-Bench-toxic)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="quality: tokens generated per answer")
@@ -222,7 +223,7 @@ def quality(args):
     patch = os.path.join(args.out, "patch")
     actor_cmd = ["--model", model_dir, "--pseudo-harmful", files["pseudo_harmful"], "--harmful", files["harmful"],
                  "--benign", files["benign"], "--layer", args.actor_layer, "--alpha", str(args.alpha),
-                 "--lr", str(args.lr), "--epochs", str(args.epochs), "--train", args.train,
+                 "--lr", str(args.lr), "--epochs", str(args.epochs), "--train", args.train, "--renew", args.renew,
                  "--seed", str(args.seed), "--out", patch, "--overwrite"]
     print("python actor.py " + " ".join(actor_cmd))
     A.main(actor_cmd)
@@ -270,7 +271,10 @@ def main(argv=None):
         result["speed"] = speed(args)
     if args.quality:
         result["quality"] = quality(args)
-    D.save_json(os.path.join(args.out, "bench_actor.json"), {**result, **D.metadata(args)})
+    path = os.path.join(args.out, "bench_actor.json")  # a part not run this time keeps its earlier result
+    old = json.load(open(path)) if os.path.isfile(path) else {}
+    D.save_json(path, {**{k: old[k] for k in ("speed", "quality") if k in old},
+                       **{k: {**v, "meta": D.metadata(args)} for k, v in result.items()}})
 
 
 if __name__ == "__main__":

@@ -110,6 +110,18 @@ def test_training_lowers_the_loss_against_fixed_targets(tiny_model):
     assert A.loss_fn(A.activations(block, cache, len(QUERIES)), tgt) < A.loss_fn(a0, tgt)
 
 
+@pytest.mark.parametrize("renew", ["epoch", "never"])
+def test_targets_renewed_each_epoch_or_kept(tiny_model, renew, monkeypatch):
+    model, tok = D.load_model(tiny_model)
+    cache = A.cache_block_inputs(model, tok, QUERIES, 2, 3)
+    block = D.decoder_layers(model)[2]
+    seen = []
+    monkeypatch.setattr(A, "targets", lambda a, *rest, f=A.targets: seen.append(a.clone()) or f(a, *rest))
+    _, a_init, _ = A.actor(block, cache, GROUPS, 1.0, "benign", 1e-3, 3, log=lambda s: None, renew=renew)
+    assert len(seen) == 3 and torch.equal(seen[0], a_init)
+    assert all(torch.equal(s, a_init) for s in seen[1:]) == (renew == "never")
+
+
 @pytest.mark.parametrize("train", ["mlp", "attn"])
 def test_train_part_of_the_block(tiny_llama, train):
     model, tok = D.load_model(tiny_llama)
