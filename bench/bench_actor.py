@@ -15,6 +15,7 @@ HarmBench >= 95%, StrongREJECT >= 90%, XSTest-unsafe down by at most 10 points, 
 
     python bench/bench_actor.py                       # speed, a few minutes on 2 CPU cores
     python bench/bench_actor.py --quality --no-speed  # quality, about 5 minutes on 2 CPU cores
+    python bench/bench_actor.py --separation --no-speed   # per layer: can R_hat tell pseudo-harmful from harmful?
 """
 import argparse
 import json
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--answer-tokens", type=int, default=32, help="length of the model's own answers for SFT")
     p.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
     p.add_argument("--quality", action="store_true", help="run the before/after evaluation on the over-refusing model")
+    p.add_argument("--separation", action="store_true", help="per layer of the over-refusing model: where the "
+                   "pseudo-harmful training queries sit between benign and harmful along R_hat")
     p.add_argument("--limit", type=int, default=64, help="quality: prompts per evaluation set (a seeded sample)")
     p.add_argument("--actor-layer", default="auto", help="quality: actor.py --layer")
     p.add_argument("--alpha", type=float, default=1.0, help="quality: actor.py --alpha")
@@ -260,6 +263,31 @@ def quality(args):
                          "evaluate": "python evaluate.py " + " ".join(eval_cmd)}}
 
 
+def separation(args):
+    """Per layer output: the pseudo-harmful mean's position on the benign -> harmful segment along that layer's R_hat
+    (0: at the benign mean, 1: at the harmful mean), and the AUC of the projection for harmful vs pseudo-harmful (0.5:
+    a threshold on R_hat cannot tell them apart). ACTOR must move the one group and not the other along R_hat."""
+    sys.path.insert(0, os.path.join(D.HERE, "bench"))
+    import overrefuser
+
+    model_dir = overrefuser.build(benchdata=args.benchdata)
+    files = quality_data(model_dir, args.benchdata, args.out, args.n_train)
+    model, tok = D.load_model(model_dir)
+    acts = [D.capture(model, tok, D.read_prompts(files[g]), 1, args.batch_size, g)[:, 1:, -1].float()
+            for g in A.GROUPS]  # [n, L, d]: the output of every layer at the last token
+    rows = []
+    print(f"{'layer':>5} {'pseudo-harmful position':>24} {'AUC harmful vs pseudo':>22}")
+    for l in range(acts[0].shape[1]):
+        h, p, b = (x[:, l] for x in acts)
+        r_hat = A.refusal_direction(torch.cat([h, b]), torch.tensor([0] * len(h) + [2] * len(b)))
+        zh, zp, zb = h @ r_hat, p @ r_hat, b @ r_hat
+        position = ((zp.mean() - zb.mean()) / (zh.mean() - zb.mean())).item()
+        auc = ((zh[:, None] > zp[None, :]).float().mean() + 0.5 * (zh[:, None] == zp[None, :]).float().mean()).item()
+        rows.append({"layer": l, "pseudo_position": position, "auc_harmful_vs_pseudo": auc})
+        print(f"{l:>5} {position:>24.2f} {auc:>22.2f}")
+    return {"model": model_dir, "layers": rows}
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -271,9 +299,11 @@ def main(argv=None):
         result["speed"] = speed(args)
     if args.quality:
         result["quality"] = quality(args)
+    if args.separation:
+        result["separation"] = separation(args)
     path = os.path.join(args.out, "bench_actor.json")  # a part not run this time keeps its earlier result
     old = json.load(open(path)) if os.path.isfile(path) else {}
-    D.save_json(path, {**{k: old[k] for k in ("speed", "quality") if k in old},
+    D.save_json(path, {**{k: old[k] for k in ("speed", "quality", "separation") if k in old},
                        **{k: {**v, "meta": D.metadata(args)} for k, v in result.items()}})
 
 
