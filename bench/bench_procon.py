@@ -12,7 +12,7 @@ training mix and of the safety data), over-refusal on XSTest safe, CE on held-ou
 the deep layers' re-extracted refusal direction to the initial one (procon.py's drift). First it times training steps
 with the constraint and without it on the same batches, interleaved (target: ratio at most 1.15).
 
-    python bench/bench_procon.py                        # about an hour on 2 CPU cores; reuses finished variants
+    python bench/bench_procon.py                        # about 75 minutes on 2 CPU cores; reuses finished variants
     python bench/bench_procon.py --n-train 100 --epochs 1 --n-eval 16 --variants IFT,ProCon_s   # a smoke run
 
 Writes --out/results.json and results.md; each variant's procon.py run lies in --out/<variant>/.
