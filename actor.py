@@ -219,8 +219,9 @@ def actor(block, cache, groups, alpha, origin, lr, epochs, train="all", seed=0, 
     a_init = activations(block, cache, n)
     a, history = a_init, []
     for epoch in range(epochs):
-        r_hat = refusal_direction(a if renew == "epoch" else a_init, groups)
-        a_tgt = targets(a if renew == "epoch" else a_init, r_hat, groups, alpha, origin)
+        src = a if renew == "epoch" else a_init  # the activations R_hat and the targets are computed from
+        r_hat = refusal_direction(src, groups)
+        a_tgt = targets(src, r_hat, groups, alpha, origin)
         order = list(range(len(cache)))
         random.Random(seed * 1000 + epoch).shuffle(order)
         loss = train_epoch(block, cache, a_tgt, opt, order)

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-harmless", default=os.path.join(D.DATA, "probe_harmless.json"),
                    help="fixed harmless probe set for the per-epoch drift")
     p.add_argument("--alpha", type=float, default=0.0, help="constraint weight after warm-up (0: plain IFT; "
-                   "ProCon_s uses 0.1 to 0.2)")
+                   "ProCon_s uses 0.1 to 0.2; the useful scale depends on the model, see the README)")
     p.add_argument("--warmup-epochs", type=int, default=0, help="ProCon_wu: epochs of strong constraint first")
     p.add_argument("--warmup-alpha", type=float, default=1.0, help="ProCon_wu: constraint weight during warm-up")
     p.add_argument("--reset-optimizer", action=argparse.BooleanOptionalAction, default=False,
