@@ -1,6 +1,6 @@
 """Does ProCon keep the refusals that benign instruction fine-tuning erodes, and what does its constraint cost?
 
-On the over-refusing SmolLM2 (bench/overrefuser.py), LoRA fine-tuning on the same benign Alpaca pairs, four ways:
+On the over-refusing SmolLM2 (bench/overrefuser.py), LoRA fine-tuning on the same benign Alpaca pairs, five ways:
   IFT             --alpha 0                                  (plain instruction fine-tuning, the baseline)
   IFT_safe        IFT + --safety-data                        (the control: the safety data without the constraint)
   ProCon_s        --alpha 0.1                                (a light constraint throughout)
@@ -49,8 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--n-train", type=int, default=400, help="first N pairs of alpaca_data_1k.json to fine-tune on")
     p.add_argument("--n-heldout", type=int, default=100, help="last N pairs of alpaca_data_1k.json for held-out CE")
-    p.add_argument("--safety-n", type=int, default=50, help="ProCon_wu_safe: harmful_train prompts answered with a "
-                   "refusal from data/refusals.json (the paper: 1,000 next to a much larger task set)")
+    p.add_argument("--safety-n", type=int, default=50, help="IFT_safe, ProCon_wu_safe: harmful_train prompts "
+                   "answered with a refusal from data/refusals.json (the paper: 1,000 next to a much larger task set)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs")
     p.add_argument("--batch-size", type=int, default=8, help="training batch size")
     p.add_argument("--max-length", type=int, default=192, help="token limit of a training pair")
