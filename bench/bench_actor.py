@@ -52,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--renew", default="epoch", help="quality: actor.py --renew")
     p.add_argument("--n-train", type=int, default=128, help="quality: training queries per group (seeded "
                    "samples; harmful: N from harmful_train and N from OR-Bench-toxic)")
+    p.add_argument("--extra-pseudo", default=None, help="quality: a prompt file added to the pseudo-harmful training "
+                   "queries (e.g. data/pseudo_harmful.json)")
+    p.add_argument("--extra-harmful", default=None, help="quality: a prompt file added to the harmful training queries "
+                   "(e.g. data/contrast_harmful.json)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="quality: tokens generated per answer")
     p.add_argument("--benchdata", default=BENCHDATA, help="the benchmark data folder")
     p.add_argument("--threads", type=int, default=0,
@@ -183,7 +187,7 @@ def speed(args):
 
 
 # ============================================================================ quality
-def quality_data(model_dir, benchdata, out, n):
+def quality_data(model_dir, benchdata, out, n, extra_pseudo=None, extra_harmful=None):
     """Training files for ACTOR on the over-refusing model, disjoint from the sets it is evaluated on, and the file of
     prompts that evaluation leaves out (everything the over-refuser and ACTOR were trained on)."""
     sys.path.insert(0, os.path.join(D.HERE, "bench"))
@@ -200,7 +204,9 @@ def quality_data(model_dir, benchdata, out, n):
               if p not in alpaca_eval]
     files = {}
     sample = lambda rows, seed: random.Random(seed).sample(rows, min(n, len(rows)))  # noqa: E731
-    for name, rows in (("pseudo_harmful", sample(pseudo, 1)), ("harmful", sample(harmful, 2) + sample(toxic, 2)),
+    extra = lambda path: D.read_prompts(path) if path else []  # noqa: E731
+    for name, rows in (("pseudo_harmful", sample(pseudo, 1) + extra(extra_pseudo)),
+                       ("harmful", sample(harmful, 2) + sample(toxic, 2) + extra(extra_harmful)),
                        ("benign", sample(benign, 3))):
         files[name] = os.path.join(out, f"train_{name}.json")
         D.save_json(files[name], rows)
@@ -222,7 +228,7 @@ def quality(args):
     import overrefuser
 
     model_dir = overrefuser.build(benchdata=args.benchdata)
-    files = quality_data(model_dir, args.benchdata, args.out, args.n_train)
+    files = quality_data(model_dir, args.benchdata, args.out, args.n_train, args.extra_pseudo, args.extra_harmful)
     patch = os.path.join(args.out, "patch")
     actor_cmd = ["--model", model_dir, "--pseudo-harmful", files["pseudo_harmful"], "--harmful", files["harmful"],
                  "--benign", files["benign"], "--layer", args.actor_layer, "--alpha", str(args.alpha),

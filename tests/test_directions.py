@@ -29,6 +29,19 @@ def test_read_prompts_formats(tmp_path):
     assert D.read_prompts(write(tmp_path, "f.csv", "q,other\nHow do I bake bread?,x\nWhat is 2+2?,y\n"), column="q") == want
 
 
+def test_data_prompt_sets_are_disjoint():
+    """data/README.md: no prompt appears in more than one file (case-insensitively), and none twice in one."""
+    seen = {}
+    for name in sorted(os.listdir(D.DATA)):
+        if name.endswith(".json") and name not in ("instructions.json", "refusals.json"):
+            prompts = [p.lower() for p in D.read_prompts(os.path.join(D.DATA, name))]
+            assert len(set(prompts)) == len(prompts), name
+            for p in prompts:
+                assert p not in seen, f"{p!r} in {name} and {seen[p]}"
+                seen[p] = name
+    assert len(seen) >= 6 * 32
+
+
 def test_read_prompts_limit_is_a_fixed_seeded_sample(tmp_path):
     path = write(tmp_path, "a.json", json.dumps([f"prompt {i}" for i in range(50)]))
     a, b = D.read_prompts(path, limit=10, seed=1), D.read_prompts(path, limit=10, seed=1)
