@@ -123,7 +123,10 @@ def test_warmup_schedule(tiny_llama, pairs_file, tmp_path):
     drift = json.loads((tmp_path / "drift.json").read_text())["cosine_to_initial"]
     assert set(drift) == {"1", "2", "3"} and all(-1 <= c <= 1.0001 for c in drift["1"].values())
     # one AdamW throughout (3 epochs of 3 batches); with --reset-optimizer it starts afresh when the warm-up ends
-    steps = lambda: {int(s["step"]) for s in torch.load(tmp_path / "checkpoint" / "optimizer.pt")["state"].values()}
+    def steps():
+        state = torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=True)["state"]
+        return {int(s["step"]) for s in state.values()}
+
     assert steps() == {9}
     P.main(["--model", tiny_llama, "--data", pairs_file, "--out", str(tmp_path), "--epochs", "3", "--overwrite",
             "--batch-size", "4", "--warmup-epochs", "1", "--warmup-alpha", "1", "--reset-optimizer", *FLAGS])
