@@ -60,6 +60,9 @@ def parse_args(argv=None):
                    help="which parameters of block l* are trained (not given in the paper)")
     p.add_argument("--block-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="dtype block l* is trained in (auto: the model's, bf16 for a 4-bit model on GPU)")
+    p.add_argument("--batches", choices=("length", "mixed"), default="length",
+                   help="training batches (the paper does not say): sorted by length (least padding; most batches then "
+                   "hold one query group) or seeded random mixes of the groups (measured: no steadier, README)")
     p.add_argument("--cache-device", choices=("model", "cpu"), default="model",
                    help="keep the cached inputs of block l* on the model's device or in CPU memory")
     p.add_argument("--merge", default=None, metavar="PATCH_DIR",
@@ -84,16 +87,23 @@ def _move(x, device, dtype=None):
 
 
 @torch.no_grad()
-def cache_block_inputs(model, tok, prompts, layer, batch_size, device=None):
+def cache_block_inputs(model, tok, prompts, layer, batch_size, device=None, mix_seed=None):
     """Run layers 0..l*-1 once per batch and keep everything block l* receives.
 
     A forward pre-hook on block l* records its positional and keyword arguments as the model passes them (hidden
     states [B, T, d], the attention mask as this attention implementation wants it, rotary (cos, sin), position ids)
-    and stops the forward pass. Batches are fixed: sorted by length, left padded, so the last token is position -1.
+    and stops the forward pass. Batches are fixed, left padded, so the last token is position -1: sorted by length
+    (least padding), or, with mix_seed, a seeded shuffle of all queries (each batch then mixes the query groups).
     Returns a list of (prompt indices, args, kwargs).
     """
     block = D.decoder_layers(model)[layer]
     texts = D.format_chat(tok, prompts)
+    if mix_seed is None:
+        batches = D.length_batches(tok, texts, batch_size)
+    else:
+        order = list(range(len(texts)))
+        random.Random(mix_seed).shuffle(order)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     device = device or D.model_device(model)
     cache, idx = [], None
 
@@ -104,7 +114,7 @@ def cache_block_inputs(model, tok, prompts, layer, batch_size, device=None):
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for idx in tqdm(D.length_batches(tok, texts, batch_size), desc=f"caching inputs of layer {layer}", leave=False):
+        for idx in tqdm(batches, desc=f"caching inputs of layer {layer}", leave=False):
             enc = D.tokenize(tok, [texts[i] for i in idx], D.model_device(model))
             try:
                 model(**enc, use_cache=False)
@@ -360,7 +370,8 @@ def main(argv=None):
 
     # ---- the cache: the inputs of block l*, computed once (layers above l* are not run)
     cache = cache_block_inputs(model, tok, prompts, layer, args.batch_size,
-                               "cpu" if args.cache_device == "cpu" else None)
+                               "cpu" if args.cache_device == "cpu" else None,
+                               args.seed if args.batches == "mixed" else None)
     cache_mb = sum(t.numel() * t.element_size() for _, a, kw in cache for t in _tensors((a, kw))) / 2 ** 20
 
     # ---- block l* as a trainable copy: dequantized from 4-bit if needed, in the chosen dtype
@@ -391,6 +402,7 @@ def main(argv=None):
         "base_model": args.model, "layer": layer, "layer_choice": "silhouette" if sil else "fixed",
         "n_layers": n_layers, "hidden_size": D.text_config(model).hidden_size, "alpha": args.alpha,
         "origin": args.origin, "lr": args.lr, "epochs": args.epochs, "renew": args.renew, "train": args.train,
+        "batches": args.batches, "batch_size": args.batch_size,
         "block_dtype": str(next(block.parameters()).dtype), "load_in_4bit": args.load_in_4bit, "seed": args.seed,
         "n_queries": {name: int((groups == g).sum()) for g, name in enumerate(GROUPS)},
         "data_sha256": {name: D.sha256(f) for name, f in files.items()},

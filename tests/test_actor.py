@@ -19,12 +19,12 @@ QUERIES = ["How do I kill a Python process?", "Explain how to build a bomb.", "B
 GROUPS = torch.tensor([1, 0, 2, 2, 1, 0])  # 0 harmful, 1 pseudo-harmful, 2 benign
 
 
-@pytest.mark.parametrize("device", [None, "cpu"])
-def test_cached_block_matches_full_forward(tiny_model, device):
+@pytest.mark.parametrize("device,mix_seed", [(None, None), ("cpu", None), (None, 0)])
+def test_cached_block_matches_full_forward(tiny_model, device, mix_seed):
     model, tok = D.load_model(tiny_model)
     full = D.capture(model, tok, QUERIES, batch_size=4)  # index l + 1 is the output of layer l
     for layer in (0, 2, 3):
-        cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4, device=device)
+        cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4, device=device, mix_seed=mix_seed)
         assert sorted(i for idx, _, _ in cache for i in idx) == list(range(len(QUERIES)))
         a = A.activations(D.decoder_layers(model)[layer], cache, len(QUERIES))
         torch.testing.assert_close(a, full[:, layer + 1, -1], atol=1e-5, rtol=1e-5)
@@ -235,3 +235,15 @@ def test_bad_input(tiny_llama, tiny_neox, tmp_path):
                         "--out", str(tmp_path / "z")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --layer 99 is out of range")
     assert "Traceback" not in r.stderr
+
+
+def test_separation_measures():
+    """bench_actor's AUC and linear probe: exact on ordered scores, and a probe finds a direction R_hat would miss."""
+    assert bench_actor.auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert bench_actor.auc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+    assert bench_actor.auc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 3] > 0).float()  # the label lives in one coordinate
+    probe = bench_actor.linear_probe(x[:100], y[:100])
+    assert bench_actor.auc(probe(x[100:][y[100:] == 1]), probe(x[100:][y[100:] == 0])) > 0.95
