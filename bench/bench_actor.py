@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
     p.add_argument("--quality", action="store_true", help="run the before/after evaluation on the over-refusing model")
     p.add_argument("--separation", action="store_true", help="per layer of the over-refusing model: where the "
-                   "pseudo-harmful training queries sit between benign and harmful along R_hat")
+                   "pseudo-harmful training queries sit between benign and harmful along R_hat, and how well R_hat "
+                   "and a linear probe trained on the training groups tell XSTest unsafe from safe prompts")
     p.add_argument("--limit", type=int, default=64, help="quality: prompts per evaluation set (a seeded sample)")
     p.add_argument("--actor-layer", default="auto", help="quality: actor.py --layer")
     p.add_argument("--alpha", type=float, default=1.0, help="quality: actor.py --alpha")
