@@ -26,20 +26,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import directions as D
+import directions
+import plumbing as pl
 
 GROUPS = ("harmful", "pseudo_harmful", "benign")  # group ids 0, 1, 2
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    D.add_model_args(p)
+    pl.add_model_args(p)
     p.set_defaults(model=None)  # filled in below; with --merge the base model comes from the patch
-    p.add_argument("--pseudo-harmful", default=os.path.join(D.DATA, "pseudo_harmful.json"),
+    p.add_argument("--pseudo-harmful", default=os.path.join(pl.DATA, "pseudo_harmful.json"),
                    help="benign queries that look harmful: moved away from refusal")
-    p.add_argument("--harmful", default=os.path.join(D.DATA, "harmful.json"),
+    p.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"),
                    help="harmful queries: moved towards refusal")
-    p.add_argument("--benign", default=os.path.join(D.DATA, "harmless.json"),
+    p.add_argument("--benign", default=os.path.join(pl.DATA, "harmless.json"),
                    help="ordinary benign queries: moved away from refusal (and they anchor R_hat)")
     p.add_argument("--column", default=None, help="prompt column of the query files (default: the first known name)")
     p.add_argument("--limit", type=int, default=None, help="at most N queries per group (a seeded sample)")
@@ -96,15 +97,15 @@ def cache_block_inputs(model, tok, prompts, layer, batch_size, device=None, mix_
     (least padding), or, with mix_seed, a seeded shuffle of all queries (each batch then mixes the query groups).
     Returns a list of (prompt indices, args, kwargs).
     """
-    block = D.decoder_layers(model)[layer]
-    texts = D.format_chat(tok, prompts)
+    block = pl.decoder_layers(model)[layer]
+    texts = pl.format_chat(tok, prompts)
     if mix_seed is None:
-        batches = D.length_batches(tok, texts, batch_size)
+        batches = pl.length_batches(tok, texts, batch_size)
     else:
         order = list(range(len(texts)))
         random.Random(mix_seed).shuffle(order)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    device = device or D.model_device(model)
+    device = device or pl.model_device(model)
     cache, idx = [], None
 
     def grab(module, args, kwargs):
@@ -115,7 +116,7 @@ def cache_block_inputs(model, tok, prompts, layer, batch_size, device=None, mix_
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for idx in tqdm(batches, desc=f"caching inputs of layer {layer}", leave=False):
-            enc = D.tokenize(tok, [texts[i] for i in idx], D.model_device(model))
+            enc = pl.tokenize(tok, [texts[i] for i in idx], pl.model_device(model))
             try:
                 model(**enc, use_cache=False)
             except _Stop:
@@ -195,7 +196,7 @@ def trainable(block, which):
             p.requires_grad_(True)
     params = [p for p in block.parameters() if p.requires_grad]
     if not params:
-        D.fail(f"--train {which}: block l* has no such parameters")
+        pl.fail(f"--train {which}: block l* has no such parameters")
     return params
 
 
@@ -207,7 +208,7 @@ def train_epoch(block, cache, a_tgt, opt, order):
         a = block_forward(block, cache[b])
         loss = loss_fn(a, a_tgt[idx].to(a.device))
         if not torch.isfinite(loss):
-            D.fail(f"the loss became {loss.item()}; try a lower --lr")
+            pl.fail(f"the loss became {loss.item()}; try a lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -247,13 +248,13 @@ def actor(block, cache, groups, alpha, origin, lr, epochs, train="all", seed=0, 
 def choose_layer(model, tok, prompts, groups, layer_range, batch_size):
     """ACTOR's l*: the layer whose last-token outputs best separate harmful from benign queries (silhouette score),
     searched within a band of depth (our choice; the paper reports a middle layer). Returns (layer, scores)."""
-    n_layers = D.text_config(model).num_hidden_layers
+    n_layers = pl.text_config(model).num_hidden_layers
     lo, hi = layer_range
     band = [l for l in range(n_layers) if lo * n_layers <= l < hi * n_layers] or list(range(n_layers))
     keep = groups != 1
-    acts = D.capture(model, tok, [p for p, k in zip(prompts, keep.tolist()) if k], 1, batch_size, "choosing layer")
+    acts = pl.capture(model, tok, [p for p, k in zip(prompts, keep.tolist()) if k], 1, batch_size, "choosing layer")
     labels = (groups[keep] == 0).long()
-    scores = {l: D.silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
+    scores = {l: directions.silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
     return max(scores, key=scores.get), scores
 
 
@@ -264,14 +265,14 @@ def load_patch(patch_dir):
 
     meta_path, weights_path = os.path.join(patch_dir, "actor.json"), os.path.join(patch_dir, "actor_layer.safetensors")
     if not (os.path.isfile(meta_path) and os.path.isfile(weights_path)):
-        D.fail(f"{patch_dir}: not an ACTOR patch (needs actor.json and actor_layer.safetensors)")
+        pl.fail(f"{patch_dir}: not an ACTOR patch (needs actor.json and actor_layer.safetensors)")
     try:
         meta = json.load(open(meta_path))
         weights = load_file(weights_path)
     except Exception as e:  # truncated or foreign files
-        D.fail(f"{patch_dir}: unreadable ACTOR patch ({type(e).__name__})")
+        pl.fail(f"{patch_dir}: unreadable ACTOR patch ({type(e).__name__})")
     if not all(k in meta for k in ("layer", "hidden_size", "n_layers")):
-        D.fail(f"{patch_dir}/actor.json: needs 'layer', 'hidden_size' and 'n_layers'")
+        pl.fail(f"{patch_dir}/actor.json: needs 'layer', 'hidden_size' and 'n_layers'")
     return meta, weights
 
 
@@ -279,9 +280,9 @@ def apply_patch(model, patch_dir):
     """Swap an ACTOR-trained block into a model (a 4-bit model gets it as a full-precision block). Sizes that do not
     match fail; a different base model name only warns, since one model has many names (hub id, local path)."""
     meta, weights = load_patch(patch_dir)
-    cfg = D.text_config(model)
+    cfg = pl.text_config(model)
     if meta["hidden_size"] != cfg.hidden_size or meta["n_layers"] != cfg.num_hidden_layers:
-        D.fail(f"{patch_dir} was trained on {meta.get('base_model')} (hidden size {meta['hidden_size']}, "
+        pl.fail(f"{patch_dir} was trained on {meta.get('base_model')} (hidden size {meta['hidden_size']}, "
                f"{meta['n_layers']} layers), which does not match this model (hidden size {cfg.hidden_size}, "
                f"{cfg.num_hidden_layers} layers)")
     name = getattr(model.config, "_name_or_path", "") or ""
@@ -289,11 +290,11 @@ def apply_patch(model, patch_dir):
             name.rstrip("/")):
         print(f"warning: {patch_dir} was trained on {meta['base_model']}, applied to {name}", file=sys.stderr)
     if not 0 <= int(meta["layer"]) < cfg.num_hidden_layers:
-        D.fail(f"{patch_dir}: layer {meta['layer']} is outside this model's layers 0..{cfg.num_hidden_layers - 1}")
-    block = D.dequantize_block(D.decoder_layers(model)[int(meta["layer"])])
+        pl.fail(f"{patch_dir}: layer {meta['layer']} is outside this model's layers 0..{cfg.num_hidden_layers - 1}")
+    block = pl.dequantize_block(pl.decoder_layers(model)[int(meta["layer"])])
     own = block.state_dict()
     if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
-        D.fail(f"{patch_dir}: the patch does not fit layer {meta['layer']} of this model")
+        pl.fail(f"{patch_dir}: the patch does not fit layer {meta['layer']} of this model")
     with torch.no_grad():
         for k, v in block.state_dict(keep_vars=True).items():
             v.copy_(weights[k].to(v.device, v.dtype))
@@ -303,9 +304,9 @@ def apply_patch(model, patch_dir):
 def merge(args):
     """Write the unquantized base model with the patch applied, as a full model directory."""
     meta, _ = load_patch(args.merge)
-    D.prepare_out(args.out, ("config.json", "model.safetensors"), args.overwrite)
+    pl.prepare_out(args.out, ("config.json", "model.safetensors"), args.overwrite)
     base = args.model or meta.get("base_model")
-    model, tok = D.load_model(base, False, args.chat_template, args.trust_remote_code, args.device)
+    model, tok = pl.load_model(base, False, args.chat_template, args.trust_remote_code, args.device)
     apply_patch(model, args.merge)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
@@ -318,7 +319,7 @@ def n_layers_of(model_name, trust_remote_code):
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(D.resolve_model(model_name), trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(pl.resolve_model(model_name), trust_remote_code=trust_remote_code)
         return cfg.get_text_config().num_hidden_layers
     except (OSError, ValueError, KeyError):
         return None  # load_model will say what is wrong
@@ -328,36 +329,36 @@ def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         return merge(args)
-    args.model = args.model or D.packaged_smollm2() or "HuggingFaceTB/SmolLM2-135M-Instruct"
+    args.model = args.model or pl.default_model()
     outputs = ("actor_layer.safetensors", "actor.json", "projections.png")
-    D.prepare_out(args.out, outputs, args.overwrite)
-    D.seed_everything(args.seed)
+    pl.prepare_out(args.out, outputs, args.overwrite)
+    pl.seed_everything(args.seed)
     t0 = time.time()
 
     # ---- arguments and data, checked before any work: three query groups (0 harmful, 1 pseudo-harmful, 2 benign)
     if args.layer != "auto" and not args.layer.lstrip("-").isdigit():
-        D.fail(f"--layer {args.layer!r}: expected 'auto' or a layer index")
+        pl.fail(f"--layer {args.layer!r}: expected 'auto' or a layer index")
     try:
         layer_range = tuple(float(x) for x in args.layer_range.split(","))
         assert len(layer_range) == 2 and 0 <= layer_range[0] < layer_range[1] <= 1
     except (ValueError, AssertionError):
-        D.fail(f"--layer-range {args.layer_range!r}: expected two fractions of depth, like 0.25,0.75")
+        pl.fail(f"--layer-range {args.layer_range!r}: expected two fractions of depth, like 0.25,0.75")
     if args.epochs < 1 or args.lr <= 0 or args.alpha < 0:
-        D.fail("--epochs must be at least 1, --lr positive and --alpha not negative")
+        pl.fail("--epochs must be at least 1, --lr positive and --alpha not negative")
     files = {"harmful": args.harmful, "pseudo_harmful": args.pseudo_harmful, "benign": args.benign}
     prompts, groups = [], []
     for g, name in enumerate(GROUPS):
-        qs = D.read_prompts(files[name], args.column, args.limit, args.seed)
+        qs = pl.read_prompts(files[name], args.column, args.limit, args.seed)
         prompts += qs
         groups += [g] * len(qs)
     groups = torch.tensor(groups)
     n_layers = n_layers_of(args.model, args.trust_remote_code)
     if args.layer != "auto" and n_layers is not None and not 0 <= int(args.layer) < n_layers:
-        D.fail(f"--layer {args.layer} is out of range: this model has layers 0..{n_layers - 1}")
+        pl.fail(f"--layer {args.layer} is out of range: this model has layers 0..{n_layers - 1}")
 
     # ---- model (frozen everywhere)
-    model, tok = D.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device)
-    n_layers = D.text_config(model).num_hidden_layers
+    model, tok = pl.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device)
+    n_layers = pl.text_config(model).num_hidden_layers
 
     # ---- target layer l*: best silhouette of harmful vs benign last-token outputs, or fixed
     sil = {}
@@ -366,7 +367,7 @@ def main(argv=None):
     else:
         layer = int(args.layer)
         if not 0 <= layer < n_layers:
-            D.fail(f"--layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
+            pl.fail(f"--layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
 
     # ---- the cache: the inputs of block l*, computed once (layers above l* are not run)
     cache = cache_block_inputs(model, tok, prompts, layer, args.batch_size,
@@ -375,9 +376,9 @@ def main(argv=None):
     cache_mb = sum(t.numel() * t.element_size() for _, a, kw in cache for t in _tensors((a, kw))) / 2 ** 20
 
     # ---- block l* as a trainable copy: dequantized from 4-bit if needed, in the chosen dtype
-    block = D.decoder_layers(model)[layer]
+    block = pl.decoder_layers(model)[layer]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.block_dtype)
-    block = D.dequantize_block(block, dtype)
+    block = pl.dequantize_block(block, dtype)
     if dtype is not None:
         block.to(dtype)
 
@@ -398,19 +399,19 @@ def main(argv=None):
               os.path.join(args.out, "actor_layer.safetensors.tmp"))
     os.replace(os.path.join(args.out, "actor_layer.safetensors.tmp"), os.path.join(args.out, "actor_layer.safetensors"))
     before, after = projections(a_init, r_hat_init, groups), projections(a_final, r_hat_init, groups)
-    D.save_json(os.path.join(args.out, "actor.json"), {
+    pl.save_json(os.path.join(args.out, "actor.json"), {
         "base_model": args.model, "layer": layer, "layer_choice": "silhouette" if sil else "fixed",
-        "n_layers": n_layers, "hidden_size": D.text_config(model).hidden_size, "alpha": args.alpha,
+        "n_layers": n_layers, "hidden_size": pl.text_config(model).hidden_size, "alpha": args.alpha,
         "origin": args.origin, "lr": args.lr, "epochs": args.epochs, "renew": args.renew, "train": args.train,
         "batches": args.batches, "batch_size": args.batch_size,
         "block_dtype": str(next(block.parameters()).dtype), "load_in_4bit": args.load_in_4bit, "seed": args.seed,
         "n_queries": {name: int((groups == g).sum()) for g, name in enumerate(GROUPS)},
-        "data_sha256": {name: D.sha256(f) for name, f in files.items()},
+        "data_sha256": {name: pl.sha256(f) for name, f in files.items()},
         "silhouette": sil, "epochs_log": history,
         "projection_on_initial_r_hat": {"before": before, "after": after},
         "cos_initial_final_r_hat": float(r_hat_init @ r_hat_final),
         "cache_mib": round(cache_mb, 2), "train_seconds": round(t_train, 2), "seconds": round(time.time() - t0, 1),
-        **D.metadata(args, list(files.values()))})
+        **pl.metadata(args, list(files.values()))})
     plot_projections(os.path.join(args.out, "projections.png"), (a_init @ r_hat_init).cpu(),
                      (a_final @ r_hat_init).cpu(), groups, layer, args.model)
 
@@ -457,4 +458,4 @@ def plot_projections(path, before, after, groups, layer, model_name):
 
 
 if __name__ == "__main__":
-    D.run_main(main)
+    pl.run_main(main)

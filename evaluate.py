@@ -25,7 +25,9 @@ import time
 import torch
 from tqdm import tqdm
 
-import directions as D
+import directions
+import keywords
+import plumbing as pl
 
 # Benchmarks: name -> result sets. Each set: what a well-calibrated model should do (expect), its local copy under
 # --data-dir (laid out like ../shared/benchdata; SOURCES.md there gives origins, columns and labels) with its prompt
@@ -74,13 +76,13 @@ OUTPUTS = ("responses.jsonl", "summary.json", "summary.md", "summary.png")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    D.add_model_args(p)
+    pl.add_model_args(p)
     p.add_argument("--benchmark", action="append", default=[], help=f"benchmark, repeatable: {', '.join(BENCHMARKS)}")
     p.add_argument("--data", default=None, help="any prompt file (JSON, JSONL, CSV, TXT), judged against --expect")
     p.add_argument("--expect", choices=("refuse", "comply"), default="refuse",
                    help="what the --data prompts (or --responses rows without an expect column) should get")
     p.add_argument("--column", default=None, help="prompt column of --data (default: the first of "
-                   f"{', '.join(D.PROMPT_COLUMNS)})")
+                   f"{', '.join(pl.PROMPT_COLUMNS)})")
     p.add_argument("--data-dir", default=None, help="read benchmarks from local copies laid out like "
                    "../shared/benchdata instead of the Hugging Face hub")
     p.add_argument("--limit", type=int, default=None, help="a fixed sample of N prompts per result set (seeded by --seed)")
@@ -119,23 +121,23 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
     """Rows {id, benchmark, type, prompt, expect} of a named benchmark, from --data-dir or from the hub; prompts in
     `exclude` are left out before the --limit sample is drawn."""
     if name not in BENCHMARKS:
-        D.fail(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        pl.fail(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     rows = []
     for s in BENCHMARKS[name]:
         if data_dir:
             if s["file"] is None:
-                D.fail(f"{name} has no local copy in the --data-dir layout; drop --data-dir to load it from the hub")
+                pl.fail(f"{name} has no local copy in the --data-dir layout; drop --data-dir to load it from the hub")
             path = os.path.join(data_dir, s["file"])
             if not os.path.isfile(path):
-                D.fail(f"{path} missing; --data-dir must be laid out like ../shared/benchdata (see its SOURCES.md)")
-            records, column, where = D.read_records(path), s["column"], s["where"]
+                pl.fail(f"{path} missing; --data-dir must be laid out like ../shared/benchdata (see its SOURCES.md)")
+            records, column, where = pl.read_records(path), s["column"], s["where"]
         else:
             if s["hub"] is None:
-                D.fail(f"{name} has no public Hugging Face copy that this script knows; pass --data-dir")
+                pl.fail(f"{name} has no public Hugging Face copy that this script knows; pass --data-dir")
             hub_id, config, split, column, where = s["hub"]
             records = load_hub(hub_id, config and config.format(harmbench=harmbench), split)
             if records and column not in records[0]:  # an unverified column name: take any prompt-like one
-                column = next((c for c in ("prompt", "Prompt") + D.PROMPT_COLUMNS if c in records[0]), column)
+                column = next((c for c in ("prompt", "Prompt") + pl.PROMPT_COLUMNS if c in records[0]), column)
         if where:
             key, value = where[0], where[1].format(harmbench=harmbench)
             records = [r for r in records if str(r.get(key) or "").strip() == value]
@@ -153,7 +155,7 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
                 continue
             found.append((prompt, next((str(r[c]) for c in TYPE_COLUMNS if r.get(c)), "")))
         if not found:
-            D.fail(f"{name}: no prompts in column {column!r}" + (" outside --exclude" if exclude else ""))
+            pl.fail(f"{name}: no prompts in column {column!r}" + (" outside --exclude" if exclude else ""))
         found = sample(found, limit, seed)
         rows += [{"id": f"{s['set']}/{i}", "benchmark": s["set"], "type": t, "prompt": p, "expect": s["expect"]}
                  for i, (p, t) in enumerate(found)]
@@ -173,19 +175,19 @@ def load_hub(hub_id, config, split):
 
         return [dict(r) for r in datasets.load_dataset(hub_id, config, split=split)]
     except Exception as e:  # offline, gated, renamed: one clear line
-        D.fail(f"could not load {hub_id} from the Hugging Face hub ({type(e).__name__}); pass --data-dir with local "
+        pl.fail(f"could not load {hub_id} from the Hugging Face hub ({type(e).__name__}); pass --data-dir with local "
                "copies")
 
 
 def load_responses(path, labels, expect):
     """Rows of an existing responses file, in file order: prompt, response (or completion), optional human labels."""
-    records = D.read_records(path)
+    records = pl.read_records(path)
     keys = set().union(*(r.keys() for r in records)) if records else set()
     column = next((c for c in ("response", "completion") if c in keys), None)
     if "prompt" not in keys or column is None:
-        D.fail(f"{path}: needs a 'prompt' and a 'response' or 'completion' column (has {', '.join(sorted(keys)) or 'none'})")
+        pl.fail(f"{path}: needs a 'prompt' and a 'response' or 'completion' column (has {', '.join(sorted(keys)) or 'none'})")
     if labels and labels not in keys:
-        D.fail(f"{path}: no label column {labels!r} (columns: {', '.join(sorted(keys))})")
+        pl.fail(f"{path}: no label column {labels!r} (columns: {', '.join(sorted(keys))})")
     xstest = any(str(r.get("type") or "").startswith("contrast_") for r in records)
     rows = []
     for i, r in enumerate(records):
@@ -225,7 +227,7 @@ def read_done(path, rows):
         if not isinstance(row, dict) or row.get("response") is None:
             continue
         if row.get("id") not in by_id or by_id[row["id"]]["prompt"] != row.get("prompt"):
-            D.fail(f"{path} was written by a run with other prompts; resume with the same flags or use another --out")
+            pl.fail(f"{path} was written by a run with other prompts; resume with the same flags or use another --out")
         done[row["id"]] = row["response"]
     return done
 
@@ -234,24 +236,24 @@ def read_done(path, rows):
 def apply_adapter(model, adapter_dir):
     """A LoRA adapter directory as peft saves it (procon.py)."""
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        D.fail(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")
+        pl.fail(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")
     from peft import PeftModel
 
     try:
         return PeftModel.from_pretrained(model, adapter_dir).eval()
     except (RuntimeError, ValueError, KeyError, OSError) as e:
-        D.fail(f"{adapter_dir}: could not apply the adapter to this model ({str(e).strip().splitlines()[0]})")
+        pl.fail(f"{adapter_dir}: could not apply the adapter to this model ({str(e).strip().splitlines()[0]})")
 
 
 def steering_hooks(model, args):
     """Hooks that make a direction's causal effect visible on any benchmark (Arditi eq. 3 and 4, in directions.py)."""
     pairs = []
     if args.ablate:
-        pairs += D.ablation_hooks(model, D.load_direction(args.ablate, model)["direction"])
+        pairs += directions.ablation_hooks(model, directions.load_direction(args.ablate, model)["direction"])
     if args.steer:
-        d = D.load_direction(args.steer, model)
+        d = directions.load_direction(args.steer, model)
         # the raw difference in means at the direction's layer and position: --coeff 1 is Arditi's actadd
-        pairs += D.addition_hooks(model, d["mean_diff"][d["layer"], d["position"]], d["layer"], args.coeff)
+        pairs += directions.addition_hooks(model, d["mean_diff"][d["layer"], d["position"]], d["layer"], args.coeff)
     return pairs
 
 
@@ -282,12 +284,12 @@ def check_judges(judges):
             continue
         kind, _, name = j.partition(":")
         if kind not in ("classifier", "llm") or not name:
-            D.fail(f"unknown judge {j!r}: use keyword, logit, classifier:MODEL or llm:MODEL")
+            pl.fail(f"unknown judge {j!r}: use keyword, logit, classifier:MODEL or llm:MODEL")
         what = "classifier judge" if kind == "classifier" else "LLM judge"
         try:
-            AutoConfig.from_pretrained(D.resolve_model(name))
-        except (OSError, ValueError, KeyError, D.UserError) as e:
-            D.fail(f"could not load {what} {name!r}: {str(e).strip().splitlines()[0]}")
+            AutoConfig.from_pretrained(pl.resolve_model(name))
+        except (OSError, ValueError, KeyError, pl.UserError) as e:
+            pl.fail(f"could not load {what} {name!r}: {str(e).strip().splitlines()[0]}")
 
 
 def classifier_judge(rows, name, device, batch_size):
@@ -295,15 +297,15 @@ def classifier_judge(rows, name, device, batch_size):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
-        path = D.resolve_model(name)
+        path = pl.resolve_model(name)
         tok = AutoTokenizer.from_pretrained(path)
         clf = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-    except (OSError, ValueError, KeyError, D.UserError) as e:
-        D.fail(f"could not load classifier judge {name!r}: {str(e).strip().splitlines()[0]}")
+    except (OSError, ValueError, KeyError, pl.UserError) as e:
+        pl.fail(f"could not load classifier judge {name!r}: {str(e).strip().splitlines()[0]}")
     labels = {int(i): str(l) for i, l in clf.config.id2label.items()}
     refusal = {i for i, l in labels.items() if re.search("reject|refus|declin", l, re.I)}
     if not refusal or len(refusal) == len(labels):
-        D.fail(f"classifier judge {name!r}: cannot tell which of its labels {sorted(labels.values())} means refusal")
+        pl.fail(f"classifier judge {name!r}: cannot tell which of its labels {sorted(labels.values())} means refusal")
     out = []
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch_size), desc=f"judge {name}", unit="batch", leave=False):
@@ -323,21 +325,21 @@ def parse_llm_answer(answer):
 def llm_judge(rows, name, args):
     """A local chat model grades each (request, response) into XSTest's three classes; unparseable answers -> None."""
     try:
-        judge, tok = D.load_model(name, args.load_in_4bit, None, args.trust_remote_code, args.device)
-    except D.UserError as e:
-        D.fail(f"could not load LLM judge {name!r}: {e}")
+        judge, tok = pl.load_model(name, args.load_in_4bit, None, args.trust_remote_code, args.device)
+    except pl.UserError as e:
+        pl.fail(f"could not load LLM judge {name!r}: {e}")
     prompts = [LLM_JUDGE_PROMPT.format(prompt=r["prompt"], response=r["response"]) for r in rows]
-    answers = D.generate(judge, tok, prompts, 16, args.batch_size, desc=f"judge {os.path.basename(name)}")
+    answers = pl.generate(judge, tok, prompts, 16, args.batch_size, desc=f"judge {os.path.basename(name)}")
     return [parse_llm_answer(a) for a in answers], answers
 
 
 def logit_tokens(model, tok, args):
     """Refusal tokens for the logit judge: those of --direction (found from the model's own refusals), else fallback."""
     if args.direction:
-        tokens = D.load_direction(args.direction, model).get("refusal_tokens")
+        tokens = directions.load_direction(args.direction, model).get("refusal_tokens")
         if tokens is not None and len(tokens):
             return [int(t) for t in tokens]
-    return D.fallback_refusal_tokens(tok)
+    return directions.fallback_refusal_tokens(tok)
 
 
 # ============================================================================ metrics
@@ -349,6 +351,11 @@ def wilson(k, n, z=1.96):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def auc(pos, neg):
+    """Probability that a random `pos` score exceeds a random `neg` one (ties count half): the ROC AUC."""
+    return ((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean()).item()
 
 
 def mean(xs):
@@ -431,35 +438,35 @@ def main(argv=None):
 
     # ---- every input is checked before any work is done
     if args.resume and args.overwrite:
-        D.fail("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+        pl.fail("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if args.responses and (args.benchmark or args.data):
-        D.fail("--responses judges existing responses; it does not take --benchmark or --data")
+        pl.fail("--responses judges existing responses; it does not take --benchmark or --data")
     if not args.responses and not (args.benchmark or args.data):
-        D.fail("nothing to evaluate: pass --benchmark NAME, --data FILE or --responses FILE")
+        pl.fail("nothing to evaluate: pass --benchmark NAME, --data FILE or --responses FILE")
     if args.labels and not args.responses:
-        D.fail("--labels names a column of --responses")
+        pl.fail("--labels names a column of --responses")
     if args.responses and (args.patch or args.adapter or args.ablate or args.steer) and "logit" not in judges:
-        D.fail("--patch, --adapter, --ablate and --steer change the model, which --responses does not run "
+        pl.fail("--patch, --adapter, --ablate and --steer change the model, which --responses does not run "
                "(except for the logit judge)")
     for flag, path in (("--ablate", args.ablate), ("--steer", args.steer), ("--direction", args.direction)):
         if path and not os.path.isfile(path):
-            D.fail(f"{flag} {path}: no such direction file")
+            pl.fail(f"{flag} {path}: no such direction file")
     for flag, path in (("--patch", args.patch), ("--adapter", args.adapter)):
         if path and not os.path.isdir(path):
-            D.fail(f"{flag} {path}: no such directory")
+            pl.fail(f"{flag} {path}: no such directory")
     check_judges(judges)
     if args.responses:
         rows = load_responses(args.responses, args.labels, args.expect)
     else:
-        leave_out = {p.strip() for f in args.exclude for p in D.read_prompts(f)}
+        leave_out = {p.strip() for f in args.exclude for p in pl.read_prompts(f)}
         rows = []
         for name in dict.fromkeys(args.benchmark):
             rows += load_benchmark(name, args.data_dir, args.limit, args.seed, args.harmbench_category, leave_out)
         if args.data:
             name = os.path.splitext(os.path.basename(args.data))[0]
-            prompts = [p for p in D.read_prompts(args.data, args.column) if p.strip() not in leave_out]
+            prompts = [p for p in pl.read_prompts(args.data, args.column) if p.strip() not in leave_out]
             if not prompts:
-                D.fail(f"{args.data}: --exclude leaves no prompts to evaluate")
+                pl.fail(f"{args.data}: --exclude leaves no prompts to evaluate")
             prompts = sample(prompts, args.limit, args.seed)
             rows += [{"id": f"{name}/{i}", "benchmark": name, "type": "", "prompt": p, "expect": args.expect}
                      for i, p in enumerate(prompts)]
@@ -468,15 +475,15 @@ def main(argv=None):
     if args.resume:
         os.makedirs(args.out, exist_ok=True)
     else:
-        D.prepare_out(args.out, OUTPUTS, args.overwrite)
-    D.seed_everything(args.seed)
+        pl.prepare_out(args.out, OUTPUTS, args.overwrite)
+    pl.seed_everything(args.seed)
 
     # ---- the model, with what is evaluated on top of it (only if something generates or scores)
     generating = not args.responses and any(j != "logit" for j in judges)
     model = tok = None
     hook_pairs = []
     if generating or "logit" in judges:
-        model, tok = D.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code,
+        model, tok = pl.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code,
                                   args.device)
         if args.patch:
             from actor import apply_patch  # the patch format is ACTOR's; one loader, in actor.py
@@ -493,8 +500,8 @@ def main(argv=None):
         done = read_done(resp_path, rows) if args.resume and os.path.isfile(resp_path) else {}
         # Whole batches are regenerated, never parts of one: a response depends (in float rounding) on the other
         # prompts of its batch, so a resumed run must batch exactly like an uninterrupted one.
-        texts = D.format_chat(tok, [r["prompt"] for r in rows])
-        batches = D.length_batches(tok, texts, args.batch_size)
+        texts = pl.format_chat(tok, [r["prompt"] for r in rows])
+        batches = pl.length_batches(tok, texts, args.batch_size)
         kept = [i for b in batches if all(rows[i]["id"] in done for i in b) for i in b]
         todo = [i for b in batches if not all(rows[i]["id"] in done for i in b) for i in b]
         for i in kept:
@@ -505,7 +512,7 @@ def main(argv=None):
         if kept:
             print(f"resuming: {len(kept)} responses kept from {resp_path}, {len(todo)} to generate", file=sys.stderr)
         t = time.time()
-        with open(resp_path, "a", encoding="utf-8") as f, D.hooks(hook_pairs):
+        with open(resp_path, "a", encoding="utf-8") as f, pl.hooks(hook_pairs):
             def save(indices, responses):  # todo is in batch order, so each call is one whole batch
                 for j, resp in zip(indices, responses):
                     rows[todo[j]]["response"] = resp
@@ -513,7 +520,7 @@ def main(argv=None):
                 f.flush()
 
             if todo:
-                D.generate(model, tok, [rows[i]["prompt"] for i in todo], args.max_new_tokens, args.batch_size,
+                pl.generate(model, tok, [rows[i]["prompt"] for i in todo], args.max_new_tokens, args.batch_size,
                            desc="generating", on_batch=save)
         gen_seconds = time.time() - t
         if todo:
@@ -527,8 +534,8 @@ def main(argv=None):
     for j in sorted(judges, key=lambda j: j != "logit"):
         if j == "logit":
             tokens = logit_tokens(model, tok, args)
-            logprobs = D.last_logits(model, tok, [r["prompt"] for r in rows], args.batch_size, hook_pairs, "logit judge")
-            scores = D.refusal_score(logprobs, tokens).tolist()
+            logprobs = pl.last_logits(model, tok, [r["prompt"] for r in rows], args.batch_size, hook_pairs, "logit judge")
+            scores = directions.refusal_score(logprobs, tokens).tolist()
             for r, s in zip(rows, scores):
                 r["logit_score"] = round(s, 4)
             labels = [s > 0 for s in scores]  # refusal score thresholded at 0: p(refusal token) > 1/2
@@ -538,7 +545,7 @@ def main(argv=None):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         elif j == "keyword":
-            labels = [D.is_refusal(r["response"], args.keyword_mode) for r in rows]
+            labels = [keywords.is_refusal(r["response"], args.keyword_mode) for r in rows]
         elif j.startswith("classifier:"):
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             labels = classifier_judge(rows, j.split(":", 1)[1], device, args.batch_size)
@@ -573,14 +580,14 @@ def main(argv=None):
     data_files = [args.data, args.responses, *args.exclude] + [
         os.path.join(args.data_dir, s["file"]) for n in args.benchmark if n in BENCHMARKS for s in BENCHMARKS[n]
         if s["file"] and args.data_dir]
-    D.save_json(os.path.join(args.out, "summary.json"), {
+    pl.save_json(os.path.join(args.out, "summary.json"), {
         **summary, **extra, "model": None if args.responses and "logit" not in judges else args.model,
         "evaluated": {"patch": args.patch, "adapter": args.adapter, "ablate": args.ablate, "steer": args.steer,
                       "coeff": args.coeff if args.steer else None},
         "judges": judges, "keyword_mode": args.keyword_mode, "max_new_tokens": args.max_new_tokens,
         "limit": args.limit, "seed": args.seed, "n_responses": len(rows),
         "generation_seconds": None if gen_seconds is None else round(gen_seconds, 1),
-        "seconds": round(time.time() - t0, 1), **D.metadata(args, sorted({f for f in data_files if f}))})
+        "seconds": round(time.time() - t0, 1), **pl.metadata(args, sorted({f for f in data_files if f}))})
     md = markdown(summary, judges + (["human"] if args.labels else []), args)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(md)
@@ -666,4 +673,4 @@ def plot_summary(path, summary, judges):
 
 
 if __name__ == "__main__":
-    D.run_main(main)
+    pl.run_main(main)

@@ -31,15 +31,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import actor as A  # noqa: E402
-import directions as D  # noqa: E402
+import evaluate as E  # noqa: E402
+import plumbing as pl  # noqa: E402
 
-BENCHDATA = os.environ.get("BENCHDATA", os.path.join(os.path.dirname(D.HERE), "shared", "benchdata"))
+sys.path.insert(0, os.path.join(pl.HERE, "tests"))
+from actor_reference import cached_epoch, uncached_epoch  # noqa: E402  (the exactness tests use them too)
+
+BENCHDATA = os.environ.get("BENCHDATA", os.path.join(os.path.dirname(pl.HERE), "shared", "benchdata"))
 EVAL_SETS = ("xstest-safe", "oktest", "harmbench", "strongreject", "xstest-unsafe", "alpaca")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    D.add_model_args(p)
+    pl.add_model_args(p)
     p.add_argument("--layer", default="auto", help="l* for the speed run: 'auto' (actor.py's choice) or an index")
     p.add_argument("--answer-tokens", type=int, default=32, help="length of the model's own answers for SFT")
     p.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
@@ -81,44 +85,6 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def cached_epoch(block, cache, groups, opt):
-    """One ACTOR epoch on the cache: renew R_hat and the targets (block l* forward), one pass forward and backward."""
-    a = A.activations(block, cache, len(groups))
-    a_tgt = A.targets(a, A.refusal_direction(a, groups), groups, 1.0)
-    return A.train_epoch(block, cache, a_tgt, opt, list(range(len(cache))))
-
-
-def uncached_epoch(model, block, batches, groups, opt):
-    """The same epoch with no cache: every step runs the embeddings and layers 0..l* (stopped right after l*)."""
-    out = {}
-
-    def stop(module, args, output):
-        out["h"] = output[0] if isinstance(output, tuple) else output
-        raise A._Stop
-
-    def block_output(enc):
-        try:
-            model(**enc, use_cache=False)
-        except A._Stop:
-            pass
-        return out.pop("h")[:, -1].float()
-
-    with D.hooks([(block, "post", stop)]):
-        with torch.no_grad():
-            a = torch.zeros(len(groups), D.text_config(model).hidden_size)
-            for idx, enc in batches:
-                a[idx] = block_output(enc)
-        a_tgt = A.targets(a, A.refusal_direction(a, groups), groups, 1.0)
-        total = 0.0
-        for idx, enc in batches:
-            loss = A.loss_fn(block_output(enc), a_tgt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-    return total / len(groups)
-
-
 def sft_epoch(model, batches, opt):
     """One epoch of plain SFT: the whole model, cross-entropy on the answer tokens."""
     total = 0.0
@@ -132,20 +98,20 @@ def sft_epoch(model, batches, opt):
 
 
 def speed(args):
-    files = [os.path.join(D.DATA, f) for f in ("harmful.json", "pseudo_harmful.json", "harmless.json")]
+    files = [os.path.join(pl.DATA, f) for f in ("harmful.json", "pseudo_harmful.json", "harmless.json")]
     prompts, groups = [], []
     for g, f in enumerate(files):
-        qs = D.read_prompts(f)
+        qs = pl.read_prompts(f)
         prompts, groups = prompts + qs, groups + [g] * len(qs)
     groups = torch.tensor(groups)
-    model, tok = D.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device)
-    n_layers = D.text_config(model).num_hidden_layers
+    model, tok = pl.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device)
+    n_layers = pl.text_config(model).num_hidden_layers
     layer = A.choose_layer(model, tok, prompts, groups, (0.25, 0.75), args.batch_size)[0] if args.layer == "auto" \
         else int(args.layer)
-    block = D.decoder_layers(model)[layer]
+    block = pl.decoder_layers(model)[layer]
     original = {k: v.clone() for k, v in block.state_dict().items()}
-    print(f"speed: {D.text_config(model).model_type}, {n_layers} layers, l* = {layer}, {len(prompts)} queries, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {D.model_device(model)}")
+    print(f"speed: {pl.text_config(model).model_type}, {n_layers} layers, l* = {layer}, {len(prompts)} queries, "
+          f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {pl.model_device(model)}")
 
     # ---- ACTOR with the cache (the cache is built once for all epochs; its time is shown apart)
     t_cache, cache = timed(lambda: A.cache_block_inputs(model, tok, prompts, layer, args.batch_size))
@@ -154,19 +120,19 @@ def speed(args):
 
     # ---- the same epoch through layers 0..l* at every step (same batches, same start)
     block.load_state_dict(original)
-    texts = D.format_chat(tok, prompts)
-    batches = [(idx, D.tokenize(tok, [texts[i] for i in idx], D.model_device(model))) for idx, _, _ in cache]
+    texts = pl.format_chat(tok, prompts)
+    batches = [(idx, pl.tokenize(tok, [texts[i] for i in idx], pl.model_device(model))) for idx, _, _ in cache]
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-4)
     t_uncached, loss_uncached = timed(lambda: uncached_epoch(model, block, batches, groups, opt))
     block.load_state_dict(original)
     block.requires_grad_(False)
 
     # ---- one epoch of SFT on the same queries with the model's own answers (generation time not counted)
-    answers = D.generate(model, tok, prompts, args.answer_tokens, 32, desc="the model's own answers")
+    answers = pl.generate(model, tok, prompts, args.answer_tokens, 32, desc="the model's own answers")
     sft_batches = []
-    for idx in D.length_batches(tok, texts, args.batch_size):
+    for idx in pl.length_batches(tok, texts, args.batch_size):
         full = [texts[i] + answers[i] + tok.eos_token for i in idx]
-        enc = D.tokenize(tok, full, D.model_device(model))
+        enc = pl.tokenize(tok, full, pl.model_device(model))
         labels = enc.input_ids.clone()
         labels[enc.attention_mask == 0] = -100
         for row, i in enumerate(idx):  # no loss on the prompt (left padded: the prompt ends where the answer starts)
@@ -201,34 +167,34 @@ def quality_data(model_dir, benchdata, out, n, extra_pseudo=None, extra_harmful=
     """Training files for ACTOR on the over-refusing model, disjoint from the sets it is evaluated on, and the file of
     prompts that evaluation leaves out (everything the over-refuser and ACTOR were trained on, and the prompts that the
     bench runs in `fresh_from` evaluated)."""
-    sys.path.insert(0, os.path.join(D.HERE, "bench"))
+    sys.path.insert(0, os.path.join(pl.HERE, "tests"))
     import overrefuser
 
     built_from = overrefuser.excluded(model_dir)  # OR-Bench prompts the over-refuser was trained to refuse
-    alpaca_eval = set(D.read_prompts(os.path.join(benchdata, "alpaca/alpaca_data_1k.json"), "instruction"))
-    pseudo = [p for p in D.read_prompts(os.path.join(benchdata, "orbench/or-bench-hard-1k.reconstructed.csv"))
+    alpaca_eval = set(pl.read_prompts(os.path.join(benchdata, "alpaca/alpaca_data_1k.json"), "instruction"))
+    pseudo = [p for p in pl.read_prompts(os.path.join(benchdata, "orbench/or-bench-hard-1k.reconstructed.csv"))
               if p not in built_from]
-    harmful = D.read_prompts(os.path.join(benchdata, "refusal_direction/dataset/splits/harmful_train.json"))
+    harmful = pl.read_prompts(os.path.join(benchdata, "refusal_direction/dataset/splits/harmful_train.json"))
     # harmful queries in OR-Bench's own style too, so that style alone does not tell the block which way to move a query
-    toxic = D.read_prompts(os.path.join(benchdata, "orbench/or-bench-toxic.reconstructed.csv"))
-    benign = [p for p in D.read_prompts(os.path.join(benchdata, "refusal_direction/dataset/splits/harmless_train.json"))
+    toxic = pl.read_prompts(os.path.join(benchdata, "orbench/or-bench-toxic.reconstructed.csv"))
+    benign = [p for p in pl.read_prompts(os.path.join(benchdata, "refusal_direction/dataset/splits/harmless_train.json"))
               if p not in alpaca_eval]
     files = {}
     sample = lambda rows, seed: random.Random(seed).sample(rows, min(n, len(rows)))  # noqa: E731
-    extra = lambda path: D.read_prompts(path) if path else []  # noqa: E731
+    extra = lambda path: pl.read_prompts(path) if path else []  # noqa: E731
     for name, rows in (("pseudo_harmful", sample(pseudo, 1) + extra(extra_pseudo)),
                        ("harmful", sample(harmful, 2) + sample(toxic, 2) + extra(extra_harmful)),
                        ("benign", sample(benign, 3))):
         files[name] = os.path.join(out, f"train_{name}.json")
-        D.save_json(files[name], rows)
+        pl.save_json(files[name], rows)
     tuned_on = set()
     for run in fresh_from:
         path = os.path.join(run, "eval_before", "responses.jsonl")
         if not os.path.isfile(path):
-            D.fail(f"--fresh-from {run}: no {path} (not a bench_actor.py --quality output directory)")
-        tuned_on |= {r["prompt"] for r in D.read_records(path)}
+            pl.fail(f"--fresh-from {run}: no {path} (not a bench_actor.py --quality output directory)")
+        tuned_on |= {r["prompt"] for r in pl.read_records(path)}
     files["exclude"] = os.path.join(out, "exclude.json")
-    D.save_json(files["exclude"], sorted(built_from.union(tuned_on, *(D.read_prompts(files[g]) for g in A.GROUPS))))
+    pl.save_json(files["exclude"], sorted(built_from.union(tuned_on, *(pl.read_prompts(files[g]) for g in A.GROUPS))))
     return files
 
 
@@ -241,7 +207,7 @@ def rates(summary_path):
 def quality(args):
     import evaluate
 
-    sys.path.insert(0, os.path.join(D.HERE, "bench"))
+    sys.path.insert(0, os.path.join(pl.HERE, "tests"))
     import overrefuser
 
     model_dir = overrefuser.build(benchdata=args.benchdata)
@@ -266,7 +232,7 @@ def quality(args):
         summary = os.path.join(args.out, f"eval_{name}", "summary.json")
         same = json.loads(json.dumps(vars(evaluate.parse_args(cmd))))
         old = json.load(open(summary)) if name == "before" and os.path.isfile(summary) else {}
-        if old.get("args") == same and old.get("data", {}).get(files["exclude"]) == D.sha256(files["exclude"]):
+        if old.get("args") == same and old.get("data", {}).get(files["exclude"]) == pl.sha256(files["exclude"]):
             print(f"reusing {summary} (same command, same excluded prompts)")  # the base model does not change
         else:
             print("python evaluate.py " + " ".join(cmd))
@@ -298,11 +264,6 @@ def quality(args):
                          "evaluate": "python evaluate.py " + " ".join(eval_cmd)}}
 
 
-def auc(pos, neg):
-    """Probability that a random `pos` score exceeds a random `neg` one (ties count half)."""
-    return ((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean()).item()
-
-
 def linear_probe(x, y, l2=1e-2):
     """Logistic regression on standardised features (L-BFGS, L2 penalty); returns the scoring function."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
@@ -330,15 +291,15 @@ def separation(args):
         contrast pairs ACTOR is judged on (compare with the d' of the model's own refusals that --quality prints)."""
     import evaluate
 
-    sys.path.insert(0, os.path.join(D.HERE, "bench"))
+    sys.path.insert(0, os.path.join(pl.HERE, "tests"))
     import overrefuser
 
     model_dir = overrefuser.build(benchdata=args.benchdata)
     files = quality_data(model_dir, args.benchdata, args.out, args.n_train, args.extra_pseudo, args.extra_harmful)
     xstest = evaluate.load_benchmark("xstest", args.benchdata, None, args.seed)
-    model, tok = D.load_model(model_dir)
-    capture = lambda prompts, desc: D.capture(model, tok, prompts, 1, args.batch_size, desc)[:, 1:, -1].float()  # noqa
-    acts = [capture(D.read_prompts(files[g]), g) for g in A.GROUPS]  # [n, L, d]: every layer's output, last token
+    model, tok = pl.load_model(model_dir)
+    capture = lambda prompts, desc: pl.capture(model, tok, prompts, 1, args.batch_size, desc)[:, 1:, -1].float()  # noqa
+    acts = [capture(pl.read_prompts(files[g]), g) for g in A.GROUPS]  # [n, L, d]: every layer's output, last token
     xs = {s: capture([r["prompt"] for r in xstest if r["benchmark"] == s], s) for s in ("xstest-safe", "xstest-unsafe")}
     rows = []
     print(f"{'layer':>5} {'pseudo position':>16} {'AUC harmful/pseudo':>19} {'AUC XSTest':>11} "
@@ -350,8 +311,8 @@ def separation(args):
         zh, zp, zb = h @ r_hat, p @ r_hat, b @ r_hat
         probe = linear_probe(torch.cat([h, p]), torch.cat([torch.ones(len(h)), torch.zeros(len(p))]))
         rows.append({"layer": l, "pseudo_position": ((zp.mean() - zb.mean()) / (zh.mean() - zb.mean())).item(),
-                     "auc_harmful_vs_pseudo": auc(zh, zp), "auc_xstest_r_hat": auc(xu @ r_hat, xsafe @ r_hat),
-                     "auc_xstest_probe": auc(probe(xu), probe(xsafe))})
+                     "auc_harmful_vs_pseudo": E.auc(zh, zp), "auc_xstest_r_hat": E.auc(xu @ r_hat, xsafe @ r_hat),
+                     "auc_xstest_probe": E.auc(probe(xu), probe(xsafe))})
         print(f"{l:>5} {rows[-1]['pseudo_position']:>16.2f} {rows[-1]['auc_harmful_vs_pseudo']:>19.2f} "
               f"{rows[-1]['auc_xstest_r_hat']:>11.2f} {rows[-1]['auc_xstest_probe']:>17.2f}")
     best = max(rows, key=lambda r: r["auc_xstest_probe"])
@@ -363,7 +324,7 @@ def separation(args):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    D.seed_everything(args.seed)
+    pl.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {}
@@ -375,9 +336,9 @@ def main(argv=None):
         result["separation"] = separation(args)
     path = os.path.join(args.out, "bench_actor.json")  # a part not run this time keeps its earlier result
     old = json.load(open(path)) if os.path.isfile(path) else {}
-    D.save_json(path, {**{k: old[k] for k in ("speed", "quality", "separation") if k in old},
-                       **{k: {**v, "meta": D.metadata(args)} for k, v in result.items()}})
+    pl.save_json(path, {**{k: old[k] for k in ("speed", "quality", "separation") if k in old},
+                       **{k: {**v, "meta": pl.metadata(args)} for k, v in result.items()}})
 
 
 if __name__ == "__main__":
-    D.run_main(main)
+    pl.run_main(main)

@@ -28,7 +28,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import directions as D  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import keywords  # noqa: E402
+import plumbing as pl  # noqa: E402
 import overrefuser  # noqa: E402
 import procon as P  # noqa: E402
 
@@ -81,7 +83,7 @@ def parse_args(argv=None):
 def eval_sets(benchdata, n, seed, exclude):
     """Held-out prompts: HarmBench test (standard behaviours), StrongREJECT, XSTest safe; none of `exclude`."""
     def rows(path):
-        return D.read_records(os.path.join(benchdata, path))
+        return pl.read_records(os.path.join(benchdata, path))
 
     sets = {
         "HarmBench": [r["Behavior"] for r in rows("harmbench/harmbench_behaviors_text_test.csv")
@@ -99,8 +101,8 @@ def eval_sets(benchdata, n, seed, exclude):
 def refusal_rates(model, tok, sets, max_new_tokens):
     rates = {}
     for name, prompts in sets.items():
-        answers = D.generate(model, tok, prompts, max_new_tokens, 32, desc=name)
-        rates[name] = sum(D.is_refusal(a) for a in answers) / len(answers)
+        answers = pl.generate(model, tok, prompts, max_new_tokens, 32, desc=name)
+        rates[name] = sum(keywords.is_refusal(a) for a in answers) / len(answers)
     return rates
 
 
@@ -108,12 +110,12 @@ def time_steps(model_path, examples, args):
     """Seconds per LoRA training step with the constraint and without it, same batches, interleaved (medians)."""
     from peft import LoraConfig, get_peft_model
 
-    model, tok = D.load_model(model_path)
-    harmful = D.read_prompts(os.path.join(D.DATA, "harmful.json"))[:16]
-    harmless = D.read_prompts(os.path.join(D.DATA, "harmless.json"))[:16]
-    device = D.model_device(model)
+    model, tok = pl.load_model(model_path)
+    harmful = pl.read_prompts(os.path.join(pl.DATA, "harmful.json"))[:16]
+    harmless = pl.read_prompts(os.path.join(pl.DATA, "harmless.json"))[:16]
+    device = pl.model_device(model)
     r = P.r_directions(model, tok, harmful, harmless, 16, "timing r").to(device)
-    layers = list(range(1, D.text_config(model).num_hidden_layers))
+    layers = list(range(1, pl.text_config(model).num_hidden_layers))
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -145,7 +147,7 @@ def time_steps(model_path, examples, args):
 def load_tuned(base, adapter):
     from peft import PeftModel
 
-    model, tok = D.load_model(base)
+    model, tok = pl.load_model(base)
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
     return model, tok
@@ -156,26 +158,26 @@ def main(argv=None):
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        D.fail(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+        pl.fail(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    D.seed_everything(args.seed)
+    pl.seed_everything(args.seed)
     t0 = time.time()
     model_path = overrefuser.build(benchdata=args.benchdata)
 
     # ---- data: benign pairs (train / held-out), safety samples, held-out refusal sets
-    alpaca = D.read_records(os.path.join(args.benchdata, "alpaca/alpaca_data_1k.json"))
+    alpaca = pl.read_records(os.path.join(args.benchdata, "alpaca/alpaca_data_1k.json"))
     if args.n_train + args.n_heldout > len(alpaca):
-        D.fail(f"--n-train {args.n_train} + --n-heldout {args.n_heldout} exceeds the {len(alpaca)} Alpaca pairs")
+        pl.fail(f"--n-train {args.n_train} + --n-heldout {args.n_heldout} exceeds the {len(alpaca)} Alpaca pairs")
     train, heldout = alpaca[:args.n_train], alpaca[-args.n_heldout:]
-    harmful_train = D.read_prompts(os.path.join(args.benchdata, "refusal_direction/dataset/splits/harmful_train.json"))
+    harmful_train = pl.read_prompts(os.path.join(args.benchdata, "refusal_direction/dataset/splits/harmful_train.json"))
     safety = random.Random(args.seed).sample(harmful_train, min(args.safety_n, len(harmful_train)))
-    harmful = D.read_prompts(os.path.join(D.DATA, "harmful.json"))[:args.n_direction]
-    harmless = D.read_prompts(os.path.join(D.DATA, "harmless.json"))[:args.n_direction]
+    harmful = pl.read_prompts(os.path.join(pl.DATA, "harmful.json"))[:args.n_direction]
+    harmless = pl.read_prompts(os.path.join(pl.DATA, "harmless.json"))[:args.n_direction]
     for name, rows in (("train.json", train), ("heldout.json", heldout), (f"safety{args.safety_n}.json", safety),
                        ("harmful.json", harmful), ("harmless.json", harmless)):
-        D.save_json(os.path.join(args.out, name), rows)
+        pl.save_json(os.path.join(args.out, name), rows)
     exclude = overrefuser.excluded(model_path) | set(harmful_train)  # the whole safety pool, whatever --safety-n
     sets = eval_sets(args.benchdata, args.n_eval, args.seed, exclude)
     results_path = os.path.join(args.out, "results.json")
@@ -188,25 +190,25 @@ def main(argv=None):
     results.setdefault("rows", {})
 
     # ---- cost of the constraint: seconds per step with / without, same batches
-    model, tok = D.load_model(model_path)
+    model, tok = pl.load_model(model_path)
     examples = [P.encode_pair(tok, p, a, args.max_length) for p, a in P.read_pairs(os.path.join(args.out, "train.json"))]
     heldout_examples = [P.encode_pair(tok, p, a, args.max_length)
                         for p, a in P.read_pairs(os.path.join(args.out, "heldout.json"))]
     if "timing" not in results:
         on, off = time_steps(model_path, examples, args)
         results["timing"] = {"seconds_per_step_constrained": on, "seconds_per_step_plain": off, "ratio": on / off}
-        D.save_json(results_path, results)
+        pl.save_json(results_path, results)
     tm = results["timing"]
     print(f"time per step: {tm['seconds_per_step_constrained']:.3f}s with the constraint, "
           f"{tm['seconds_per_step_plain']:.3f}s without: ratio {tm['ratio']:.3f} (target <= 1.15)", flush=True)
 
     # ---- the model before IFT
-    n_layers = D.text_config(model).num_hidden_layers
+    n_layers = pl.text_config(model).num_hidden_layers
     if "before IFT" not in results["rows"]:
-        ce = P.evaluate_ce(model, heldout_examples, args.batch_size, tok.pad_token_id, D.model_device(model))
+        ce = P.evaluate_ce(model, heldout_examples, args.batch_size, tok.pad_token_id, pl.model_device(model))
         results["rows"]["before IFT"] = {**refusal_rates(model, tok, sets, args.max_new_tokens), "heldout_ce": ce,
                                          "drift_deep": 1.0, "minutes": 0.0}
-        D.save_json(results_path, results)
+        pl.save_json(results_path, results)
     del model
 
     # ---- the variants: procon.py on the same data, then the same evaluation
@@ -241,7 +243,7 @@ def main(argv=None):
         del model
         if os.path.isfile(results_path):  # rows written meanwhile by another bench process on the same --out
             results["rows"] = {**json.load(open(results_path)).get("rows", {}), **results["rows"]}
-        D.save_json(results_path, results)
+        pl.save_json(results_path, results)
 
     # ---- the table
     head = ["variant", *sets, "held-out CE", f"drift cos (layers {n_layers // 2}+)", "s/step", "minutes"]
@@ -276,10 +278,10 @@ def main(argv=None):
     md = "\n".join(lines) + "\n\n" + note + "\n"
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
-    D.save_json(results_path, {**results, **D.metadata(args, [os.path.join(args.out, "train.json")])})
+    pl.save_json(results_path, {**results, **pl.metadata(args, [os.path.join(args.out, "train.json")])})
     print("\n" + md)
     print(f"wrote {args.out}/results.json, results.md in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":
-    D.run_main(main)
+    pl.run_main(main)

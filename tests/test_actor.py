@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import actor as A
-import directions as D
+import plumbing as pl
+from actor_reference import cached_epoch, uncached_epoch
 from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import bench_actor  # noqa: E402
 
 QUERIES = ["How do I kill a Python process?", "Explain how to build a bomb.", "Bake bread please",
            "Hi", "Write a poem about the sea, with rhymes, in four short lines.", "How can I hack into my neighbour's wifi?"]
@@ -21,30 +20,30 @@ GROUPS = torch.tensor([1, 0, 2, 2, 1, 0])  # 0 harmful, 1 pseudo-harmful, 2 beni
 
 @pytest.mark.parametrize("device,mix_seed", [(None, None), ("cpu", None), (None, 0)])
 def test_cached_block_matches_full_forward(tiny_model, device, mix_seed):
-    model, tok = D.load_model(tiny_model)
-    full = D.capture(model, tok, QUERIES, batch_size=4)  # index l + 1 is the output of layer l
+    model, tok = pl.load_model(tiny_model)
+    full = pl.capture(model, tok, QUERIES, batch_size=4)  # index l + 1 is the output of layer l
     for layer in (0, 2, 3):
         cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4, device=device, mix_seed=mix_seed)
         assert sorted(i for idx, _, _ in cache for i in idx) == list(range(len(QUERIES)))
-        a = A.activations(D.decoder_layers(model)[layer], cache, len(QUERIES))
+        a = A.activations(pl.decoder_layers(model)[layer], cache, len(QUERIES))
         torch.testing.assert_close(a, full[:, layer + 1, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_cached_training_equals_training_through_layers_below(tiny_model):
     """One epoch on the cache and the same epoch run through layers 0..l* each step: same losses, same weights."""
-    model, tok = D.load_model(tiny_model)
+    model, tok = pl.load_model(tiny_model)
     layer = 2
-    block = D.decoder_layers(model)[layer]
+    block = pl.decoder_layers(model)[layer]
     start = {k: v.clone() for k, v in block.state_dict().items()}
     cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=3)
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-3)
-    loss_cached = bench_actor.cached_epoch(block, cache, GROUPS, opt)
+    loss_cached = cached_epoch(block, cache, GROUPS, opt)
     after_cached = {k: v.clone() for k, v in block.state_dict().items()}
     block.load_state_dict(start)
-    texts = D.format_chat(tok, QUERIES)
-    batches = [(idx, D.tokenize(tok, [texts[i] for i in idx], "cpu")) for idx, _, _ in cache]
+    texts = pl.format_chat(tok, QUERIES)
+    batches = [(idx, pl.tokenize(tok, [texts[i] for i in idx], "cpu")) for idx, _, _ in cache]
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-3)
-    loss_uncached = bench_actor.uncached_epoch(model, block, batches, GROUPS, opt)
+    loss_uncached = uncached_epoch(model, block, batches, GROUPS, opt)
     assert loss_cached > 0 and abs(loss_cached - loss_uncached) < 1e-6
     for k, v in block.state_dict().items():
         assert not torch.equal(v, start[k]) or "norm" in k
@@ -76,21 +75,21 @@ def test_targets_move_each_group_just_enough():
 
 @pytest.mark.parametrize("origin", ["benign", "zero"])
 def test_step0_loss_is_one_minus_cos_of_initial_activation_and_target(tiny_model, origin):
-    model, tok = D.load_model(tiny_model)
-    a0 = D.capture(model, tok, QUERIES)[:, 3, -1]  # output of layer 2, through the full model
+    model, tok = pl.load_model(tiny_model)
+    a0 = pl.capture(model, tok, QUERIES)[:, 3, -1]  # output of layer 2, through the full model
     tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 0.7, origin)
     want = (1 - torch.nn.functional.cosine_similarity(a0, tgt, dim=-1)).mean()
     cache = A.cache_block_inputs(model, tok, QUERIES, 2, batch_size=len(QUERIES))  # one batch: step 0 sees all
-    block = D.decoder_layers(model)[2]
+    block = pl.decoder_layers(model)[2]
     got = A.train_epoch(block, cache, tgt, torch.optim.SGD(A.trainable(block, "all"), lr=0.0), [0])
     assert want > 0 and abs(got - want.item()) < 1e-5
 
 
 def test_only_block_l_star_changes(tiny_model):
-    model, tok = D.load_model(tiny_model)
+    model, tok = pl.load_model(tiny_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = A.cache_block_inputs(model, tok, QUERIES, 1, 4)
-    history, a0, a1 = A.actor(D.decoder_layers(model)[1], cache, GROUPS, 1.0, "benign", 1e-2, 3, log=lambda s: None)
+    history, a0, a1 = A.actor(pl.decoder_layers(model)[1], cache, GROUPS, 1.0, "benign", 1e-2, 3, log=lambda s: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.layers.1.") for k in changed)
     assert any("mlp" in k for k in changed) and any("self_attn" in k for k in changed)
@@ -99,9 +98,9 @@ def test_only_block_l_star_changes(tiny_model):
 
 
 def test_training_lowers_the_loss_against_fixed_targets(tiny_model):
-    model, tok = D.load_model(tiny_model)
+    model, tok = pl.load_model(tiny_model)
     cache = A.cache_block_inputs(model, tok, QUERIES, 2, 3)
-    block = D.decoder_layers(model)[2]
+    block = pl.decoder_layers(model)[2]
     a0 = A.activations(block, cache, len(QUERIES))
     tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 1.0)
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-3)
@@ -112,9 +111,9 @@ def test_training_lowers_the_loss_against_fixed_targets(tiny_model):
 
 @pytest.mark.parametrize("renew", ["epoch", "never"])
 def test_targets_renewed_each_epoch_or_kept(tiny_model, renew, monkeypatch):
-    model, tok = D.load_model(tiny_model)
+    model, tok = pl.load_model(tiny_model)
     cache = A.cache_block_inputs(model, tok, QUERIES, 2, 3)
-    block = D.decoder_layers(model)[2]
+    block = pl.decoder_layers(model)[2]
     seen = []
     monkeypatch.setattr(A, "targets", lambda a, *rest, f=A.targets: seen.append(a.clone()) or f(a, *rest))
     _, a_init, _ = A.actor(block, cache, GROUPS, 1.0, "benign", 1e-3, 3, log=lambda s: None, renew=renew)
@@ -124,10 +123,10 @@ def test_targets_renewed_each_epoch_or_kept(tiny_model, renew, monkeypatch):
 
 @pytest.mark.parametrize("train", ["mlp", "attn"])
 def test_train_part_of_the_block(tiny_llama, train):
-    model, tok = D.load_model(tiny_llama)
+    model, tok = pl.load_model(tiny_llama)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = A.cache_block_inputs(model, tok, QUERIES, 2, 4)
-    A.actor(D.decoder_layers(model)[2], cache, GROUPS, 1.0, "benign", 1e-2, 1, train, log=lambda s: None)
+    A.actor(pl.decoder_layers(model)[2], cache, GROUPS, 1.0, "benign", 1e-2, 1, train, log=lambda s: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(f"model.layers.2.{'mlp' if train == 'mlp' else 'self_attn'}.") for k in changed)
 
@@ -138,7 +137,7 @@ def run_actor(model, out, *extra):
 
 def test_patch_reproduces_trained_logits(tiny_llama, tmp_path):
     trained = run_actor(tiny_llama, tmp_path / "p", "--layer", "1")
-    base, tok = D.load_model(tiny_llama)
+    base, tok = pl.load_model(tiny_llama)
     trained_params = dict(trained.named_parameters())
     for k, v in base.named_parameters():  # outside block l* every parameter is bit-identical to the base
         assert torch.equal(v, trained_params[k]) != k.startswith("model.layers.1."), k
@@ -151,15 +150,15 @@ def test_patch_reproduces_trained_logits(tiny_llama, tmp_path):
     from safetensors.torch import load_file
 
     weights = load_file(str(tmp_path / "p" / "actor_layer.safetensors"))
-    assert set(weights) == set(D.decoder_layers(base)[1].state_dict())  # one block only, keys relative to it
-    enc = D.tokenize(tok, D.format_chat(tok, QUERIES[:3]), "cpu")
+    assert set(weights) == set(pl.decoder_layers(base)[1].state_dict())  # one block only, keys relative to it
+    enc = pl.tokenize(tok, pl.format_chat(tok, QUERIES[:3]), "cpu")
     with torch.no_grad():
         base_logits, trained_logits = base(**enc).logits, trained(**enc).logits
         assert not torch.allclose(base_logits, trained_logits)
         A.apply_patch(base, str(tmp_path / "p"))
         torch.testing.assert_close(base(**enc).logits, trained_logits, atol=1e-6, rtol=1e-6)
         A.main(["--merge", str(tmp_path / "p"), "--out", str(tmp_path / "merged")])
-        merged, _ = D.load_model(str(tmp_path / "merged"))
+        merged, _ = pl.load_model(str(tmp_path / "merged"))
         torch.testing.assert_close(merged(**enc).logits, trained_logits, atol=1e-6, rtol=1e-6)
 
 
@@ -173,28 +172,28 @@ def test_same_seed_same_patch(tiny_llama, tmp_path):
 
 
 def test_4bit_keeps_the_frozen_model_in_4bit_and_trains_one_block(tiny_llama, tmp_path, monkeypatch):
-    model, tok = D.load_model(tiny_llama, load_in_4bit=True)
+    model, tok = pl.load_model(tiny_llama, load_in_4bit=True)
     with torch.no_grad():  # bitsandbytes repacks its 4-bit weights for the CPU on their first use: do that first
-        model(**D.tokenize(tok, D.format_chat(tok, QUERIES[:1]), "cpu"))
+        model(**pl.tokenize(tok, pl.format_chat(tok, QUERIES[:1]), "cpu"))
     # the packed 4-bit weights, norms and embeddings (bitsandbytes rebuilds the quantization constants on every read)
     before = {k: v.clone() for k, v in model.state_dict().items() if "absmax" not in k and "quant_" not in k}
-    monkeypatch.setattr(D, "load_model", lambda *a, **k: (model, tok))  # to compare with the very same model
+    monkeypatch.setattr(pl, "load_model", lambda *a, **k: (model, tok))  # to compare with the very same model
     trained = run_actor(tiny_llama, tmp_path, "--load-in-4bit", "--layer", "2")
     monkeypatch.undo()
     assert trained is model
-    layers = D.decoder_layers(model)
+    layers = pl.decoder_layers(model)
     assert isinstance(layers[2].self_attn.q_proj, torch.nn.Linear) and layers[2].self_attn.q_proj.weight.dtype == \
         torch.float32  # the dequantized copy (bf16 on a GPU)
     assert all(type(layers[i].self_attn.q_proj).__name__ == "Linear4bit" for i in (0, 1, 3))
     after = model.state_dict()
     changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
     assert changed and all(k.startswith("model.layers.2.") for k in changed)
-    fresh, _ = D.load_model(tiny_llama, load_in_4bit=True)
+    fresh, _ = pl.load_model(tiny_llama, load_in_4bit=True)
     A.apply_patch(fresh, str(tmp_path))
-    assert isinstance(D.decoder_layers(fresh)[2].self_attn.q_proj, torch.nn.Linear)
+    assert isinstance(pl.decoder_layers(fresh)[2].self_attn.q_proj, torch.nn.Linear)
     for k, v in layers[2].state_dict().items():
-        assert torch.equal(v, D.decoder_layers(fresh)[2].state_dict()[k])
-    enc = D.tokenize(tok, D.format_chat(tok, QUERIES[:3]), "cpu")
+        assert torch.equal(v, pl.decoder_layers(fresh)[2].state_dict()[k])
+    enc = pl.tokenize(tok, pl.format_chat(tok, QUERIES[:3]), "cpu")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**enc).logits, model(**enc).logits, atol=1e-2, rtol=1e-2)
 
@@ -210,40 +209,28 @@ def test_smollm2_end_to_end(smollm2, tmp_path):
 
 
 def test_bad_input(tiny_llama, tiny_neox, tmp_path):
-    with pytest.raises(D.UserError, match="out of range"):
+    with pytest.raises(pl.UserError, match="out of range"):
         run_actor(tiny_llama, tmp_path / "x", "--layer", "7")
-    with pytest.raises(D.UserError, match="expected 'auto' or a layer index"):
+    with pytest.raises(pl.UserError, match="expected 'auto' or a layer index"):
         run_actor(tiny_llama, tmp_path / "x", "--layer", "middle")
     (tmp_path / "empty.json").write_text("[]")
-    with pytest.raises(D.UserError, match="no prompts"):
+    with pytest.raises(pl.UserError, match="no prompts"):
         run_actor(tiny_llama, tmp_path / "y", "--pseudo-harmful", str(tmp_path / "empty.json"))
     assert not (tmp_path / "x" / "actor.json").exists() and not (tmp_path / "y" / "actor.json").exists()
-    with pytest.raises(D.UserError, match="not an ACTOR patch"):
+    with pytest.raises(pl.UserError, match="not an ACTOR patch"):
         A.main(["--merge", str(tmp_path), "--out", str(tmp_path / "m")])
     run_actor(tiny_llama, tmp_path / "p", "--layer", "1")
-    with pytest.raises(D.UserError, match="exists"):  # earlier outputs are never overwritten silently
+    with pytest.raises(pl.UserError, match="exists"):  # earlier outputs are never overwritten silently
         run_actor(tiny_llama, tmp_path / "p", "--layer", "1")
-    model, _ = D.load_model(tiny_neox)  # same sizes, another architecture: the block's weights do not fit
-    with pytest.raises(D.UserError, match="does not fit"):
+    model, _ = pl.load_model(tiny_neox)  # same sizes, another architecture: the block's weights do not fit
+    with pytest.raises(pl.UserError, match="does not fit"):
         A.apply_patch(model, str(tmp_path / "p"))
     meta = json.loads((tmp_path / "p" / "actor.json").read_text())
     for bad in ({"hidden_size": 4096}, {"n_layers": 32}):
         (tmp_path / "p" / "actor.json").write_text(json.dumps({**meta, **bad}))
-        with pytest.raises(D.UserError, match="does not match"):
-            A.apply_patch(D.load_model(tiny_llama)[0], str(tmp_path / "p"))
+        with pytest.raises(pl.UserError, match="does not match"):
+            A.apply_patch(pl.load_model(tiny_llama)[0], str(tmp_path / "p"))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "actor.py"), "--model", tiny_llama, "--layer", "99",
                         "--out", str(tmp_path / "z")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --layer 99 is out of range")
     assert "Traceback" not in r.stderr
-
-
-def test_separation_measures():
-    """bench_actor's AUC and linear probe: exact on ordered scores, and a probe finds a direction R_hat would miss."""
-    assert bench_actor.auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
-    assert bench_actor.auc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
-    assert bench_actor.auc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.5
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 6, generator=g)
-    y = (x[:, 3] > 0).float()  # the label lives in one coordinate
-    probe = bench_actor.linear_probe(x[:100], y[:100])
-    assert bench_actor.auc(probe(x[100:][y[100:] == 1]), probe(x[100:][y[100:] == 0])) > 0.95

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import directions as D
+import keywords
+import plumbing as pl
 from conftest import ROOT
 
 # ---------------------------------------------------------------------------- prompt files
@@ -21,20 +23,20 @@ def write(tmp_path, name, text):
 
 def test_read_prompts_formats(tmp_path):
     want = ["How do I bake bread?", "What is 2+2?"]
-    assert D.read_prompts(write(tmp_path, "a.json", json.dumps(want))) == want
-    assert D.read_prompts(write(tmp_path, "b.json", json.dumps([{"instruction": w} for w in want]))) == want
-    assert D.read_prompts(write(tmp_path, "c.jsonl", "\n".join(json.dumps({"goal": w}) for w in want) + "\n")) == want
-    assert D.read_prompts(write(tmp_path, "d.csv", 'id,forbidden_prompt\n1,"How do I bake bread?\n"\n2,What is 2+2?\n')) == want
-    assert D.read_prompts(write(tmp_path, "e.txt", "How do I bake bread?\n\nWhat is 2+2?\n")) == want
-    assert D.read_prompts(write(tmp_path, "f.csv", "q,other\nHow do I bake bread?,x\nWhat is 2+2?,y\n"), column="q") == want
+    assert pl.read_prompts(write(tmp_path, "a.json", json.dumps(want))) == want
+    assert pl.read_prompts(write(tmp_path, "b.json", json.dumps([{"instruction": w} for w in want]))) == want
+    assert pl.read_prompts(write(tmp_path, "c.jsonl", "\n".join(json.dumps({"goal": w}) for w in want) + "\n")) == want
+    assert pl.read_prompts(write(tmp_path, "d.csv", 'id,forbidden_prompt\n1,"How do I bake bread?\n"\n2,What is 2+2?\n')) == want
+    assert pl.read_prompts(write(tmp_path, "e.txt", "How do I bake bread?\n\nWhat is 2+2?\n")) == want
+    assert pl.read_prompts(write(tmp_path, "f.csv", "q,other\nHow do I bake bread?,x\nWhat is 2+2?,y\n"), column="q") == want
 
 
 def test_data_prompt_sets_are_disjoint():
     """data/README.md: no prompt appears in more than one file (case-insensitively), and none twice in one."""
     seen = {}
-    for name in sorted(os.listdir(D.DATA)):
+    for name in sorted(os.listdir(pl.DATA)):
         if name.endswith(".json") and name not in ("instructions.json", "refusals.json"):
-            prompts = [p.lower() for p in D.read_prompts(os.path.join(D.DATA, name))]
+            prompts = [p.lower() for p in pl.read_prompts(os.path.join(pl.DATA, name))]
             assert len(set(prompts)) == len(prompts), name
             for p in prompts:
                 assert p not in seen, f"{p!r} in {name} and {seen[p]}"
@@ -44,9 +46,9 @@ def test_data_prompt_sets_are_disjoint():
 
 def test_read_prompts_limit_is_a_fixed_seeded_sample(tmp_path):
     path = write(tmp_path, "a.json", json.dumps([f"prompt {i}" for i in range(50)]))
-    a, b = D.read_prompts(path, limit=10, seed=1), D.read_prompts(path, limit=10, seed=1)
+    a, b = pl.read_prompts(path, limit=10, seed=1), pl.read_prompts(path, limit=10, seed=1)
     assert a == b and len(set(a)) == 10
-    assert D.read_prompts(path, limit=10, seed=2) != a
+    assert pl.read_prompts(path, limit=10, seed=2) != a
 
 
 @pytest.mark.parametrize("name,text,msg", [
@@ -62,31 +64,31 @@ def test_read_prompts_limit_is_a_fixed_seeded_sample(tmp_path):
 ])
 def test_read_prompts_bad_input(tmp_path, name, text, msg):
     path = str(tmp_path / name) if text is None else write(tmp_path, name, text)
-    with pytest.raises(D.UserError, match=msg) as e:
-        D.read_prompts(path)
+    with pytest.raises(pl.UserError, match=msg) as e:
+        pl.read_prompts(path)
     assert path in str(e.value)  # the line names the file
 
 
 def test_read_prompts_unknown_column(tmp_path):
-    with pytest.raises(D.UserError, match="no column 'text'"):
-        D.read_prompts(write(tmp_path, "a.json", json.dumps(["a"])), column="text")
+    with pytest.raises(pl.UserError, match="no column 'text'"):
+        pl.read_prompts(write(tmp_path, "a.json", json.dumps(["a"])), column="text")
 
 
 # ---------------------------------------------------------------------------- loading and layers
 
 
 def test_load_model_and_chat_format(tiny_model):
-    model, tok = D.load_model(tiny_model)
+    model, tok = pl.load_model(tiny_model)
     assert tok.padding_side == "left" and tok.pad_token is not None
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
-    text = D.format_chat(tok, ["Hi there"])[0]
+    text = pl.format_chat(tok, ["Hi there"])[0]
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi there<|im_end|>" in text
-    assert len(D.decoder_layers(model)) == model.config.num_hidden_layers
+    assert len(pl.decoder_layers(model)) == model.config.num_hidden_layers
 
 
 def test_decoder_layers_gpt_neox(tiny_neox):
-    model, _ = D.load_model(tiny_neox)
-    layers = D.decoder_layers(model)
+    model, _ = pl.load_model(tiny_neox)
+    layers = pl.decoder_layers(model)
     assert layers is model.gpt_neox.layers
 
 
@@ -101,26 +103,26 @@ def test_model_without_chat_template_fails(tiny_llama, tmp_path):
     for f in ("chat_template.jinja", "chat_template.json"):
         if (plain / f).exists():
             (plain / f).unlink()
-    with pytest.raises(D.UserError, match="no chat template"):
-        D.load_model(str(plain))
+    with pytest.raises(pl.UserError, match="no chat template"):
+        pl.load_model(str(plain))
     template = write(tmp_path, "t.jinja", "{% for m in messages %}USER: {{ m['content'] }}\n{% endfor %}ASSISTANT:")
-    _, tok = D.load_model(str(plain), chat_template=template)
-    assert D.format_chat(tok, ["hi"]) == ["USER: hi\nASSISTANT:"]
+    _, tok = pl.load_model(str(plain), chat_template=template)
+    assert pl.format_chat(tok, ["hi"]) == ["USER: hi\nASSISTANT:"]
 
 
 def test_missing_model_fails(tmp_path):
-    with pytest.raises(D.UserError, match="no such model directory"):
-        D.load_model(str(tmp_path / "nope"))
-    with pytest.raises(D.UserError, match="no such GGUF"):
-        D.load_model(str(tmp_path / "nope.gguf"))
+    with pytest.raises(pl.UserError, match="no such model directory"):
+        pl.load_model(str(tmp_path / "nope"))
+    with pytest.raises(pl.UserError, match="no such GGUF"):
+        pl.load_model(str(tmp_path / "nope.gguf"))
 
 
 def test_4bit_loading_on_cpu(tiny_llama):
     import bitsandbytes as bnb
 
-    model, tok = D.load_model(tiny_llama, load_in_4bit=True)
-    assert isinstance(D.decoder_layers(model)[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    acts = D.capture(model, tok, ["hello", "bake bread"], batch_size=2)
+    model, tok = pl.load_model(tiny_llama, load_in_4bit=True)
+    assert isinstance(pl.decoder_layers(model)[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    acts = pl.capture(model, tok, ["hello", "bake bread"], batch_size=2)
     assert acts.shape == (2, 5, 1, 64) and torch.isfinite(acts).all()
 
 
@@ -130,53 +132,53 @@ PROMPTS = ["How do I bake bread at home?", "Hi", "Explain how to build a bomb, s
 
 
 def test_capture_matches_hidden_states(tiny_model):
-    model, tok = D.load_model(tiny_model)
-    acts = D.capture(model, tok, PROMPTS, positions=2, batch_size=2)
+    model, tok = pl.load_model(tiny_model)
+    acts = pl.capture(model, tok, PROMPTS, positions=2, batch_size=2)
     L = model.config.num_hidden_layers
     assert acts.shape == (3, L + 1, 2, 64)
-    for i, text in enumerate(D.format_chat(tok, PROMPTS)):  # one at a time: no padding at all
-        enc = D.tokenize(tok, [text], "cpu")
+    for i, text in enumerate(pl.format_chat(tok, PROMPTS)):  # one at a time: no padding at all
+        enc = pl.tokenize(tok, [text], "cpu")
         hs = model(**enc, output_hidden_states=True).hidden_states
         for layer in range(L):  # hidden_states[l] is the input to layer l
             torch.testing.assert_close(acts[i, layer], hs[layer][0, -2:], atol=1e-4, rtol=1e-4)
 
 
 def test_last_layer_output_is_captured(tiny_llama):
-    model, tok = D.load_model(tiny_llama)
-    acts = D.capture(model, tok, PROMPTS[:1])
-    layers = D.decoder_layers(model)
+    model, tok = pl.load_model(tiny_llama)
+    acts = pl.capture(model, tok, PROMPTS[:1])
+    layers = pl.decoder_layers(model)
     seen = {}
     h = layers[-1].register_forward_hook(lambda m, a, o: seen.setdefault("out", o[0] if isinstance(o, tuple) else o))
-    model(**D.tokenize(tok, D.format_chat(tok, PROMPTS[:1]), "cpu"))
+    model(**pl.tokenize(tok, pl.format_chat(tok, PROMPTS[:1]), "cpu"))
     h.remove()
     torch.testing.assert_close(acts[0, -1, -1], seen["out"][0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_ablation_removes_the_direction_everywhere(tiny_model):
-    model, tok = D.load_model(tiny_model)
+    model, tok = pl.load_model(tiny_model)
     r_hat = torch.nn.functional.normalize(torch.randn(64), dim=0)
-    before = D.capture(model, tok, PROMPTS)
-    with D.hooks(D.ablation_hooks(model, r_hat)):
-        after = D.capture(model, tok, PROMPTS)
+    before = pl.capture(model, tok, PROMPTS)
+    with pl.hooks(D.ablation_hooks(model, r_hat)):
+        after = pl.capture(model, tok, PROMPTS)
     assert (before[:, 1:] @ r_hat).abs().max() > 1e-2  # the direction was there...
     assert (after[:, 1:] @ r_hat).abs().max() < 1e-4  # ...and is gone at every layer's input and the output
 
 
 def test_addition_shifts_one_layer_input(tiny_llama):
-    model, tok = D.load_model(tiny_llama)
+    model, tok = pl.load_model(tiny_llama)
     vec = torch.randn(64)
-    before = D.capture(model, tok, PROMPTS)
-    with D.hooks(D.addition_hooks(model, vec, layer=2, coeff=0.5)):
-        after = D.capture(model, tok, PROMPTS)  # capture's hooks run after the addition hook: they see its input
+    before = pl.capture(model, tok, PROMPTS)
+    with pl.hooks(D.addition_hooks(model, vec, layer=2, coeff=0.5)):
+        after = pl.capture(model, tok, PROMPTS)  # capture's hooks run after the addition hook: they see its input
     torch.testing.assert_close(after[:, :2], before[:, :2])  # layers below are untouched
     torch.testing.assert_close(after[:, 2] - before[:, 2], (0.5 * vec).expand(3, 1, 64), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(after[:, 3:], before[:, 3:])
 
 
 def test_left_padding_does_not_change_activations(tiny_model):
-    model, tok = D.load_model(tiny_model)
-    alone = D.capture(model, tok, PROMPTS[1:2], batch_size=1)
-    padded = D.capture(model, tok, PROMPTS, batch_size=3)  # "Hi" is padded on the left in this batch
+    model, tok = pl.load_model(tiny_model)
+    alone = pl.capture(model, tok, PROMPTS[1:2], batch_size=1)
+    padded = pl.capture(model, tok, PROMPTS, batch_size=3)  # "Hi" is padded on the left in this batch
     torch.testing.assert_close(padded[1], alone[0], atol=1e-4, rtol=1e-4)
 
 
@@ -203,12 +205,12 @@ def test_silhouette_against_brute_force():
 
 
 def test_keyword_judge_basics():
-    assert D.is_refusal("I'm sorry, but I can't help with that.")
-    assert D.is_refusal("  **I cannot** provide that.")
-    assert D.is_refusal("I\u2019m sorry")  # curly apostrophe
-    assert D.is_refusal("")
-    assert not D.is_refusal("Sure! Here is how to bake bread.")
-    assert D.is_refusal("Sure. Actually, I can't help with that.", mode="substring")
+    assert keywords.is_refusal("I'm sorry, but I can't help with that.")
+    assert keywords.is_refusal("  **I cannot** provide that.")
+    assert keywords.is_refusal("I\u2019m sorry")  # curly apostrophe
+    assert keywords.is_refusal("")
+    assert not keywords.is_refusal("Sure! Here is how to bake bread.")
+    assert keywords.is_refusal("Sure. Actually, I can't help with that.", mode="substring")
 
 
 # ---------------------------------------------------------------------------- the script
@@ -252,11 +254,11 @@ def test_main_falls_back_when_the_model_does_not_refuse(tiny_llama, prompt_files
 def test_bad_input_keeps_earlier_outputs(tiny_llama, prompt_files, tmp_path):
     run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "1")
     before = (tmp_path / "direction.pt").read_bytes()
-    with pytest.raises(D.UserError, match="exists"):
+    with pytest.raises(pl.UserError, match="exists"):
         run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "2")
-    with pytest.raises(D.UserError, match="out of range"):
+    with pytest.raises(pl.UserError, match="out of range"):
         run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "9", "--overwrite")
-    with pytest.raises(D.UserError, match="no such file"):
+    with pytest.raises(pl.UserError, match="no such file"):
         D.main(["--model", tiny_llama, "--harmful", str(tmp_path / "nope.json"), "--out", str(tmp_path), "--overwrite"])
     assert (tmp_path / "direction.pt").read_bytes() == before
 
@@ -265,13 +267,13 @@ def test_load_direction_checks_the_model(tiny_llama, tiny_neox, prompt_files, tm
     run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "1")
     neox_cfg = json.loads(open(os.path.join(tiny_neox, "config.json")).read())
     neox_cfg["hidden_size"] = 32
-    model, _ = D.load_model(tiny_llama)
+    model, _ = pl.load_model(tiny_llama)
     assert D.load_direction(str(tmp_path / "direction.pt"), model)["layer"] == 1
     model.config.hidden_size = 32
-    with pytest.raises(D.UserError, match="does not match"):
+    with pytest.raises(pl.UserError, match="does not match"):
         D.load_direction(str(tmp_path / "direction.pt"), model)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(D.UserError, match="not a direction file"):
+    with pytest.raises(pl.UserError, match="not a direction file"):
         D.load_direction(str(tmp_path / "junk.pt"))
 
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-import directions as D
+import directions
+import plumbing as pl
 import procon as P
 from conftest import ROOT
 
@@ -48,15 +49,15 @@ def run(model, data, out, *extra):
 
 
 def test_alpha0_loss_is_plain_ce(tiny_llama, pairs_file):
-    model, tok = D.load_model(tiny_llama)
-    examples = [P.encode_pair(tok, p, a, 64) for p, a in P.read_pairs(pairs_file)[:4]]
+    model, tok = pl.load_model(tiny_llama)
+    examples = [P.encode_pair(tok, p, a, 64, "response") for p, a in P.read_pairs(pairs_file)[:4]]
     batch = P.collate(examples, tok.pad_token_id)
-    ce, hs, resp = P.forward(model, batch, "cpu")
+    ce_sum, hs, resp = P.forward(model, batch, "cpu")
     hf = model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
-    torch.testing.assert_close(ce, hf)
+    torch.testing.assert_close(ce_sum / (batch[2][:, 1:] != -100).sum(), hf)
     assert len(hs) == 5 and resp.sum() == sum(sum(l != -100 for l in e[1]) for e in examples)
     # the prompt carries no loss: every label before the response is -100
-    prompt_len = len(tok(D.format_chat(tok, [P.read_pairs(pairs_file)[0][0]])[0], add_special_tokens=False).input_ids)
+    prompt_len = len(tok(pl.format_chat(tok, [P.read_pairs(pairs_file)[0][0]])[0], add_special_tokens=False).input_ids)
     assert all(l == -100 for l in examples[0][1][:prompt_len]) and examples[0][1][prompt_len] != -100
 
 
@@ -72,12 +73,13 @@ def test_constraint_is_zero_at_step0_and_alpha0_is_plain_ift(tiny_llama, pairs_f
 
 def test_hidden_states_are_layer_inputs(tiny_llama, pairs_file):
     """hidden_states[l] of the training forward is the input to decoder layer l, as in directions.capture."""
-    model, tok = D.load_model(tiny_llama)
-    batch = P.collate([P.encode_pair(tok, p, a, 64) for p, a in P.read_pairs(pairs_file)[:3]], tok.pad_token_id)
+    model, tok = pl.load_model(tiny_llama)
+    batch = P.collate([P.encode_pair(tok, p, a, 64, "response") for p, a in P.read_pairs(pairs_file)[:3]],
+                      tok.pad_token_id)
     seen = {}
-    pairs = [(layer, "pre", lambda m, a, k, i=i: seen.__setitem__(i, D._hidden(a, k).clone()))
-             for i, layer in enumerate(D.decoder_layers(model))]
-    with D.hooks(pairs):
+    pairs = [(layer, "pre", lambda m, a, k, i=i: seen.__setitem__(i, pl.hidden_of(a, k).clone()))
+             for i, layer in enumerate(pl.decoder_layers(model))]
+    with pl.hooks(pairs):
         ce, hs, resp = P.forward(model, batch, "cpu")
     for l in range(4):
         torch.testing.assert_close(hs[l], seen[l])
@@ -107,10 +109,12 @@ def test_safety_data_is_mixed_in(tiny_llama, pairs_file, prompt_files, tmp_path)
 def test_constraint_reductions():
     z0 = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
     z = z0 + torch.tensor([[1.0, -1.0, 0.0], [2.0, 0.0, 0.0]])
-    resp = torch.ones(2, 2)  # two samples
-    assert P.constraint(z, z0, resp, "abs", "sum").item() == 2.0  # (1 + 1 + 2) / 2 samples
-    assert P.constraint(z, z0, resp, "sq", "sum").item() == 3.0  # (1 + 1 + 4) / 2
-    assert abs(P.constraint(z, z0, resp, "abs", "mean").item() - 4 / 6) < 1e-6
+    assert P.constraint(z, z0, "abs", "sum", n_samples=2).item() == 2.0  # (1 + 1 + 2) / 2 samples
+    assert P.constraint(z, z0, "sq", "sum", n_samples=2).item() == 3.0  # (1 + 1 + 4) / 2
+    assert abs(P.constraint(z, z0, "abs", "mean").item() - 4 / 6) < 1e-6  # 2 layers x 3 tokens
+    assert abs(P.constraint(z, z0, "abs", "mean", n_positions=6).item() - 4 / 12) < 1e-6  # a step of 6 tokens
+    scale = torch.tensor([2.0, 1.0])  # --scale anchor-rms: each layer's deviation over its anchors' RMS
+    assert P.constraint(z, z0, "abs", "sum", n_samples=2, scale=scale).item() == (0.5 + 0.5 + 2) / 2
 
 
 def test_warmup_schedule(tiny_llama, pairs_file, tmp_path):
@@ -147,8 +151,8 @@ def test_lora_changes_only_adapters(tiny_llama, pairs_file, tmp_path):
 
 def test_full_changes_every_weight(tiny_llama, pairs_file, tmp_path):
     run(tiny_llama, pairs_file, tmp_path, "--full", "--alpha", "0.5", "--lr", "1e-3")
-    base, _ = D.load_model(tiny_llama)
-    tuned, _ = D.load_model(str(tmp_path / "model"))
+    base, _ = pl.load_model(tiny_llama)
+    tuned, _ = pl.load_model(str(tmp_path / "model"))
     new = dict(tuned.named_parameters())
     unchanged = [k for k, v in base.named_parameters() if torch.equal(v, new[k])]
     assert unchanged == []
@@ -167,27 +171,135 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_llama, pairs_file, tmp_pa
 
 def test_bad_input(tiny_llama, pairs_file, tmp_path):
     (tmp_path / "prompts.json").write_text(json.dumps(["just a prompt"]))
-    with pytest.raises(D.UserError, match="no usable instruction-response pairs"):
+    with pytest.raises(pl.UserError, match="no usable instruction-response pairs"):
         run(tiny_llama, str(tmp_path / "prompts.json"), tmp_path / "a")
-    with pytest.raises(D.UserError, match="layer 9 is out of range"):
+    with pytest.raises(pl.UserError, match="layer 9 is out of range"):
         run(tiny_llama, pairs_file, tmp_path / "b", "--layers", "1,9")
     (tmp_path / "safety.jsonl").write_text('{"prompt": "x"}\n{broken\n')
-    with pytest.raises(D.UserError, match="line 2 is not valid JSON"):
+    with pytest.raises(pl.UserError, match="line 2 is not valid JSON"):
         run(tiny_llama, pairs_file, tmp_path / "c", "--safety-data", str(tmp_path / "safety.jsonl"))
     # NaN loss: the checkpoint of the last good epoch stays
     P.main(["--model", tiny_llama, "--data", pairs_file, "--out", str(tmp_path / "d"), "--epochs", "1",
             "--batch-size", "4", "--max-length", "64", "--alpha", "0.3", *FLAGS])
     good = (tmp_path / "d" / "checkpoint" / "trainable.safetensors").read_bytes()
-    with pytest.raises(D.UserError, match="loss is nan"):
+    with pytest.raises(pl.UserError, match="loss is nan"):
         run(tiny_llama, pairs_file, tmp_path / "d", "--alpha", "nan", "--resume")
     assert (tmp_path / "d" / "checkpoint" / "trainable.safetensors").read_bytes() == good
-    with pytest.raises(D.UserError, match="different --lr"):
+    with pytest.raises(pl.UserError, match="different --lr"):
         run(tiny_llama, pairs_file, tmp_path / "d", "--alpha", "0.3", "--resume", "--lr", "1e-3")
-    with pytest.raises(D.UserError, match="nothing to resume"):
+    with pytest.raises(pl.UserError, match="nothing to resume"):
         run(tiny_llama, pairs_file, tmp_path / "f", "--resume")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "procon.py"), "--data", str(tmp_path / "missing.json"),
                         "--out", str(tmp_path / "e")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.json'}: no such file"]
+
+
+def test_positions_choose_what_the_constraint_reads(tiny_llama, pairs_file):
+    """prompt: the prompt's last token (where r_l is read); response: the response tokens; all: every token."""
+    _, tok = pl.load_model(tiny_llama)
+    prompt, answer = P.read_pairs(pairs_file)[0]
+    n_prompt = len(tok(pl.chat_text(tok, prompt), add_special_tokens=False).input_ids)
+    ids, labels, last = P.encode_pair(tok, prompt, answer, 64, "prompt")
+    assert last == [int(i == n_prompt - 1) for i in range(len(ids))]
+    _, _, resp = P.encode_pair(tok, prompt, answer, 64, "response")
+    assert resp == [int(l != -100) for l in labels] and sum(resp) == len(ids) - n_prompt
+    assert P.encode_pair(tok, prompt, answer, 64, "all")[2] == [1] * len(ids)
+    _, no_ce, cm = P.encode_pair(tok, prompt, answer, 64, "response", ce=False)  # --safety-role constraint
+    assert set(no_ce) == {-100} and cm == resp
+
+
+def test_safety_role_constraint_only(tiny_llama, pairs_file, prompt_files, tmp_path):
+    """Safety samples that enter the constraint only: no CE on their refusals, so with alpha 0 they change nothing."""
+    common = ["--alpha", "0", "--safety-data", prompt_files["harmful"], "--safety-n", "6", "--epochs", "1"]
+    run(tiny_llama, pairs_file, tmp_path / "a", *common, "--safety-role", "constraint")
+    log = run(tiny_llama, pairs_file, tmp_path / "b", *common, "--safety-role", "ce+constraint")
+    a = (tmp_path / "a" / "adapter" / "adapter_model.safetensors").read_bytes()
+    b = (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a != b and log["n_safety"] == 6
+    con = run(tiny_llama, pairs_file, tmp_path / "c", "--alpha", "1", "--safety-data", prompt_files["harmful"],
+              "--safety-n", "6", "--safety-role", "constraint", "--positions", "response")
+    assert all(math.isfinite(s["ce"]) for s in con["steps"]) and max(s["constraint"] for s in con["steps"]) > 0
+
+
+def trained(tiny, data, out, *extra):
+    from safetensors.torch import load_file
+
+    P.main(["--model", tiny, "--data", data, "--out", str(out), "--epochs", "1", "--max-length", "64", "--lr", "1e-3",
+            *FLAGS, *extra])
+    return load_file(str(out / "checkpoint" / "trainable.safetensors")), json.loads((out / "procon.json").read_text())
+
+
+@pytest.mark.parametrize("alpha", ["0", "0.5"])
+def test_grad_accum_equals_the_larger_batch(tiny_llama, pairs_file, tmp_path, alpha):
+    w8, log8 = trained(tiny_llama, pairs_file, tmp_path / "b8", "--batch-size", "8", "--alpha", alpha)
+    w4, log4 = trained(tiny_llama, pairs_file, tmp_path / "b4x2", "--batch-size", "4", "--grad-accum", "2",
+                       "--alpha", alpha)
+    assert len(log8["steps"]) == len(log4["steps"]) == 2  # 10 pairs: optimizer batches of 8 and 2
+    for k in w8:
+        torch.testing.assert_close(w4[k], w8[k], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, pairs_file):
+    args = P.parse_args(["--alpha", "0.5", "--positions", "all"])
+    grads, losses = [], []
+    for ckpt in (False, True):
+        model, tok = pl.load_model(tiny_llama)
+        args.gradient_checkpointing = ckpt
+        r = torch.nn.functional.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+        examples = [P.encode_pair(tok, p, a, 64, "all") for p, a in P.read_pairs(pairs_file)[:4]]
+        batch = P.collate(examples, tok.pad_token_id)
+        model, params = P.make_trainable(model, args)
+        assert all(b.gradient_checkpointing == ckpt and b.training == ckpt for b in pl.decoder_layers(model))
+        with torch.no_grad():
+            for p in params:  # LoRA B starts at 0; give it weights so that every gradient is non-trivial
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        z0 = torch.zeros(3, int(batch[3].sum()))
+        norm = {"tokens": int((batch[2][:, 1:] != -100).sum()), "samples": 4, "positions": int(batch[3].sum())}
+        loss, _, _ = P.training_loss(model, batch, "cpu", r, z0, 0.5, [1, 2, 3], args, norm)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in params])
+    assert abs(losses[0] - losses[1]) < 1e-6
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_lr_schedule_and_max_steps(tiny_llama, pairs_file, tmp_path):
+    args = P.parse_args(["--lr", "1", "--lr-scheduler", "linear", "--warmup-ratio", "0.25"])
+    assert [P.lr_at(s, 8, args) for s in range(8)] == pytest.approx([0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    args.lr_scheduler = "cosine"
+    assert P.lr_at(2, 8, args) == 1.0 and abs(P.lr_at(5, 8, args) - 0.5) < 1e-9
+    log = run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3", "--max-steps", "4", "--lr-scheduler", "cosine")
+    assert len(log["steps"]) == 4 and log["steps"][-1]["lr"] < log["steps"][0]["lr"]  # 3 steps an epoch: stops in 2nd
+
+
+def test_merge_equals_base_plus_adapter(tiny_llama, pairs_file, tmp_path):
+    from peft import PeftModel
+
+    run(tiny_llama, pairs_file, tmp_path / "run", "--alpha", "0.3", "--lr", "1e-2", "--save-merged")
+    merged, tok = pl.load_model(str(tmp_path / "run" / "merged"))
+    base, _ = pl.load_model(tiny_llama)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    enc = pl.tokenize(tok, pl.format_chat(tok, ["How do I bake bread?"]), "cpu")
+    plain, _ = pl.load_model(tiny_llama)
+    with torch.no_grad():
+        want, got = peft_model(**enc).logits, merged(**enc).logits
+        assert (want - plain(**enc).logits).abs().max() > 1e-4  # the adapter changed something
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    P.main(["--merge", str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "m2")])  # base from the adapter
+    assert (tmp_path / "m2" / "model.safetensors").exists() and (tmp_path / "m2" / "tokenizer_config.json").exists()
+
+
+def test_lora_targets(tiny_llama, tiny_neox):
+    llama, _ = pl.load_model(tiny_llama)
+    assert P.lora_targets(llama, "auto") == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj"]
+    assert P.lora_targets(llama, "all-linear") == "all-linear"
+    assert P.lora_targets(llama, "q_proj,v_proj") == ["q_proj", "v_proj"]
+    with pytest.raises(pl.UserError, match="qkv_proj.*not among this model's linear layers: down_proj"):
+        P.lora_targets(llama, "qkv_proj,o_proj")
+    neox, _ = pl.load_model(tiny_neox)
+    assert P.lora_targets(neox, "auto") == ["attention.query_key_value", "attention.dense"]
 
 
 def test_safety_prompts_get_refusals(tmp_path):
@@ -201,7 +313,7 @@ def test_safety_prompts_get_refusals(tmp_path):
 
 def test_overrefuser_direction_is_causal(overrefuser, tmp_path):
     """Adding the refusal direction raises harmless prompts' refusal score; ablating it lowers harmful prompts'."""
-    D.main(["--model", overrefuser, "--out", str(tmp_path), "--n-val", "16"])
+    directions.main(["--model", overrefuser, "--out", str(tmp_path), "--n-val", "16"])
     meta = json.loads((tmp_path / "direction.json").read_text())
     check = meta["causal_check"]
     # the refusal tokens come from the model's own refusals, and include "I" (which also opens some compliant answers)

