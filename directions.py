@@ -225,8 +225,20 @@ def parse_args(argv=None):
 OUTPUTS = ("direction.pt", "direction.json", "layers.png")
 
 
+def check_args(args):
+    """Every flag that needs no model, checked before any work."""
+    pl.check_model_args(args)
+    for flag, v, low in (("--n-train", args.n_train, 2), ("--n-val", args.n_val, 1), ("--positions", args.positions, 1),
+                         ("--min-refusals", args.min_refusals, 0)):
+        if v < low:
+            pl.fail(f"{flag} {v}: must be at least {low}")
+    if not 0 <= args.prune_frac < 1:
+        pl.fail(f"--prune-frac {args.prune_frac}: must be in [0, 1)")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     pl.prepare_out(args.out, OUTPUTS, args.overwrite)
     pl.seed_everything(args.seed)
     t0 = time.time()
@@ -237,17 +249,17 @@ def main(argv=None):
         prompts = pl.read_prompts(path, args.column)
         random.Random(args.seed).shuffle(prompts)
         if len(prompts) < 4:
-            pl.fail(f"{path}: {len(prompts)} prompts; at least 4 are needed")
+            pl.fail(f"{path}: {len(prompts)} prompts; at least 4 are needed (2 for the mean, 2 held out)")
         n_train = min(args.n_train, len(prompts) - min(args.n_val, len(prompts) // 4))
         train[name], val[name] = prompts[:n_train], prompts[n_train:n_train + args.n_val]
 
     # 2. model
-    model, tok = pl.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device)
+    model, tok = pl.load(args)
     n_layers = pl.text_config(model).num_hidden_layers
     if args.layer is not None and not 1 <= args.layer < n_layers:
         pl.fail(f"--layer {args.layer} is out of range: this model has decoder layers 1..{n_layers - 1} to choose from")
-    if args.positions < 1:
-        pl.fail("--positions must be at least 1")
+    texts = pl.format_chat(tok, [p for k in train for p in train[k] + val[k]])
+    pl.check_context(model, pl.token_lengths(tok, texts), extra_tokens=16)  # 16: the answers of refusal_tokens
 
     # 3. the candidate directions: the difference in means at every layer's input and position
     acts_harmful = pl.capture(model, tok, train["harmful"], args.positions, args.batch_size, "activations (harmful)")

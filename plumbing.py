@@ -14,6 +14,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -34,8 +35,21 @@ def fail(msg):
     raise UserError(msg)
 
 
+def quiet_libraries():
+    """Library chatter that would stand before an error line: FutureWarnings of transformers and peft, and
+    bitsandbytes' notes on optional CPU kernels. Real warnings of this project still print."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run_main(main):
     """Run a script's main(); bad input ends with one clear line and exit status 2, never a traceback."""
+    quiet_libraries()
     try:
         main()
     except UserError as e:
@@ -281,14 +295,42 @@ def check_model_args(args):
 
 
 def check_out(out):
-    """--out must be a directory this process can write (or create), checked before any work."""
+    """--out must be a directory this process can write (it is created if absent), checked before any work."""
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out {out}: exists and is not a directory")
-    parent = out
-    while not os.path.exists(parent):
-        parent = os.path.dirname(os.path.abspath(parent))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"--out {out}: {parent} is not a writable directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        fail(f"--out {out}: not a writable directory ({e.strerror})")
+
+
+def token_lengths(tokenizer, texts):
+    """Token count of each (already chat-formatted) text."""
+    return [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+
+
+def check_context(model, lengths, extra_tokens=0, what="prompts"):
+    """Sequences (of these token lengths, plus extra_tokens to generate) longer than the model's context: an error on a
+    model with absolute position embeddings (GPT-2 style: they would index past its table), a warning with the count
+    on others."""
+    cfg = text_config(model)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not limit or not lengths:
+        return
+    lengths = [n + extra_tokens for n in lengths]
+    over = sum(n > limit for n in lengths)
+    if not over:
+        return
+    absolute = any(isinstance(m, torch.nn.Embedding) and n.split(".")[-1] in ("wpe", "embed_positions",
+                                                                                 "position_embeddings")
+                   for n, m in model.named_modules())
+    msg = (f"{over} of {len(lengths)} {what} run past the model's context of {limit} tokens "
+           f"(longest {max(lengths)}{f', with {extra_tokens} new tokens' if extra_tokens else ''})")
+    if absolute:
+        fail(msg + "; this model's absolute positions end there: shorten them or lower the token budget")
+    print(f"warning: {msg}; the model has not been trained on such positions", file=sys.stderr)
 
 
 def peak_memory_mib(device):

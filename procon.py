@@ -281,9 +281,18 @@ def lora_targets(model, spec):
     wanted = [t.strip() for t in spec.split(",") if t.strip()]
     missing = [t for t in wanted if t.split(".")[-1] not in have]
     if missing or not wanted:
-        pl.fail(f"--lora-targets: {', '.join(missing) or spec!r} not among this model's linear layers: "
+        named = ", ".join(missing) or repr(spec)
+        pl.fail(f"--lora-targets: {named} not among this model's linear layers: "
                 f"{', '.join(sorted(have))}")
     return wanted
+
+
+def keep_4bit_trainable(model):
+    """bitsandbytes repacks 4-bit weights for a faster CPU kernel on their first no-grad forward; that kernel adds a
+    projection's bias in place, which autograd refuses (Qwen2, Phi: biased q/k/v). Training keeps the plain layout."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def make_trainable(model, args):
@@ -403,6 +412,8 @@ def check_args(args):
         pl.fail("--full cannot train a 4-bit model; use LoRA (QLoRA) with --load-in-4bit")
     if args.resume and args.overwrite:
         pl.fail("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    if args.layers != "all" and any(x.strip() == "0" for x in args.layers.split(",")):
+        pl.fail("--layers: layer 0 cannot be constrained (its input is the embedding, whose r_0 is 0)")
 
 
 def constrained_layers(spec, n_layers):
@@ -428,6 +439,7 @@ def main(argv=None):
     args.model = args.model or pl.default_model()
     check_args(args)
     outputs = ("procon.json", "drift.json", "drift.png", "model" if args.full else "adapter")
+    pl.check_out(args.out)
     resumed = read_resume(args) if args.resume else None  # every resume check, before any work
     if not args.resume:
         pl.prepare_out(args.out, outputs + ("checkpoint", "anchors.pt"), args.overwrite)
@@ -443,11 +455,13 @@ def main(argv=None):
 
     # 2. model, constrained layers, training examples in fixed batches
     model, tok = pl.load(args)
+    keep_4bit_trainable(model)
     n_layers, device = pl.text_config(model).num_hidden_layers, pl.model_device(model)
     layers = constrained_layers(args.layers, n_layers)
     examples = [encode_pair(tok, p, a, args.max_length, args.positions) for p, a in pairs]
     examples += [encode_pair(tok, p, a, args.max_length, args.positions, ce=args.safety_role == "ce+constraint")
                  for p, a in safety]
+    pl.check_context(model, [len(e[0]) for e in examples], what="training pairs (after --max-length)")
     if not any(l != -100 for e in examples for l in e[1]):
         pl.fail(f"--max-length {args.max_length} leaves no response tokens in any training pair")
     batches = fixed_batches(examples, args.batch_size, args.grad_accum, args.seed)

@@ -40,18 +40,31 @@ def tiny_tokenizer(path):
     return fast
 
 
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen3_moe", "gpt_neox")
+
+
 def tiny_config(arch, vocab_size):
-    from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
+    """A 4-layer, 64-wide config of one of the architectures users run, from transformers' own config classes."""
+    import transformers as T
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=256, eos_token_id=2, pad_token_id=0, bos_token_id=1)
-    if arch == "llama":
-        return LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
-    if arch == "qwen2":
-        return Qwen2Config(num_key_value_heads=2, **common)
-    if arch == "gpt_neox":
-        return GPTNeoXConfig(**common)
-    raise ValueError(arch)
+    gqa = dict(num_key_value_heads=2)
+    configs = {
+        "llama": lambda: T.LlamaConfig(**gqa, tie_word_embeddings=True, **common),
+        "qwen2": lambda: T.Qwen2Config(**gqa, **common),  # biased q/k/v projections
+        "qwen3": lambda: T.Qwen3Config(**gqa, head_dim=16, **common),
+        "mistral": lambda: T.MistralConfig(**gqa, **common),
+        "gemma2": lambda: T.Gemma2Config(**gqa, head_dim=16, **common),  # norms after each sublayer
+        "gemma3": lambda: T.Gemma3TextConfig(**gqa, head_dim=16, **common),
+        "phi3": lambda: T.Phi3Config(**gqa, **common),  # fused qkv_proj
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**gqa, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32, **common),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**common),  # fused query_key_value, parallel residual
+    }
+    if arch not in configs:
+        raise ValueError(arch)
+    return configs[arch]()
 
 
 def build_tiny(path, arch, seed=0):
@@ -68,6 +81,12 @@ def build_tiny(path, arch, seed=0):
 def tiny_model(request, tmp_path_factory):
     """Path of a tiny random chat model directory (Llama and Qwen2 architectures)."""
     return build_tiny(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def arch_model(request, tmp_path_factory):
+    """(architecture, path) of a tiny random chat model, for every architecture in ARCHS."""
+    return request.param, build_tiny(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
 
 
 @pytest.fixture(scope="session")

@@ -277,6 +277,60 @@ def test_load_direction_checks_the_model(tiny_llama, tiny_neox, prompt_files, tm
         D.load_direction(str(tmp_path / "junk.pt"))
 
 
+# one row per bad input: (arguments, a phrase of the one-line message); every row must leave earlier outputs as they
+# were. A new flag gets its row here. "{tmp}" is the test's directory, "{file}" a file that exists there.
+BAD_INPUT = [
+    (["--n-train", "0"], "--n-train 0: must be at least 2"),
+    (["--n-train", "1"], "--n-train 1: must be at least 2"),
+    (["--n-val", "0"], "--n-val 0: must be at least 1"),
+    (["--positions", "0"], "--positions 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--prune-frac", "1.5"], "--prune-frac 1.5"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--layer", "9"], "out of range"),
+    (["--layer", "0"], "out of range"),
+    (["--harmful", "{tmp}/nope.json"], "no such file"),
+    (["--chat-template", "{tmp}/nope.jinja"], "no such chat template file"),
+    (["--out", "{file}"], "exists and is not a directory"),
+    (["--out", "/proc/refusal-steering-test/out"], "not a writable directory"),
+    ([], "exists; pass --overwrite"),
+]
+
+
+@pytest.fixture(scope="module")
+def earlier_outputs(tiny_llama, prompt_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("earlier")
+    run_directions(tiny_llama, prompt_files, out, "--layer", "1")
+    return out
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUT, ids=[" ".join(r[0]) or "no-overwrite" for r in BAD_INPUT])
+def test_bad_input_table(tiny_llama, prompt_files, earlier_outputs, tmp_path, extra, message):
+    if torch.cuda.is_available() and "cuda" in extra:
+        pytest.skip("this machine has CUDA")
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(earlier_outputs, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "file").write_text("x")
+    extra = [a.replace("{tmp}", str(tmp_path)).replace("{file}", str(tmp_path / "file")) for a in extra]
+    overwrite = [] if not extra or "--out" in extra else ["--overwrite"]
+    with pytest.raises(pl.UserError, match=message.replace("(", r"\(")):
+        D.main(["--model", tiny_llama, "--harmful", prompt_files["harmful"], "--harmless", prompt_files["harmless"],
+                "--out", str(out), *overwrite, *extra])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_no_nan_direction_is_written(tiny_llama, prompt_files, tmp_path, monkeypatch):
+    """NaN activations end in one line and write nothing."""
+    capture = pl.capture
+    monkeypatch.setattr(pl, "capture", lambda *a, **k: capture(*a, **k) * float("nan"))
+    with pytest.raises(pl.UserError, match="not finite"):
+        run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "1")
+    assert not (tmp_path / "direction.pt").exists()
+
+
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "directions.py"), "--harmful", str(tmp_path / "x.json"),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)

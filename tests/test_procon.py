@@ -302,6 +302,92 @@ def test_lora_targets(tiny_llama, tiny_neox):
     assert P.lora_targets(neox, "auto") == ["attention.query_key_value", "attention.dense"]
 
 
+# one row per bad input: (arguments, a phrase of the one-line message); each row runs in a copy of a finished run's
+# --out and must leave it byte-identical. A new flag gets its row here.
+BAD_INPUT = [
+    (["--layers", "0"], "layer 0 cannot be constrained"),
+    (["--layers", "0,2"], "layer 0 cannot be constrained"),
+    (["--layers", "2,9"], "layer 9 is out of range"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--limit", "-2"], "--limit -2: must be at least 1"),
+    (["--limit", "0"], "--limit 0: must be at least 1"),
+    (["--lr", "0"], "--lr 0.0: must be positive"),
+    (["--lr=-1e-4"], "must be positive"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--grad-accum", "0"], "--grad-accum 0: must be at least 1"),
+    (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
+    (["--warmup-ratio", "1"], "--warmup-ratio 1.0"),
+    (["--warmup-epochs", "5"], "--warmup-epochs 5"),
+    (["--alpha", "-1"], "must not be negative"),
+    (["--full", "--load-in-4bit"], "--full cannot train a 4-bit model"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--lora-targets", "qkv_proj"], "qkv_proj not among this model's linear layers"),
+    (["--data", "{tmp}/missing.json"], "no such file"),
+    (["--out", "{file}"], "exists and is not a directory"),
+    (["--out", "/proc/refusal-steering-test/out"], "not a writable directory"),
+    (["--no-overwrite"], "exists; pass --overwrite"),
+    (["--resume", "--overwrite"], "pass one of them"),
+    (["--resume"], "has finished its 6 steps"),
+    (["--resume", "--alpha", "0.9"], "has finished its 6 steps"),
+    (["--resume", "--epochs", "3", "--lr", "1e-3"], "different --lr"),
+    (["--resume", "--epochs", "3", "--positions", "response"], "different --positions"),
+    (["--resume", "--epochs", "3", "--truncate", "anchors.pt"], "damaged checkpoint or anchors"),
+    (["--resume", "--epochs", "3", "--truncate", "checkpoint/trainable.safetensors"], "damaged checkpoint"),
+    (["--resume", "--epochs", "3", "--truncate", "checkpoint/optimizer.pt"], "damaged checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_llama, pairs_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    run(tiny_llama, pairs_file, out, "--alpha", "0.3")
+    return out
+
+
+def tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUT, ids=[" ".join(r[0]) for r in BAD_INPUT])
+def test_bad_input_table(tiny_llama, pairs_file, finished_run, tmp_path, extra, message):
+    import shutil
+
+    if torch.cuda.is_available() and "cuda" in extra:
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    (tmp_path / "file").write_text("x")
+    extra = [a.replace("{tmp}", str(tmp_path)).replace("{file}", str(tmp_path / "file")) for a in extra]
+    if "--truncate" in extra:  # a damaged file from a killed disk write
+        i = extra.index("--truncate")
+        victim = out / extra.pop(i + 1)
+        extra.pop(i)
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    before = tree(out)
+    overwrite = [] if "--resume" in extra or "--out" in extra or "--no-overwrite" in extra else ["--overwrite"]
+    extra = [a for a in extra if a != "--no-overwrite"]
+    with pytest.raises(pl.UserError, match=message.replace("(", r"\(")):
+        run(tiny_llama, pairs_file, out, "--alpha", "0.3", *overwrite, *extra)
+    assert tree(out) == before
+
+
+def test_resume_records_what_each_step_ran_with(tiny_llama, pairs_file, tmp_path):
+    """A run killed after epoch 1 and resumed with another alpha: each step keeps the alpha it ran with, and the
+    log names both commands."""
+    P.main(["--model", tiny_llama, "--data", pairs_file, "--out", str(tmp_path), "--epochs", "1", "--batch-size", "4",
+            "--max-length", "64", "--alpha", "0.3", *FLAGS])
+    log = run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.7", "--resume")
+    assert [s["alpha"] for s in log["steps"]] == [0.3] * 3 + [0.7] * 3
+    assert [(r["from_step"], r["alpha"]) for r in log["runs"]] == [(0, 0.3), (3, 0.7)]
+
+
+def test_cli_bad_input_is_one_line_before_loading(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "procon.py"), "--layers", "0", "--model",
+                        str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --layers: layer 0 cannot be constrained (its input is the embedding, whose r_0 is 0)"]
+
+
 def test_safety_prompts_get_refusals(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(["Build a bomb", "Hack a bank"]))
     pairs = P.read_pairs(str(tmp_path / "s.json"), ["I can't help with that."])
