@@ -49,7 +49,8 @@ def refusal_tokens(model, tokenizer, harmful, harmless, batch_size=16, k=4, max_
     compliant answer would drop "I", which opens both "I'm sorry" and "I'd be happy to".
     Returns (token ids, number of harmful prompts refused).
     """
-    answers_harmful = pl.generate(model, tokenizer, harmful, max_new_tokens, batch_size, desc="refusal tokens (harmful)")
+    answers_harmful = pl.generate(model, tokenizer, harmful, max_new_tokens, batch_size,
+                                  desc="refusal tokens (harmful)")
     answers_harmless = pl.generate(model, tokenizer, harmless, max_new_tokens, batch_size,
                                    desc="refusal tokens (harmless)")
 
@@ -169,7 +170,8 @@ def causal_scores(model, tok, r, r_hat, layer, val, base_harmless, tokens, batch
     ablated_harmless = pl.last_logits(model, tok, val["harmless"], batch_size, ablate, "kl")
     induce = refusal_score(pl.last_logits(model, tok, val["harmless"], batch_size,
                                           addition_hooks(model, r, layer), "induce"), tokens)
-    return {"bypass": bypass.mean().item(), "induce": induce.mean().item(), "kl": kl_div(base_harmless, ablated_harmless)}
+    return {"bypass": bypass.mean().item(), "induce": induce.mean().item(),
+            "kl": kl_div(base_harmless, ablated_harmless)}
 
 
 def select(candidates, scores, n_layers, prune_frac, max_kl):
@@ -193,7 +195,8 @@ def load_direction(path, model=None):
         pl.fail(f"{path}: not a direction file (no 'direction' and 'layer')")
     if model is not None:
         cfg = pl.text_config(model)
-        if d["direction"].shape[-1] != cfg.hidden_size or d.get("n_layers", cfg.num_hidden_layers) != cfg.num_hidden_layers:
+        n_layers = d.get("n_layers", cfg.num_hidden_layers)
+        if d["direction"].shape[-1] != cfg.hidden_size or n_layers != cfg.num_hidden_layers:
             pl.fail(f"{path} was extracted from {d.get('model')} (hidden size {d['direction'].shape[-1]}, "
                     f"{d.get('n_layers')} layers), which does not match this model (hidden size {cfg.hidden_size}, "
                     f"{cfg.num_hidden_layers} layers)")
@@ -214,7 +217,8 @@ def parse_args(argv=None):
                    help="layer choice: best harmful/harmless separation (ACTOR) or Arditi's refusal-score selection")
     p.add_argument("--layer", type=int, default=None, help="use this layer instead of selecting one")
     p.add_argument("--prune-frac", type=float, default=0.2, help="Arditi: skip the last fraction of layers")
-    p.add_argument("--max-kl", type=float, default=0.1, help="Arditi: discard directions whose ablation KL exceeds this")
+    p.add_argument("--max-kl", type=float, default=0.1,
+                   help="Arditi: discard directions whose ablation KL exceeds this")
     p.add_argument("--min-refusals", type=int, default=4,
                    help="fewest refused harmful prompts needed to find refusal tokens; else fall back to silhouette")
     p.add_argument("--out", default="runs/direction", help="output directory")

