@@ -353,3 +353,24 @@ def test_smollm2_end_to_end(smollm2, tmp_path):
     # plain SmolLM2 hardly ever refuses, so Arditi's selection has too little to go on and says so
     if meta["refused_val_harmful"] < 4:
         assert meta["select"] == "silhouette" and "fall back" in meta["note"]
+
+
+def test_system_prompt_and_thinking_reach_every_prompt(tiny_llama, tmp_path):
+    """--system-prompt and --thinking are kept on the tokenizer and applied wherever a prompt is formatted."""
+    import shutil
+
+    path = tmp_path / "thinking"
+    shutil.copytree(tiny_llama, path)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    (path / "t.jinja").write_text(template)
+    _, tok = pl.load_model(str(path), chat_template=str(path / "t.jinja"), system_prompt="Be brief.", thinking="off")
+    text = pl.format_chat(tok, ["Hi"])[0]
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
+    assert text.endswith("<think>\n\n</think>\n\n")
+    assert pl.chat_text(tok, "Hi", "Hello").endswith("<|im_start|>assistant\nHello<|im_end|>\n")
+    _, plain = pl.load_model(str(path), chat_template=str(path / "t.jinja"))
+    assert pl.format_chat(plain, ["Hi"])[0] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    args = D.parse_args(["--system-prompt", "Be brief.", "--thinking", "off"])
+    assert pl.metadata(args)["args"]["system_prompt"] == "Be brief." and pl.metadata(args)["args"]["thinking"] == "off"
