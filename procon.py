@@ -182,10 +182,14 @@ def forward(model, batch, device, hidden=True):
     and the constraint mask. The constraint costs no second forward: it reads the residual stream of this same pass,
     which backward keeps anyway. With hidden=False (alpha = 0) nothing but the logits is asked for: plain IFT."""
     input_ids, mask, labels, cmask = (t.to(device) for t in batch)
-    out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
-                             reduction="sum")
+    # logits only where some sample's next token carries loss: the prompt's share of a [tokens, vocab] tensor (the
+    # largest of the step with a 128k vocabulary) is never made
+    keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)
+    out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False,
+                logits_to_keep=keep)
+    logits = out.logits.float()
+    ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:][:, keep].reshape(-1),
+                             ignore_index=-100, reduction="sum")
     return ce_sum, out.hidden_states, cmask
 
 

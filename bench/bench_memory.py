@@ -44,6 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,4", help="batch sizes, comma-separated")
     p.add_argument("--no-4bit", action="store_true", help="load in bf16 (GPU) / fp32 (CPU) instead of 4-bit NF4")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--max-tokens-plain", type=int, default=None, help="skip configurations without checkpointing "
+                   "above this many tokens (batch x length) when they would not fit the machine")
+    p.add_argument("--out", default="runs/bench_memory.jsonl", help="each configuration's row is appended here; rows "
+                   "of earlier runs of the same shape and device are reused")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     return p.parse_args(argv)
 
@@ -145,10 +149,22 @@ def main():
         print(json.dumps(one(random_model(args.shape), args.device, length, batch, bool(ckpt), not args.no_4bit)))
         return
     random_model(args.shape)
+    key = {"shape": args.shape, "device": args.device, "four_bit": not args.no_4bit}
+    done = []
+    if os.path.isfile(args.out):
+        done = [r for r in map(json.loads, open(args.out)) if all(r.get(k) == v for k, v in key.items())]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         for batch in (int(x) for x in args.batches.split(",")):
             for ckpt in (0, 1):
+                old = [r for r in done if (r["length"], r["batch"], r["checkpointing"]) == (length, batch, bool(ckpt))]
+                if old:
+                    rows.append(old[-1])
+                    continue
+                if not ckpt and args.max_tokens_plain and length * batch > args.max_tokens_plain:
+                    rows.append({"length": length, "batch": batch, "checkpointing": False, "skipped": True})
+                    continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--shape", args.shape, "--device", args.device,
                        "--one", f"{length},{batch},{ckpt}", "--threads", str(args.threads)] + \
                     (["--no-4bit"] if args.no_4bit else [])
@@ -156,22 +172,28 @@ def main():
                 if r.returncode != 0:
                     print(r.stderr[-2000:], file=sys.stderr)
                     sys.exit(f"configuration {length} x {batch}, checkpointing {ckpt}: failed")
-                rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+                rows.append({**key, **json.loads(r.stdout.strip().splitlines()[-1])})
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(rows[-1]) + "\n")
                 print(f"  {length} tokens x {batch}, checkpointing {'on' if ckpt else 'off'}: "
                       f"step {rows[-1]['step_mib']} MiB ({rows[-1]['seconds']} s)", file=sys.stderr)
     shape = SHAPES[args.shape]
     print(f"\n{args.shape} shape (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
           f"{shape['num_key_value_heads']} KV heads, vocab {shape['vocab_size']}), "
           f"{'bf16/fp32' if args.no_4bit else '4-bit NF4'}, {args.device}, LoRA r8 on q/k/v/o, --positions all\n")
-    print("| tokens | batch | loaded model (MiB) | step peak, no checkpointing (MiB) | step peak, checkpointing (MiB) "
-          "| step memory above the loaded model: without / with | ratio | seconds without / with |")
+    print("| tokens | batch | loaded model (MiB) | peak, no checkpointing (MiB) | peak, checkpointing (MiB) "
+          "| step memory above the loaded model: without / with | peak ratio | seconds without / with |")
     print("|---:|---:|---:|---:|---:|---|---:|---|")
     for i in range(0, len(rows), 2):
         off, on = rows[i], rows[i + 1]
-        ratio = off["step_mib"] / max(on["step_mib"], 1)
+        if off.get("skipped"):
+            print(f"| {on['length']} | {on['batch']} | {on['loaded_mib']} | not run | {on['peak_mib']} | - / "
+                  f"{on['step_mib']} | - | - / {on['seconds']} |")
+            continue
+        ratio = off["peak_mib"] / max(on["peak_mib"], 1)
         print(f"| {off['length']} | {off['batch']} | {off['loaded_mib']} | {off['peak_mib']} | {on['peak_mib']} | "
               f"{off['step_mib']} / {on['step_mib']} | {ratio:.1f}x | {off['seconds']} / {on['seconds']} |")
-    per_token = {r["length"]: r["actor_cache_kib_per_query"] / r["length"] for r in rows}
+    per_token = {r["length"]: r["actor_cache_kib_per_query"] / r["length"] for r in rows if not r.get("skipped")}
     print(f"\nACTOR's cache (the inputs of one block, fp32 on the CPU): "
           + ", ".join(f"{kib * L:.0f} KiB per query of {L} tokens" for L, kib in per_token.items()))
 
