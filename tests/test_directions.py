@@ -331,6 +331,7 @@ def test_no_nan_direction_is_written(tiny_llama, prompt_files, tmp_path, monkeyp
     assert not (tmp_path / "direction.pt").exists()
 
 
+@pytest.mark.slow  # a fresh Python process: the CLI as a user runs it
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "directions.py"), "--harmful", str(tmp_path / "x.json"),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)

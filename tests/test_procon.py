@@ -189,9 +189,6 @@ def test_bad_input(tiny_llama, pairs_file, tmp_path):
         run(tiny_llama, pairs_file, tmp_path / "d", "--alpha", "0.3", "--resume", "--lr", "1e-3")
     with pytest.raises(pl.UserError, match="nothing to resume"):
         run(tiny_llama, pairs_file, tmp_path / "f", "--resume")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "procon.py"), "--data", str(tmp_path / "missing.json"),
-                        "--out", str(tmp_path / "e")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.json'}: no such file"]
 
 
 def test_positions_choose_what_the_constraint_reads(tiny_llama, pairs_file):
@@ -381,11 +378,15 @@ def test_resume_records_what_each_step_ran_with(tiny_llama, pairs_file, tmp_path
     assert [(r["from_step"], r["alpha"]) for r in log["runs"]] == [(0, 0.3), (3, 0.7)]
 
 
+@pytest.mark.slow  # fresh Python processes: the CLI as a user runs it
 def test_cli_bad_input_is_one_line_before_loading(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "procon.py"), "--layers", "0", "--model",
                         str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --layers: layer 0 cannot be constrained (its input is the embedding, whose r_0 is 0)"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "procon.py"), "--data", str(tmp_path / "missing.json"),
+                        "--out", str(tmp_path / "e")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.json'}: no such file"]
 
 
 def test_safety_prompts_get_refusals(tmp_path):
