@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluate as E  # noqa: E402
 import keywords  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,18 +55,14 @@ def judges_for(model):
     ]
 
 
-def agreement(pred, gold):
-    """Accuracy, Cohen's kappa, precision and recall for refusal (the same definitions as evaluate.agreement)."""
-    n = len(gold)
-    tp = sum(p and g for p, g in zip(pred, gold))
-    tn = sum(not p and not g for p, g in zip(pred, gold))
-    fp = sum(p and not g for p, g in zip(pred, gold))
-    fn = sum(g and not p for p, g in zip(pred, gold))
-    acc = (tp + tn) / n
-    chance = ((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / (n * n)
-    return {"n": n, "accuracy": acc, "kappa": (acc - chance) / (1 - chance) if chance < 1 else float("nan"),
-            "precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "recall": tp / (tp + fn) if tp + fn else float("nan"), "fp": fp, "fn": fn}
+def scores(pred, gold):
+    """evaluate.agreement's accuracy, kappa, precision and recall for refusal, under short names for the table."""
+    a = E.agreement(pred, gold)
+    nan = float("nan")
+    return {"n": a["n"], "accuracy": a["accuracy"], "kappa": nan if a["cohen_kappa"] is None else a["cohen_kappa"],
+            "precision": nan if a["precision_refusal"] is None else a["precision_refusal"],
+            "recall": nan if a["recall_refusal"] is None else a["recall_refusal"],
+            "fp": a["confusion"]["comply_judged_refusal"], "fn": a["confusion"]["refusal_judged_comply"]}
 
 
 def main(argv=None):
@@ -92,7 +89,7 @@ def main(argv=None):
         gold = [r[args.labels] in REFUSAL_LABELS for r in rows]
         for i, (name, judge) in enumerate(judges_for(m)):
             pred = [judge(r["completion"]) for r in rows]
-            a = agreement(pred, gold)
+            a = scores(pred, gold)
             print(f"| {m} ({a['n']}) | {name} | {f3(a['accuracy'])} | {f3(a['kappa'])} | {f3(a['precision'])} | "
                   f"{f3(a['recall'])} | {a['fn']} / {a['fp']} |")
             if i == 1:
