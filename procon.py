@@ -80,6 +80,8 @@ def parse_args(argv=None):
                    help="micro-batches of --batch-size per optimizer step (effective batch: their product)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in backward instead of keeping its activations (less memory)")
+    p.add_argument("--ce-chunk", type=int, default=0, help="make the logits this many tokens at a time, recomputed in "
+                   "backward (less memory with a large vocabulary; 0: all at once)")
     p.add_argument("--max-length", type=int, default=256, help="truncate chat-formatted pairs to this many tokens")
     p.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (the paper: 8)")
@@ -177,20 +179,54 @@ def r_directions(model, tok, harmful, harmless, batch_size, desc):
     return diff / diff.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def forward(model, batch, device, hidden=True):
+def forward(model, batch, device, hidden=True, ce_chunk=0):
     """One forward pass: the summed CE of its response tokens, the hidden states the constraint reads (hidden=True),
     and the constraint mask. The constraint costs no second forward: it reads the residual stream of this same pass,
-    which backward keeps anyway. With hidden=False (alpha = 0) nothing but the logits is asked for: plain IFT."""
+    which backward keeps anyway. With hidden=False (alpha = 0) nothing but the logits is asked for: plain IFT.
+
+    Logits are made only where some sample's next token carries loss (the prompt's share of a [tokens, vocabulary]
+    tensor, the largest of a step with a 128k vocabulary, is never made); with ce_chunk > 0 they are made ce_chunk
+    tokens at a time from the final hidden state and recomputed in backward, so that no more are ever alive."""
     input_ids, mask, labels, cmask = (t.to(device) for t in batch)
-    # logits only where some sample's next token carries loss: the prompt's share of a [tokens, vocab] tensor (the
-    # largest of the step with a 128k vocabulary) is never made
-    keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)
-    out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False,
-                logits_to_keep=keep)
-    logits = out.logits.float()
-    ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:][:, keep].reshape(-1),
-                             ignore_index=-100, reduction="sum")
-    return ce_sum, out.hidden_states, cmask
+    target = labels[:, 1:]
+    keep = (target != -100).any(0).nonzero().squeeze(-1)
+    if not ce_chunk:
+        out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False,
+                    logits_to_keep=keep)
+        logits = out.logits.float()
+        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, keep].reshape(-1),
+                                 ignore_index=-100, reduction="sum")
+        return ce_sum, out.hidden_states, cmask
+    out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                logits_to_keep=keep[:0])
+    h, y = out.hidden_states[-1][:, :-1][target != -100], target[target != -100]
+    head, cfg = model.get_output_embeddings(), pl.text_config(model)
+    ce_sum = sum(torch.utils.checkpoint.checkpoint(chunk_ce, h[i:i + ce_chunk], y[i:i + ce_chunk], head, cfg,
+                                                   use_reentrant=False) for i in range(0, len(y), ce_chunk))
+    return torch.as_tensor(ce_sum, device=h.device, dtype=torch.float32), \
+        (out.hidden_states if hidden else None), cmask
+
+
+def chunk_ce(h, y, head, cfg):
+    """Summed CE of one chunk of final hidden states, through the output head and the logit scalings some models
+    apply after it (Gemma-2's soft-capping, Granite's and Cohere's scales)."""
+    logits = head(h).float()
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "logit_scale", None):
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+@torch.no_grad()
+def check_ce_chunk(model, batch, device, ce_chunk):
+    """--ce-chunk computes logits itself; on the first batch it must give the model's own CE, or the run stops."""
+    plain, chunked = forward(model, batch, device, False)[0], forward(model, batch, device, False, ce_chunk)[0]
+    if not torch.isclose(plain, chunked, rtol=1e-4, atol=1e-3):
+        pl.fail(f"--ce-chunk: this model's logits are not its output head on the last hidden state (CE "
+                f"{plain.item():.4f} vs {chunked.item():.4f}); leave --ce-chunk out")
 
 
 def projections(hidden_states, cmask, r, layers):
@@ -219,7 +255,7 @@ def training_loss(model, micro, device, r, z0, alpha, layers, args, norm, scale=
 
     Both terms are normalised by the whole optimizer step (norm: its response tokens and samples), so that
     --grad-accum 2 --batch-size 4 sums to exactly the loss of --batch-size 8. Returns (loss, ce, constraint)."""
-    ce_sum, hs, cmask = forward(model, micro, device, hidden=alpha != 0)
+    ce_sum, hs, cmask = forward(model, micro, device, hidden=alpha != 0, ce_chunk=args.ce_chunk)
     ce = ce_sum / max(norm["tokens"], 1)
     if alpha == 0:
         return ce, ce, torch.zeros((), device=ce.device)
@@ -330,7 +366,7 @@ def make_trainable(model, args):
 # ============================================================================ checkpoints and resume
 # what must not change between a killed run and its --resume (--epochs and --max-steps may grow; alpha may be changed
 # after a NaN, and every step records the alpha it ran with)
-RESUME_KEYS = ("model", "data", "limit", "safety_data", "safety_n", "safety_role", "layers", "positions", "constraint",
+RESUME_KEYS = ("model", "data", "limit", "ce_chunk", "safety_data", "safety_n", "safety_role", "layers", "positions", "constraint",
                "reduce", "scale", "lr", "lr_scheduler", "warmup_ratio", "max_length", "full", "lora_r", "lora_alpha",
                "lora_targets", "batch_size", "grad_accum", "seed", "warmup_epochs", "reset_optimizer",
                "system_prompt", "thinking")
@@ -401,6 +437,7 @@ def check_args(args):
     """Every flag that needs no model, checked before any work."""
     pl.check_model_args(args)
     for flag, v, low in (("--epochs", args.epochs, 1), ("--grad-accum", args.grad_accum, 1),
+                         ("--ce-chunk", args.ce_chunk, 0),
                          ("--max-length", args.max_length, 2), ("--lora-r", args.lora_r, 1)):
         if v < low:
             pl.fail(f"{flag} {v}: must be at least {low}")
@@ -473,6 +510,9 @@ def main(argv=None):
     if not any(l != -100 for e in examples for l in e[1]):
         pl.fail(f"--max-length {args.max_length} leaves no response tokens in any training pair")
     batches = fixed_batches(examples, args.batch_size, args.grad_accum, args.seed)
+    if args.ce_chunk:
+        check_ce_chunk(model, collate([examples[i] for i in batches[0][0]], tok.pad_token_id), pl.model_device(model),
+                       args.ce_chunk)
     eval_examples = [encode_pair(tok, p, a, args.max_length) for p, a in eval_pairs]
 
     # 3. the r-directions of the initial model, frozen, and the probe direction that drift is measured against

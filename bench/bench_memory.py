@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--lengths", default="256,512,1024", help="sequence lengths (tokens), comma-separated")
     p.add_argument("--batches", default="1,4", help="batch sizes, comma-separated")
     p.add_argument("--no-4bit", action="store_true", help="load in bf16 (GPU) / fp32 (CPU) instead of 4-bit NF4")
+    p.add_argument("--ce-chunk", type=int, default=0, help="procon.py --ce-chunk: logits this many tokens at a time")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--max-tokens-plain", type=int, default=None, help="skip configurations without checkpointing "
                    "above this many tokens (batch x length) when they would not fit the machine")
@@ -77,7 +78,7 @@ def rss_mib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
-def one(path, device, length, batch, checkpointing, four_bit):
+def one(path, device, length, batch, checkpointing, four_bit, ce_chunk=0):
     """One configuration in this process: load, LoRA, one procon step; the step's peak memory in MiB."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -90,7 +91,8 @@ def one(path, device, length, batch, checkpointing, four_bit):
             bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval().requires_grad_(False)
     P.keep_4bit_trainable(model)
-    flags = ["--alpha", "1", "--positions", "all"] + (["--gradient-checkpointing"] if checkpointing else [])
+    flags = ["--alpha", "1", "--positions", "all", "--ce-chunk", str(ce_chunk)] + \
+        (["--gradient-checkpointing"] if checkpointing else [])
     args = P.parse_args(flags)
     model, params = P.make_trainable(model, args)
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -146,13 +148,14 @@ def main():
         torch.set_num_threads(args.threads)
     if args.one:
         length, batch, ckpt = (int(x) for x in args.one.split(","))
-        print(json.dumps(one(random_model(args.shape), args.device, length, batch, bool(ckpt), not args.no_4bit)))
+        print(json.dumps(one(random_model(args.shape), args.device, length, batch, bool(ckpt), not args.no_4bit,
+                             args.ce_chunk)))
         return
     random_model(args.shape)
-    key = {"shape": args.shape, "device": args.device, "four_bit": not args.no_4bit}
+    key = {"shape": args.shape, "device": args.device, "four_bit": not args.no_4bit, "ce_chunk": args.ce_chunk}
     done = []
     if os.path.isfile(args.out):
-        done = [r for r in map(json.loads, open(args.out)) if all(r.get(k) == v for k, v in key.items())]
+        done = [r for r in map(json.loads, open(args.out)) if all(r.get(k, 0) == v for k, v in key.items())]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
@@ -166,7 +169,8 @@ def main():
                     rows.append({"length": length, "batch": batch, "checkpointing": False, "skipped": True})
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--shape", args.shape, "--device", args.device,
-                       "--one", f"{length},{batch},{ckpt}", "--threads", str(args.threads)] + \
+                       "--one", f"{length},{batch},{ckpt}", "--threads", str(args.threads),
+                       "--ce-chunk", str(args.ce_chunk)] + \
                     (["--no-4bit"] if args.no_4bit else [])
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 if r.returncode != 0:
@@ -180,7 +184,8 @@ def main():
     shape = SHAPES[args.shape]
     print(f"\n{args.shape} shape (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
           f"{shape['num_key_value_heads']} KV heads, vocab {shape['vocab_size']}), "
-          f"{'bf16/fp32' if args.no_4bit else '4-bit NF4'}, {args.device}, LoRA r8 on q/k/v/o, --positions all\n")
+          f"{'bf16/fp32' if args.no_4bit else '4-bit NF4'}, {args.device}, LoRA r8 on q/k/v/o, --positions all, "
+          f"--ce-chunk {args.ce_chunk}\n")
     print("| tokens | batch | loaded model (MiB) | peak, no checkpointing (MiB) | peak, checkpointing (MiB) "
           "| step memory above the loaded model: without / with | peak ratio | seconds without / with |")
     print("|---:|---:|---:|---:|---:|---|---:|---|")
