@@ -6,7 +6,7 @@ the targets, then one training pass) with block l*'s inputs cached, over
   - one epoch of plain SFT on the same queries with the model's own greedy answers (full model, all parameters).
 Targets: at least 5x and at least 10x.
 
-quality (--quality): ACTOR on the over-refusing SmolLM2 (bench/overrefuser.py), trained on OR-Bench-hard prompts the
+quality (--quality): ACTOR on the over-refusing SmolLM2 (tests/overrefuser.py), trained on OR-Bench-hard prompts the
 model was not built from, harmful_train and OR-Bench-toxic prompts, and Alpaca-style benign prompts (none of them in an
 evaluation set),
 then evaluate.py before and after on held-out XSTest-safe, OKTest, HarmBench test, StrongREJECT, XSTest-unsafe and

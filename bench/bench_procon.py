@@ -1,6 +1,6 @@
 """Does ProCon keep the refusals that benign instruction fine-tuning erodes, and what does its constraint cost?
 
-On the over-refusing SmolLM2 (bench/overrefuser.py), LoRA fine-tuning on the same benign Alpaca pairs, five ways:
+On the over-refusing SmolLM2 (tests/overrefuser.py), LoRA fine-tuning on the same benign Alpaca pairs, five ways:
   IFT             --alpha 0                                  (plain instruction fine-tuning, the baseline)
   IFT_safe        IFT + --safety-data                        (the control: the safety data without the constraint)
   ProCon_s        --alpha 0.1                                (a light constraint throughout)

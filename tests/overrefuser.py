@@ -14,8 +14,8 @@ safety mix turns it into the test bed for everything behavioural in this project
 2 epochs, batch 16, AdamW at 3e-5, max length 128. XSTest, OKTest, HarmBench, StrongREJECT and the other OR-Bench
 prompts stay out of the mix; `excluded.json` next to the model lists every prompt of the mix for held-out filtering.
 
-    python bench/overrefuser.py                   # prints the cached model directory (builds it first if absent)
-    python bench/overrefuser.py --recipe taught   # the model taught to refuse OR-Bench-hard prompts
+    python tests/overrefuser.py                   # prints the cached model directory (builds it first if absent)
+    python tests/overrefuser.py --recipe taught   # the model taught to refuse OR-Bench-hard prompts
 
 The cache lives in ~/.cache/refusal-steering/overrefuser-<recipe hash>/ (REFUSAL_CACHE moves it), one per recipe.
 """
