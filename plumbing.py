@@ -41,10 +41,12 @@ def quiet_libraries():
     import logging
     import warnings
 
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # the hub's retry notes when offline
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends", "huggingface_hub", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # also the hub's retry notes when offline
 
 
 def run_main(main):
@@ -214,15 +216,24 @@ def packaged_smollm2():
     return None
 
 
-def resolve_model(name):
-    """A hub id stays as it is; a local .gguf becomes a converted directory; a missing local path is an error."""
+def check_model_path(name):
+    """A local model path (a .gguf file, or a name that is a path rather than a hub id) must exist: checked before
+    any work, without loading or converting anything."""
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             fail(f"{name}: no such GGUF file")
-        return gguf_to_hf(name)
-    looks_local = name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1
+        return
+    looks_local = name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1 or \
+        os.path.isdir(name) or os.path.isdir(name.split("/")[0])  # 'runs/x' with a local runs/: a path, not a hub id
     if looks_local and not os.path.isdir(os.path.expanduser(name)):
         fail(f"{name}: no such model directory")
+
+
+def resolve_model(name):
+    """A hub id stays as it is; a local .gguf becomes a converted directory; a missing local path is an error."""
+    check_model_path(name)
+    if name.endswith(".gguf"):
+        return gguf_to_hf(name)
     return os.path.expanduser(name)
 
 
@@ -289,6 +300,8 @@ def check_model_args(args):
     """The shared flags, checked before anything is loaded."""
     if args.batch_size < 1:
         fail(f"--batch-size {args.batch_size}: must be at least 1")
+    if getattr(args, "model", None):
+        check_model_path(args.model)
     check_device(args.device)
     if args.chat_template and not os.path.isfile(args.chat_template):
         fail(f"{args.chat_template}: no such chat template file")
