@@ -556,7 +556,7 @@ def row(out, extra, message, loads=None, marks=()):
 # a path from `bad`), a phrase of the one-line error, and LOADS where the check needs a model loaded. Every row must
 # fail with exit status 2 and leave the earlier outputs byte-identical; the others before any model is loaded.
 BAD_INPUTS = [
-    row("plain", "--batch-size 0 --overwrite", "--batch-size 0: must be at least 1"),
+    row("plain", "--batch-size 0 --overwrite", "--batch-size 0: must be at least 1", marks=pytest.mark.slow),
     row("plain", "--limit 0 --overwrite", "--limit 0: must be at least 1"),
     row("plain", "--limit -2 --overwrite", "--limit -2: must be at least 1"),
     row("plain", "--max-new-tokens 0 --overwrite", "--max-new-tokens 0: must be at least 1"),
@@ -571,7 +571,7 @@ BAD_INPUTS = [
         ROOT_USER and not os.path.isdir("/proc"), reason="root writes anywhere")),
     # --resume with settings other than the run in --out: never a mix
     row("plain", "--resume --model {neox}", "different --model"),
-    row("plain", "--resume --max-new-tokens 7", "different --max-new-tokens"),
+    row("plain", "--resume --max-new-tokens 7", "different --max-new-tokens", marks=pytest.mark.slow),
     row("plain", "--resume --patch {patch}", "different --patch"),
     row("steered", "--resume --steer {d} --coeff 2", "different --coeff"),
     row("steered", "--resume", "different --steer"),
@@ -601,7 +601,7 @@ BAD_INPUTS = [
     row("plain", "--judge guard:{no_template} --overwrite", "has no chat template"),
     row("plain", "--judge guard:{guard} --overwrite", "answered outside its format", LOADS),
 ]
-SUBPROCESS_ROWS = {"--batch-size 0 --overwrite", "--resume --max-new-tokens 7"}  # also run as a user would
+SUBPROCESS_ROWS = {"--batch-size 0 --overwrite", "--resume --max-new-tokens 7"}  # also run as a user would (slow)
 
 
 def snapshot(path):
