@@ -402,7 +402,7 @@ def test_resume_records_what_each_step_ran_with(tiny_llama, pairs_file, tmp_path
 @pytest.mark.slow  # fresh Python processes: the CLI as a user runs it
 def test_cli_bad_input_is_one_line_before_loading(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "procon.py"), "--layers", "0", "--model",
-                        str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+                        str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)  # not a model
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --layers: layer 0 cannot be constrained (its input is the embedding, whose r_0 is 0)"]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "procon.py"), "--data", str(tmp_path / "missing.json"),
