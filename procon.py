@@ -452,6 +452,8 @@ def check_args(args):
         pl.fail("--alpha and --warmup-alpha must not be negative")
     if not 0 <= args.warmup_epochs <= args.epochs:
         pl.fail(f"--warmup-epochs {args.warmup_epochs}: must be between 0 and --epochs {args.epochs}")
+    if args.full and args.save_merged:
+        pl.fail("--save-merged merges a LoRA adapter; --full already writes the whole model to --out/model")
     if args.full and args.load_in_4bit:
         pl.fail("--full cannot train a 4-bit model; use LoRA (QLoRA) with --load-in-4bit")
     if args.resume and args.overwrite:

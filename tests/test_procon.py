@@ -338,6 +338,7 @@ BAD_INPUT = [
     (["--warmup-epochs", "5"], "--warmup-epochs 5"),
     (["--alpha", "-1"], "must not be negative"),
     (["--full", "--load-in-4bit"], "--full cannot train a 4-bit model"),
+    (["--full", "--save-merged"], "--full already writes the whole model"),
     (["--device", "cuda"], "no CUDA device"),
     (["--lora-targets", "qkv_proj"], "qkv_proj not among this model's linear layers"),
     (["--data", "{tmp}/missing.json"], "no such file"),
