@@ -201,10 +201,11 @@ def forward(model, batch, device, hidden=True, ce_chunk=0):
                 logits_to_keep=keep[:0])
     h, y = out.hidden_states[-1][:, :-1][target != -100], target[target != -100]
     head, cfg = model.get_output_embeddings(), pl.text_config(model)
-    ce_sum = sum(torch.utils.checkpoint.checkpoint(chunk_ce, h[i:i + ce_chunk], y[i:i + ce_chunk], head, cfg,
-                                                   use_reentrant=False) for i in range(0, len(y), ce_chunk))
-    return torch.as_tensor(ce_sum, device=h.device, dtype=torch.float32), \
-        (out.hidden_states if hidden else None), cmask
+    ce_sum = h.float().sum() * 0  # in the graph even for a batch whose samples carry no CE (--safety-role constraint)
+    for i in range(0, len(y), ce_chunk):
+        ce_sum = ce_sum + torch.utils.checkpoint.checkpoint(chunk_ce, h[i:i + ce_chunk], y[i:i + ce_chunk], head, cfg,
+                                                            use_reentrant=False)
+    return ce_sum, (out.hidden_states if hidden else None), cmask
 
 
 def chunk_ce(h, y, head, cfg):
