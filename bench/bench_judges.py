@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate as E  # noqa: E402
+import judges  # noqa: E402
 import keywords  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,8 +56,8 @@ def judges_for(model):
 
 
 def scores(pred, gold):
-    """evaluate.agreement's accuracy, kappa, precision and recall for refusal, under short names for the table."""
-    a = E.agreement(pred, gold)
+    """judges.agreement's accuracy, kappa, precision and recall for refusal, under short names for the table."""
+    a = judges.agreement(pred, gold)
     nan = float("nan")
     return {"n": a["n"], "accuracy": a["accuracy"], "kappa": nan if a["cohen_kappa"] is None else a["cohen_kappa"],
             "precision": nan if a["precision_refusal"] is None else a["precision_refusal"],

@@ -83,6 +83,7 @@ def one(path, device, length, batch, checkpointing, four_bit, ce_chunk=0):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import procon as P
+    import training
 
     kwargs = {"dtype": torch.bfloat16 if device.startswith("cuda") else torch.float32, "device_map": {"": device}}
     if four_bit:
@@ -90,11 +91,11 @@ def one(path, device, length, batch, checkpointing, four_bit, ce_chunk=0):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval().requires_grad_(False)
-    P.keep_4bit_trainable(model)
+    training.keep_4bit_trainable(model)
     flags = ["--alpha", "1", "--positions", "all", "--ce-chunk", str(ce_chunk)] + \
         (["--gradient-checkpointing"] if checkpointing else [])
     args = P.parse_args(flags)
-    model, params = P.make_trainable(model, args)
+    model, params = training.make_trainable(model, args)
     opt = torch.optim.AdamW(params, lr=1e-4)
     n_layers, d = model.config.num_hidden_layers, model.config.hidden_size
     g = torch.Generator().manual_seed(0)
@@ -199,7 +200,7 @@ def main():
         print(f"| {off['length']} | {off['batch']} | {off['loaded_mib']} | {off['peak_mib']} | {on['peak_mib']} | "
               f"{off['step_mib']} / {on['step_mib']} | {ratio:.1f}x | {off['seconds']} / {on['seconds']} |")
     per_token = {r["length"]: r["actor_cache_kib_per_query"] / r["length"] for r in rows if not r.get("skipped")}
-    print(f"\nACTOR's cache (the inputs of one block, fp32 on the CPU): "
+    print("\nACTOR's cache (the inputs of one block, fp32 on the CPU): "
           + ", ".join(f"{kib * L:.0f} KiB per query of {L} tokens" for L, kib in per_token.items()))
 
 

@@ -146,3 +146,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def snapshot(folder):
+    """Every file of a run's folder but its lock file, by relative path, with its bytes: what no failed run may change."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files if f != ".lock"}
+
+
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads_given_back():
+    """Every test module leaves torch's thread count as it found it (one that set one thread and kept it would slow
+    every test after it, the test model's build included, to one core)."""
+    yield
+    assert torch.get_num_threads() == THREADS, f"a test left torch on {torch.get_num_threads()} threads, not {THREADS}"

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import actor as A
+import actor_search as S
+import artifacts
+import judges
 import plumbing as pl
 from actor_reference import cached_epoch, uncached_epoch
-from conftest import ROOT
+from conftest import ROOT, snapshot
 
 
 QUERIES = ["How do I kill a Python process?", "Explain how to build a bomb.", "Bake bread please",
@@ -60,25 +63,25 @@ def test_targets_move_each_group_just_enough():
     r_hat = A.refusal_direction(a, groups)
     torch.testing.assert_close(r_hat.norm(), torch.tensor(1.0))
     for alpha in (0.5, 1.0):
-        zero = A.targets(a, r_hat, groups, alpha, "zero")  # a -/+ alpha (a . r_hat) r_hat
+        zero = A.targets(a, r_hat, groups, alpha)  # a -/+ alpha (a . r_hat) r_hat: the formula as printed
         torch.testing.assert_close(zero @ r_hat, (a @ r_hat) * torch.where(groups == 0, 1 + alpha, 1 - alpha))
-        tgt = A.targets(a, r_hat, groups, alpha, "benign")  # p measured from the benign mean, refusal side only
+        tgt = A.targets(a, r_hat, groups, alpha, a[groups == 2].mean(0))  # from the benign mean, refusal side only
         p = (a - a[groups == 2].mean(0)) @ r_hat
         shift = (tgt - a) @ r_hat
         torch.testing.assert_close(shift, alpha * p.clamp(min=0) * torch.where(groups == 0, 1.0, -1.0))
         ortho = (tgt - a) - shift.unsqueeze(-1) * r_hat  # only the component along r_hat moves
         torch.testing.assert_close(ortho, torch.zeros_like(ortho), atol=1e-5, rtol=0)
         assert (shift[groups == 0] >= 0).all() and (shift[groups != 0] <= 0).all()
-    one = A.targets(a, r_hat, groups, 1.0, "benign")  # alpha 1: pseudo-harmful land at the benign level
+    one = A.targets(a, r_hat, groups, 1.0, a[groups == 2].mean(0))  # alpha 1: pseudo-harmful land at the benign level
     mean_benign = (a[groups == 2] @ r_hat).mean()
     assert torch.all((one[groups == 1] @ r_hat - mean_benign).abs() < 1e-4)
 
 
-@pytest.mark.parametrize("origin", ["benign", "zero"])
+@pytest.mark.parametrize("origin", ["benign", "benign-initial", "zero"])
 def test_step0_loss_is_one_minus_cos_of_initial_activation_and_target(tiny_model, origin):
     model, tok = pl.load_model(tiny_model)
     a0 = pl.capture(model, tok, QUERIES)[:, 3, -1]  # output of layer 2, through the full model
-    tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 0.7, origin)
+    tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 0.7, A.origin_of(origin, a0, a0, GROUPS))
     want = (1 - torch.nn.functional.cosine_similarity(a0, tgt, dim=-1)).mean()
     cache = A.cache_block_inputs(model, tok, QUERIES, 2, batch_size=len(QUERIES))  # one batch: step 0 sees all
     block = pl.decoder_layers(model)[2]
@@ -90,7 +93,7 @@ def test_only_block_l_star_changes(tiny_model):
     model, tok = pl.load_model(tiny_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = A.cache_block_inputs(model, tok, QUERIES, 1, 4)
-    history, a0, a1 = A.actor(pl.decoder_layers(model)[1], cache, GROUPS, 1.0, "benign", 1e-2, 3, log=lambda s: None)
+    history, a0, a1 = A.actor(pl.decoder_layers(model)[1], cache, GROUPS, 1.0, 1e-2, 3, log=lambda s: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.layers.1.") for k in changed)
     assert any("mlp" in k for k in changed) and any("self_attn" in k for k in changed)
@@ -103,7 +106,7 @@ def test_training_lowers_the_loss_against_fixed_targets(tiny_model):
     cache = A.cache_block_inputs(model, tok, QUERIES, 2, 3)
     block = pl.decoder_layers(model)[2]
     a0 = A.activations(block, cache, len(QUERIES))
-    tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 1.0)
+    tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 1.0, a0[GROUPS == 2].mean(0))
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-3)
     losses = [A.train_epoch(block, cache, tgt, opt, [0, 1]) for _ in range(5)]
     assert losses[-1] < 0.5 * losses[0]
@@ -117,7 +120,7 @@ def test_targets_renewed_each_epoch_or_kept(tiny_model, renew, monkeypatch):
     block = pl.decoder_layers(model)[2]
     seen = []
     monkeypatch.setattr(A, "targets", lambda a, *rest, f=A.targets: seen.append(a.clone()) or f(a, *rest))
-    _, a_init, _ = A.actor(block, cache, GROUPS, 1.0, "benign", 1e-3, 3, log=lambda s: None, renew=renew)
+    _, a_init, _ = A.actor(block, cache, GROUPS, 1.0, 1e-3, 3, renew=renew, log=lambda s: None)
     assert len(seen) == 3 and torch.equal(seen[0], a_init)
     assert all(torch.equal(s, a_init) for s in seen[1:]) == (renew == "never")
 
@@ -127,7 +130,7 @@ def test_train_part_of_the_block(tiny_llama, train):
     model, tok = pl.load_model(tiny_llama)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = A.cache_block_inputs(model, tok, QUERIES, 2, 4)
-    A.actor(pl.decoder_layers(model)[2], cache, GROUPS, 1.0, "benign", 1e-2, 1, train, log=lambda s: None)
+    A.actor(pl.decoder_layers(model)[2], cache, GROUPS, 1.0, 1e-2, 1, train=train, log=lambda s: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(f"model.layers.2.{'mlp' if train == 'mlp' else 'self_attn'}.") for k in changed)
 
@@ -156,7 +159,7 @@ def test_patch_reproduces_trained_logits(tiny_llama, tmp_path):
     with torch.no_grad():
         base_logits, trained_logits = base(**enc).logits, trained(**enc).logits
         assert not torch.allclose(base_logits, trained_logits)
-        A.apply_patch(base, str(tmp_path / "p"))
+        artifacts.apply_patch(base, str(tmp_path / "p"), tiny_llama)
         torch.testing.assert_close(base(**enc).logits, trained_logits, atol=1e-6, rtol=1e-6)
         A.main(["--merge", str(tmp_path / "p"), "--out", str(tmp_path / "merged")])
         merged, _ = pl.load_model(str(tmp_path / "merged"))
@@ -190,7 +193,7 @@ def test_4bit_keeps_the_frozen_model_in_4bit_and_trains_one_block(tiny_llama, tm
     changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
     assert changed and all(k.startswith("model.layers.2.") for k in changed)
     fresh, _ = pl.load_model(tiny_llama, load_in_4bit=True)
-    A.apply_patch(fresh, str(tmp_path))
+    artifacts.apply_patch(fresh, str(tmp_path), tiny_llama)
     assert isinstance(pl.decoder_layers(fresh)[2].self_attn.q_proj, torch.nn.Linear)
     for k, v in layers[2].state_dict().items():
         assert torch.equal(v, pl.decoder_layers(fresh)[2].state_dict()[k])
@@ -226,35 +229,33 @@ def search_files(tmp_path, n=8, shared=None):
 
 
 def run_search(model, out, files, *extra):
-    return A.main(["--model", model, "--out", str(out), "--search", "--epochs", "1", *files, *extra])
+    return S.main(["--model", model, "--out", str(out), "--epochs", "1", *files, *extra])
 
 
 def test_split_is_seeded_disjoint_and_per_group():
     groups = torch.tensor([0] * 8 + [1] * 12 + [2] * 4)
-    tr, va = A.split(groups, 0.25, seed=0)
+    tr, va = S.split(groups, 0.25, seed=0)
     assert not set(tr) & set(va) and sorted(tr + va) == list(range(24))
     assert [int((groups[va] == g).sum()) for g in range(3)] == [2, 3, 1]
-    assert (tr, va) == A.split(groups, 0.25, seed=0) and va != A.split(groups, 0.25, seed=1)[1]
+    assert (tr, va) == S.split(groups, 0.25, seed=0) and va != S.split(groups, 0.25, seed=1)[1]
     with pytest.raises(pl.UserError, match="too few"):
-        A.split(torch.tensor([0, 0, 1, 1, 1, 2, 2, 2]), 0.5, seed=0)
+        S.split(torch.tensor([0, 0, 1, 1, 1, 2, 2, 2]), 0.5, seed=0)
 
 
 def test_fast_validation_logits_match_the_whole_model(tiny_model):
     """The search's logits of a patched model (block l* and the layers above on l*'s cached inputs), with and without
     a uniform shift, equal the whole model's with the block in place / the shift hooked in as evaluate.py --steer."""
-    import directions
-
     model, tok = pl.load_model(tiny_model)
     layer = 2
     cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4)
-    A.actor(pl.decoder_layers(model)[layer], cache, GROUPS, 1.0, "benign", 1e-2, 2, log=lambda s: None)
-    head = A.final_head(model)
+    A.actor(pl.decoder_layers(model)[layer], cache, GROUPS, 1.0, 1e-2, 2, log=lambda s: None)
+    head = S.final_head(model)
     assert head is not None
-    fast = A.patched_logprobs(model, layer, cache, len(QUERIES), head)
+    fast = S.patched_logprobs(model, layer, cache, len(QUERIES), head)
     torch.testing.assert_close(fast, pl.last_logits(model, tok, QUERIES, 4), atol=1e-4, rtol=1e-4)
     shift = torch.randn(pl.text_config(model).hidden_size)
-    fast = A.patched_logprobs(model, layer, cache, len(QUERIES), head, shift)
-    full = pl.last_logits(model, tok, QUERIES, 4, directions.addition_hooks(model, shift, layer))
+    fast = S.patched_logprobs(model, layer, cache, len(QUERIES), head, shift)
+    full = pl.last_logits(model, tok, QUERIES, 4, pl.addition_hooks(model, shift, layer))
     torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
 
 
@@ -262,10 +263,10 @@ def test_choose_keeps_harmful_refusal_within_tolerance():
     base = {"harmful": 80.0}
     c = lambda h, t: {"val": {"harmful": h, "tradeoff": t}}  # noqa: E731
     cands = [c(60, 90), c(76, 80), c(90, 80), c(75, 85), c(74.9, 99)]
-    assert A.choose(cands, base, 5) is cands[3]      # 75 is exactly 5 below: kept; 74.9 is not
-    assert A.choose(cands[1:3], base, 5) is cands[2]  # equal trade-off: the higher harmful refusal
-    assert A.choose(cands, base, 25) is cands[4]
-    assert A.choose([c(60, 90)], base, 5) is None
+    assert S.choose(cands, base, 5) is cands[3]      # 75 is exactly 5 below: kept; 74.9 is not
+    assert S.choose(cands[1:3], base, 5) is cands[2]  # equal trade-off: the higher harmful refusal
+    assert S.choose(cands, base, 25) is cands[4]
+    assert S.choose([c(60, 90)], base, 5) is None
 
 
 GRID = ["--search-layers", "1,2", "--alphas", "0.5,1", "--lrs", "1e-3,1e-2", "--coeffs", "0.25,0.5"]
@@ -281,8 +282,8 @@ def fake_rates(monkeypatch):
 
     def rates(score, groups):
         h, p, b = next(table)
-        return {"harmful": h, "pseudo_harmful": p, "benign": b, "tradeoff": (h + 100 - p + 100 - b) / 3}
-    monkeypatch.setattr(A, "rates", rates)
+        return {"harmful": h, "pseudo_harmful": p, "benign": b, "tradeoff": (h + 100 - p) / 2}  # (C.R. + S.S.) / 2
+    monkeypatch.setattr(S, "rates", rates)
 
 
 @pytest.mark.parametrize("tolerance,want,want_shift",
@@ -322,8 +323,6 @@ def test_search_end_to_end_validation_disjoint_and_reproducible(tiny_llama, tmp_
     """A real search on a tiny model: the validation split shares no prompt with the training split (a prompt given in
     two groups too), and the chosen patch and the chosen shift, applied as evaluate.py applies them (--patch, --steer
     --coeff -C), give the validation rates search.json reports."""
-    import directions
-
     files = search_files(tmp_path, shared=True)
     run_search(tiny_llama, tmp_path / "s", files, "--search-layers", "1,2", "--alphas", "1", "--lrs", "1e-2",
                "--coeffs", "0.5,4", "--tolerance", "100")
@@ -337,13 +336,13 @@ def test_search_end_to_end_validation_disjoint_and_reproducible(tiny_llama, tmp_
     tokens = [int(t) for t in found["refusal_tokens"]]
     model, tok = pl.load_model(tiny_llama)
     shift = found["baseline"]["chosen"]
-    d = directions.load_direction(str(tmp_path / "s" / "baseline_direction.pt"), model)
-    hooks = directions.addition_hooks(model, d["mean_diff"][d["layer"], d["position"]], d["layer"], -shift["coeff"])
-    score = directions.refusal_score(pl.last_logits(model, tok, val, 4, hooks), tokens)
-    assert A.rates(score, groups) == pytest.approx(shift["val"])
-    A.apply_patch(model, str(tmp_path / "s"))
-    score = directions.refusal_score(pl.last_logits(model, tok, val, 4), tokens)
-    assert A.rates(score, groups) == pytest.approx(found["chosen"]["val"])
+    d = artifacts.load_direction(str(tmp_path / "s" / "baseline_direction.pt"), tiny_llama, model.config)
+    hooks = artifacts.direction_hooks(model, d, coeff=-shift["coeff"])
+    score = judges.refusal_score(pl.last_logits(model, tok, val, 4, hooks), tokens)
+    assert S.rates(score, groups) == pytest.approx(shift["val"])
+    artifacts.apply_patch(model, str(tmp_path / "s"), tiny_llama)
+    score = judges.refusal_score(pl.last_logits(model, tok, val, 4), tokens)
+    assert S.rates(score, groups) == pytest.approx(found["chosen"]["val"])
     meta = json.loads((tmp_path / "s" / "actor.json").read_text())
     assert meta["search"]["n_candidates"] == 2 and meta["peak_memory_mib"] > 0
 
@@ -351,36 +350,52 @@ def test_search_end_to_end_validation_disjoint_and_reproducible(tiny_llama, tmp_
 # ============================================================================ bad input
 # one row per bad input: the arguments (after --model TINY --out DIR, where DIR holds an earlier run's outputs and
 # --overwrite is given, so that nothing but the check stands between the input and those outputs), a phrase of the
-# one-line message. {empty}: a file with no prompts; {q}: three small query files.
+# one-line message. {empty}: a file with no prompts; {lists}: a file whose prompts are lists; {q}: three small query
+# files; {h}: their harmful file.
 BAD = [
-    (["--epochs", "0"], "--epochs 0: must be at least 1"),
-    (["--lr", "0"], "--lr 0: must be positive"),
-    (["--lr=-1e-3"], "must be positive"),
-    (["--lr", "nan"], "must be positive"),
-    (["--alpha", "-1"], "--alpha -1: must not be negative"),
-    (["--limit", "0"], "--limit 0: must be at least 1"),
-    (["--limit", "-2"], "--limit -2: must be at least 1"),
-    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--epochs", "0"], "argument --epochs: 0 must be at least 1"),
+    (["--lr", "0"], "argument --lr: 0 must be above 0"),
+    (["--lr=-1e-3"], "-0.001 must be above 0"),
+    (["--lr", "nan"], "argument --lr: nan is not a finite number"),
+    (["--lr", "inf"], "argument --lr: inf is not a finite number"),
+    (["--alpha", "-1"], "argument --alpha: -1 must be at least 0"),
+    (["--alpha", "nan"], "argument --alpha: nan is not a finite number"),
+    (["--limit", "0"], "argument --limit: 0 must be at least 1"),
+    (["--limit", "-2"], "argument --limit: -2 must be at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    (["--seed", "-1"], "argument --seed: -1 must be at least 0"),
+    (["--seed", str(2 ** 40)], "must be below 2**32"),
     (["--chat-template", "/no/such/template.jinja"], "no such chat template file"),
     (["--layer", "7"], "--layer 7 is out of range"),
     (["--layer", "middle"], "expected 'auto' or a layer index"),
     (["--layer-range", "0.8,0.2"], "expected two fractions of depth"),
+    (["--layer-range", "0.3,0.31"], "holds none of this model's 4 layers"),
+    (["--layer-range", "0.3,nan"], "nan is not a finite number"),
     (["--pseudo-harmful", "{empty}"], "no prompts"),
-    (["--search", "--layer", "2"], "--search chooses the layer, alpha and lr"),
-    (["--search", "--lr", "1e-3"], "--search chooses the layer, alpha and lr"),
-    (["--search", "--alphas", "0,1"], "--alphas '0,1': expected a comma list of positive numbers"),
-    (["--search", "--lrs", "fast"], "--lrs 'fast': expected a comma list of positive numbers"),
-    (["--search", "--coeffs", "-1"], "--coeffs '-1': expected a comma list of positive numbers"),
-    (["--search", "--val-frac", "1"], "--val-frac 1: must lie between 0 and 1"),
-    (["--search", "--val-frac", "0"], "--val-frac 0: must lie between 0 and 1"),
-    (["--search", "--val-frac", "0.9", "{q}"], "too few to keep at least 2 for training"),
-    (["--search", "--tolerance", "-1"], "--tolerance -1: must not be negative"),
-    (["--search", "--search-layers", "1,9"], "--search-layers 9 is out of range"),
-    (["--search", "--search-layers", "mid"], "expected 'auto' or a comma list of layer indices"),
-    (["--search", "--merge", "{out}"], "--merge and --search do not go together"),
+    (["--pseudo-harmful", "{lists}"], "row 1 is a list, expected a string or an object"),
+    (["--pseudo-harmful", "{objs}"], "row 1 has a dict in column 'prompt', expected text"),
+    (["--harmful", "{h}", "--benign", "{h}"], "the harmful and benign prompts are the same"),
+    (["--benign", "{tmp}"], "is a folder, not a prompt file"),
+    (["--origin", "middle"], "argument --origin: invalid choice"),
+    (["--merge", "{tmp}"], "not an ACTOR patch"),
 ]
 if not torch.cuda.is_available():
     BAD.append((["--device", "cuda"], "no CUDA device"))
+if not torch.backends.mps.is_available():
+    BAD.append((["--device", "mps"], "no MPS device"))
+SEARCH_BAD = [
+    (["--alphas", "0,1"], "argument --alphas: 0 must be above 0"),
+    (["--lrs", "fast"], "argument --lrs: 'fast' is not a number"),
+    (["--coeffs", "-1"], "argument --coeffs: -1 must be above 0"),
+    (["--coeffs", "1,inf"], "argument --coeffs: inf is not a finite number"),
+    (["--val-frac", "1"], "argument --val-frac: 1 must be below 1"),
+    (["--val-frac", "0"], "argument --val-frac: 0 must be above 0"),
+    (["--val-frac", "0.9", "{q}"], "too few to keep at least 2 for training"),
+    (["--tolerance", "-1"], "argument --tolerance: -1 must be at least 0"),
+    (["--search-layers", "1,9"], "--search-layers 9 is out of range"),
+    (["--search-layers", "mid"], "argument --search-layers: 'mid' is not a whole number"),
+    (["--layer", "2"], "unrecognized arguments: --layer 2"),  # no abbreviation: not --layer-range
+]
 
 
 @pytest.fixture(scope="module")
@@ -391,39 +406,43 @@ def earlier_run(tiny_llama, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("argv,phrase", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_table(tiny_llama, earlier_run, tmp_path, monkeypatch, argv, phrase):
+@pytest.mark.parametrize("main,argv,phrase", [(A.main, a, p) for a, p in BAD] + [(S.main, a, p) for a, p in SEARCH_BAD],
+                         ids=[" ".join(a) for a, _ in BAD] + ["search " + " ".join(a) for a, _ in SEARCH_BAD])
+def test_bad_input_table(tiny_llama, earlier_run, tmp_path, monkeypatch, main, argv, phrase):
     (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "lists.json").write_text(json.dumps([["a", "b"], ["c"]]))
+    (tmp_path / "objs.json").write_text(json.dumps([{"prompt": {"text": "a"}}]))
     q = search_files(tmp_path, n=2)
-    argv = [x.replace("{empty}", str(tmp_path / "empty.json")).replace("{out}", str(earlier_run)) for x in argv]
+    subst = {"{empty}": str(tmp_path / "empty.json"), "{lists}": str(tmp_path / "lists.json"),
+             "{objs}": str(tmp_path / "objs.json"),
+             "{h}": q[1], "{tmp}": str(tmp_path)}
+    argv = [subst.get(x, x) for x in argv]
     if "{q}" in argv:
         argv = [x for x in argv if x != "{q}"] + q
-    before = {p.name: p.read_bytes() for p in earlier_run.iterdir()}
+    before = snapshot(earlier_run)
     monkeypatch.setattr(pl, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing bad input"))
     with pytest.raises(pl.UserError, match=re.escape(phrase)):
-        A.main(["--model", tiny_llama, "--out", str(earlier_run), "--overwrite", *argv])
-    assert {p.name: p.read_bytes() for p in earlier_run.iterdir()} == before
+        main(["--model", tiny_llama, "--out", str(earlier_run), "--overwrite", *argv])
+    assert snapshot(earlier_run) == before
 
 
 def test_bad_out_and_existing_outputs(tiny_llama, earlier_run, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(pl.UserError, match="exists and is not a directory"):
+    with pytest.raises(pl.UserError, match="exists and is not a folder"):
         run_actor(tiny_llama, tmp_path / "file")
     with pytest.raises(pl.UserError, match="exists; pass --overwrite"):  # earlier outputs are never overwritten silently
         run_actor(tiny_llama, earlier_run, "--layer", "1")
     with pytest.raises(pl.UserError, match="exists; pass --overwrite"):  # a search's outputs include the patch's
-        A.main(["--model", tiny_llama, "--out", str(earlier_run), "--search"])
-    with pytest.raises(pl.UserError, match="not an ACTOR patch"):
-        A.main(["--merge", str(tmp_path), "--out", str(tmp_path / "m")])
+        S.main(["--model", tiny_llama, "--out", str(earlier_run)])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "actor.py"), "--model", tiny_llama, "--epochs", "0",
                         "--out", str(tmp_path / "z")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --epochs 0: must be at least 1"]
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: argument --epochs: 0 must be at least 1"]
 
 
 def test_search_without_a_kept_candidate_writes_no_patch(tiny_llama, tmp_path, monkeypatch):
     """No candidate keeps harmful refusal: one line, exit 2, search.json written, no patch."""
     table = iter([(80, 60, 10)] + [(10, 0, 0)] * 3)
-    monkeypatch.setattr(A, "rates", lambda s, g: dict(zip(("harmful", "pseudo_harmful", "benign"), next(table)),
+    monkeypatch.setattr(S, "rates", lambda s, g: dict(zip(("harmful", "pseudo_harmful", "benign"), next(table)),
                                                       tradeoff=0.0))
     with pytest.raises(pl.UserError, match="no ACTOR candidate kept harmful validation refusal within 5 points"):
         run_search(tiny_llama, tmp_path, search_files(tmp_path), "--search-layers", "1", "--alphas", "1",
@@ -432,15 +451,21 @@ def test_search_without_a_kept_candidate_writes_no_patch(tiny_llama, tmp_path, m
     assert not (tmp_path / "baseline_direction.pt").exists()
 
 
-def test_mismatched_patch(tiny_llama, tiny_neox, earlier_run):
-    model, _ = pl.load_model(tiny_neox)  # same sizes, another architecture: the block's weights do not fit
+def test_mismatched_patch(tiny_llama, tiny_neox, earlier_run, tmp_path):
+    """A patch meets another model: refused, naming both, unless --other-model; even then its weights must fit."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = pl.load_model(tiny_neox)  # same sizes, another architecture
+    with pytest.raises(pl.UserError, match=f"was made on {re.escape(tiny_llama)} \\(llama\\), not on"):
+        artifacts.apply_patch(model, str(earlier_run), tiny_neox)
     with pytest.raises(pl.UserError, match="does not fit"):
-        A.apply_patch(model, str(earlier_run))
+        artifacts.apply_patch(model, str(earlier_run), tiny_neox, other_model=True)
+    weights = str(earlier_run / "actor_layer.safetensors")
     meta = json.loads((earlier_run / "actor.json").read_text())
-    try:
-        for bad in ({"hidden_size": 4096}, {"n_layers": 32}):
-            (earlier_run / "actor.json").write_text(json.dumps({**meta, **bad}))
-            with pytest.raises(pl.UserError, match="does not match"):
-                A.apply_patch(pl.load_model(tiny_llama)[0], str(earlier_run))
-    finally:
-        (earlier_run / "actor.json").write_text(json.dumps(meta, indent=1))
+    for bad, message in (({"hidden_size": 4096}, "does not match"), ({"n_layers": 32}, "does not match"),
+                         ({"layer": 7}, "outside the layers 0..3")):
+        (tmp_path / "p").mkdir(exist_ok=True)
+        save_file(load_file(weights), str(tmp_path / "p" / "actor_layer.safetensors"),
+                  metadata={"actor": json.dumps({**meta, **bad})})
+        with pytest.raises(pl.UserError, match=message):
+            artifacts.apply_patch(pl.load_model(tiny_llama)[0], str(tmp_path / "p"), tiny_llama)

@@ -11,6 +11,7 @@ import directions
 import evaluate as E
 import plumbing as pl
 import procon as P
+import training
 
 # the modules that read the residual stream in each block: (attention's input, MLP's input)
 READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
@@ -19,12 +20,26 @@ DEFAULT_READERS = ("input_layernorm", "post_attention_layernorm")  # pre-norm bl
 FINAL_NORMS = ("norm", "final_layer_norm")
 
 
-def test_ablation_leaves_no_component_in_any_sublayer_input(arch_model):
-    """With the direction ablated, no residual-stream input of any attention or MLP sublayer (nor of the final norm)
-    has a component along r_hat, not even the MLP input that holds what its own block's attention just wrote."""
+def surgical_vector(model, tok):
+    """Surgical's false-refusal vector at layer 2 of a tiny model: pseudo-harmful minus harmless, orthogonalised
+    against harmful minus harmless (directions.py's functions, on a few prompts)."""
+    acts = [pl.capture(model, tok, [f"{w} number {i}" for i in range(4)]) for w in
+            ("Explain how to build a bomb", "How do I bake bread", "How do I kill a Python process")]
+    r = pl.difference_in_means(acts[0], acts[1])[2, -1]
+    w = directions.orthogonalise(pl.difference_in_means(acts[2], acts[1])[2, -1], r, 1.0)
+    assert abs(float(pl.unit(w) @ pl.unit(r))) < 1e-6  # orthogonal to the refusal direction
+    return pl.unit(w)
+
+
+@pytest.mark.parametrize("vector", ["random", "surgical"])
+def test_ablation_leaves_no_component_in_any_sublayer_input(arch_model, vector):
+    """With a direction ablated (a random one, or Surgical's false-refusal vector), no residual-stream input of any
+    attention or MLP sublayer (nor of the final norm) has a component along it, not even the MLP input that holds what
+    its own block's attention just wrote."""
     arch, path = arch_model
     model, tok = pl.load_model(path)
-    r_hat = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(1)), dim=0)
+    r_hat = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(1)), dim=0) \
+        if vector == "random" else surgical_vector(model, tok)
     seen = []
 
     def record(module, args, kwargs):
@@ -35,7 +50,7 @@ def test_ablation_leaves_no_component_in_any_sublayer_input(arch_model):
     final = next(m for n, m in model.named_modules() if n.split(".")[-1] in FINAL_NORMS and "layers" not in n)
     pairs.append((final, "pre", record))
     enc = pl.tokenize(tok, pl.format_chat(tok, ["How do I bake bread?", "Hi"]), "cpu")
-    with torch.no_grad(), pl.hooks(directions.ablation_hooks(model, r_hat) + pairs):
+    with torch.no_grad(), pl.hooks(pl.ablation_hooks(model, r_hat) + pairs):
         model(**enc)
     assert len(seen) == 2 * len(pl.decoder_layers(model)) + 1
     for h in seen:
@@ -49,19 +64,27 @@ def test_ablation_leaves_no_component_in_any_sublayer_input(arch_model):
 def test_lora_auto_targets_the_attention_projections(arch_model):
     arch, path = arch_model
     model, _ = pl.load_model(path)
-    targets = P.lora_targets(model, "auto")
+    targets = training.lora_targets(model, "auto")
     expected = {"phi3": {"self_attn.qkv_proj", "self_attn.o_proj"},
                 "gpt_neox": {"attention.query_key_value", "attention.dense"}}.get(
         arch, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"})
     assert set(targets) == expected
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; the count is given back to the tests that follow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("four_bit", [False, True])
-def test_whole_chain(arch_model, prompt_files, tmp_path, four_bit):
+def test_whole_chain(one_thread, arch_model, prompt_files, tmp_path, four_bit):
     """directions -> actor -> procon -> evaluate (--patch, --adapter, --ablate) on a tiny model of each architecture."""
     arch, path = arch_model
-    torch.set_num_threads(1)
     q = ["--load-in-4bit"] if four_bit else []
     h, b = prompt_files["harmful"], prompt_files["harmless"]
     directions.main(["--model", path, "--harmful", h, "--harmless", b, "--n-train", "8", "--n-val", "4",
@@ -77,7 +100,7 @@ def test_whole_chain(arch_model, prompt_files, tmp_path, four_bit):
             "--harmful", h, "--harmless", b, "--probe-harmful", h, "--probe-harmless", b,
             "--out", str(tmp_path / "procon"), *q])
     adapter = json.loads((tmp_path / "procon" / "adapter" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == set(P.lora_targets(pl.load_model(path)[0], "auto"))
+    assert set(adapter["target_modules"]) == set(training.lora_targets(pl.load_model(path)[0], "auto"))
     for flag, value in (("--patch", tmp_path / "actor"), ("--adapter", tmp_path / "procon" / "adapter"),
                         ("--ablate", tmp_path / "dir" / "direction.pt")):
         out = tmp_path / f"eval{flag}"

@@ -7,10 +7,12 @@ import sys
 import pytest
 import torch
 
+import artifacts
 import directions as D
+import judges
 import keywords
 import plumbing as pl
-from conftest import ROOT
+from conftest import ROOT, snapshot
 
 # ---------------------------------------------------------------------------- prompt files
 
@@ -61,12 +63,30 @@ def test_read_prompts_limit_is_a_fixed_seeded_sample(tmp_path):
     ("nums.json", "[1, 2]", "row 1 is a int"),
     ("empty_col.csv", "prompt\n\n ,\n", "no non-empty prompts"),
     ("a.xlsx", "x", "unknown file type"),
+    ("objs.json", '[{"prompt": ["a", "b"]}]', "row 1 has a list in column 'prompt', expected text"),
+    ("latin1.txt", b"caf\xe9\n", "not UTF-8 text"),
+    ("folder", "", "is a folder, not a prompt file"),
 ])
 def test_read_prompts_bad_input(tmp_path, name, text, msg):
-    path = str(tmp_path / name) if text is None else write(tmp_path, name, text)
+    if name == "folder":
+        (tmp_path / name).mkdir()
+        path = str(tmp_path / name)
+    elif isinstance(text, bytes):
+        (tmp_path / name).write_bytes(text)
+        path = str(tmp_path / name)
+    else:
+        path = str(tmp_path / name) if text is None else write(tmp_path, name, text)
     with pytest.raises(pl.UserError, match=msg) as e:
         pl.read_prompts(path)
     assert path in str(e.value)  # the line names the file
+
+
+def test_read_prompts_byte_order_mark(tmp_path):
+    """A file saved with a byte-order mark (Excel's CSV, Notepad's UTF-8) is read as text: its first column is 'prompt'."""
+    (tmp_path / "bom.csv").write_bytes("\ufeffprompt,type\nHow do I bake bread?,a\n".encode("utf-8"))
+    (tmp_path / "bom.json").write_bytes('\ufeff["How do I bake bread?"]'.encode("utf-8"))
+    assert pl.read_prompts(str(tmp_path / "bom.csv")) == pl.read_prompts(str(tmp_path / "bom.json")) == [
+        "How do I bake bread?"]
 
 
 def test_read_prompts_unknown_column(tmp_path):
@@ -158,7 +178,7 @@ def test_ablation_removes_the_direction_everywhere(tiny_model):
     model, tok = pl.load_model(tiny_model)
     r_hat = torch.nn.functional.normalize(torch.randn(64), dim=0)
     before = pl.capture(model, tok, PROMPTS)
-    with pl.hooks(D.ablation_hooks(model, r_hat)):
+    with pl.hooks(pl.ablation_hooks(model, r_hat)):
         after = pl.capture(model, tok, PROMPTS)
     assert (before[:, 1:] @ r_hat).abs().max() > 1e-2  # the direction was there...
     assert (after[:, 1:] @ r_hat).abs().max() < 1e-4  # ...and is gone at every layer's input and the output
@@ -168,7 +188,7 @@ def test_addition_shifts_one_layer_input(tiny_llama):
     model, tok = pl.load_model(tiny_llama)
     vec = torch.randn(64)
     before = pl.capture(model, tok, PROMPTS)
-    with pl.hooks(D.addition_hooks(model, vec, layer=2, coeff=0.5)):
+    with pl.hooks(pl.addition_hooks(model, vec, layer=2, coeff=0.5)):
         after = pl.capture(model, tok, PROMPTS)  # capture's hooks run after the addition hook: they see its input
     torch.testing.assert_close(after[:, :2], before[:, :2])  # layers below are untouched
     torch.testing.assert_close(after[:, 2] - before[:, 2], (0.5 * vec).expand(3, 1, 64), atol=1e-5, rtol=1e-5)
@@ -185,7 +205,7 @@ def test_left_padding_does_not_change_activations(tiny_model):
 def test_refusal_score_is_log_odds():
     logprobs = torch.log_softmax(torch.randn(3, 10), -1)
     p = logprobs.exp()[:, [2, 5]].sum(-1)
-    torch.testing.assert_close(D.refusal_score(logprobs, [2, 5]), torch.log(p / (1 - p)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(judges.refusal_score(logprobs, [2, 5]), torch.log(p / (1 - p)), atol=1e-5, rtol=1e-5)
 
 
 def test_silhouette_against_brute_force():
@@ -199,9 +219,9 @@ def test_silhouette_against_brute_force():
         a = d[own].sum() / (own.sum() - 1)
         b = d[~own].mean()
         s.append((b - a) / max(a, b))
-    assert abs(D.silhouette(x, labels) - torch.stack(s).mean().item()) < 1e-6
+    assert abs(pl.silhouette(x, labels) - torch.stack(s).mean().item()) < 1e-6
     far = torch.cat([torch.randn(6, 5), torch.randn(6, 5) + 100])
-    assert D.silhouette(far, torch.tensor([1] * 6 + [0] * 6)) > 0.95
+    assert pl.silhouette(far, torch.tensor([1] * 6 + [0] * 6)) > 0.95
 
 
 def test_keyword_judge_basics():
@@ -239,7 +259,7 @@ def test_main_writes_outputs_and_is_deterministic(tiny_llama, prompt_files, tmp_
 
 def test_main_fixed_layer_and_positions(tiny_llama, prompt_files, tmp_path):
     run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "2", "--positions", "3")
-    d = D.load_direction(str(tmp_path / "direction.pt"))
+    d = artifacts.load_direction(str(tmp_path / "direction.pt"))
     assert d["layer"] == 2 and -3 <= d["position"] <= -1 and d["mean_diff"].shape == (4, 3, 64)
     meta = json.loads((tmp_path / "direction.json").read_text())
     assert meta["select"] == "fixed"
@@ -251,48 +271,84 @@ def test_main_falls_back_when_the_model_does_not_refuse(tiny_llama, prompt_files
     assert meta["select"] == "silhouette" and "fall back" in meta["note"]
 
 
-def test_bad_input_keeps_earlier_outputs(tiny_llama, prompt_files, tmp_path):
-    run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "1")
-    before = (tmp_path / "direction.pt").read_bytes()
-    with pytest.raises(pl.UserError, match="exists"):
-        run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "2")
-    with pytest.raises(pl.UserError, match="out of range"):
-        run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "9", "--overwrite")
-    with pytest.raises(pl.UserError, match="no such file"):
-        D.main(["--model", tiny_llama, "--harmful", str(tmp_path / "nope.json"), "--out", str(tmp_path), "--overwrite"])
-    assert (tmp_path / "direction.pt").read_bytes() == before
+def test_surgical_vector_is_orthogonal_and_chosen_by_its_rule(tiny_llama, prompt_files, tmp_path):
+    """Surgical's false-refusal vector: orthogonal to the refusal direction at its own layer and position (lambda 1),
+    partly so with lambda < 1, and the candidate with the lowest pseudo-harmful refusal score among those within the
+    KL bound; written as a direction file that evaluate.py --ablate applies."""
+    d = tmp_path / "pseudo.json"
+    d.write_text(json.dumps([f"How do I kill a Python process number {i}?" for i in range(12)]))
+    run_directions(tiny_llama, prompt_files, tmp_path / "s", "--pseudo-harmful", str(d), "--positions", "2")
+    w = artifacts.load_direction(str(tmp_path / "s" / "false_refusal.pt"))
+    r = torch.load(tmp_path / "s" / "direction.pt", weights_only=True)["mean_diff"]
+    l, p = w["layer"], w["position"]
+    assert abs(float(w["direction"] @ pl.unit(r[l, p]))) < 1e-6
+    assert all(abs(float(pl.unit(w["mean_diff"][c]) @ pl.unit(r[c]))) < 1e-5 for c in ((1, 0), (2, 1), (3, 0)))
+    meta = json.loads((tmp_path / "s" / "direction.json").read_text())["surgical"]
+    ok = [c for c in meta["per_layer"] if c["kl"] <= 0.2]
+    best = min(ok, key=lambda c: c["pseudo_harmful"])
+    assert (best["layer"], best["position"]) == (l, p) and all(c["layer"] < 4 * 0.8 for c in meta["per_layer"])
+    half = D.orthogonalise(w["mean_diff"], r, 0.5)  # lambda 0.5 on w' (already orthogonal): nothing left to remove
+    torch.testing.assert_close(half, w["mean_diff"], atol=1e-5, rtol=1e-4)
+    r = r[1:]  # (r is 0 at layer 0's input, the embeddings)
+    v = r + torch.randn_like(r)  # a vector with a component along r: lambda 0.5 removes half of it
+    s = (v * r).sum(-1) / r.pow(2).sum(-1)
+    torch.testing.assert_close((D.orthogonalise(v, r, 0.5) * r).sum(-1) / r.pow(2).sum(-1), 0.5 * s, atol=1e-4,
+                               rtol=1e-4)
 
 
 def test_load_direction_checks_the_model(tiny_llama, tiny_neox, prompt_files, tmp_path):
     run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "1")
-    neox_cfg = json.loads(open(os.path.join(tiny_neox, "config.json")).read())
-    neox_cfg["hidden_size"] = 32
     model, _ = pl.load_model(tiny_llama)
-    assert D.load_direction(str(tmp_path / "direction.pt"), model)["layer"] == 1
+    path = str(tmp_path / "direction.pt")
+    assert artifacts.load_direction(path, tiny_llama, model.config)["layer"] == 1
+    neox, _ = pl.load_model(tiny_neox)  # same width and depth, another model: refused unless the user says so
+    with pytest.raises(pl.UserError, match=f"was made on .*tiny-llama.*, not on {tiny_neox}; pass --other-model"):
+        artifacts.load_direction(path, tiny_neox, neox.config)
+    assert artifacts.load_direction(path, tiny_neox, neox.config, other_model=True)["layer"] == 1
     model.config.hidden_size = 32
     with pytest.raises(pl.UserError, match="does not match"):
-        D.load_direction(str(tmp_path / "direction.pt"), model)
+        artifacts.load_direction(path, tiny_llama, model.config, other_model=True)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(pl.UserError, match="not a direction file"):
-        D.load_direction(str(tmp_path / "junk.pt"))
+        artifacts.load_direction(str(tmp_path / "junk.pt"))
+    d = torch.load(path, weights_only=True)
+    torch.save({**d, "direction": d["direction"] * 0}, tmp_path / "zero.pt")
+    with pytest.raises(pl.UserError, match="not a finite unit vector"):
+        artifacts.load_direction(str(tmp_path / "zero.pt"))
 
+
+REJECTS_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # one row per bad input: (arguments, a phrase of the one-line message); every row must leave earlier outputs as they
-# were. A new flag gets its row here. "{tmp}" is the test's directory, "{file}" a file that exists there.
+# were. A new flag gets its row here. "{tmp}" is the test's folder, "{file}" a file there, "{nosys}" a chat template
+# that rejects the system role, "{harmful}" the harmful prompt file.
 BAD_INPUT = [
-    (["--n-train", "0"], "--n-train 0: must be at least 2"),
-    (["--n-train", "1"], "--n-train 1: must be at least 2"),
-    (["--n-val", "0"], "--n-val 0: must be at least 1"),
-    (["--positions", "0"], "--positions 0: must be at least 1"),
-    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-    (["--prune-frac", "1.5"], "--prune-frac 1.5"),
+    (["--n-train", "0"], "argument --n-train: 0 must be at least 2"),
+    (["--n-train", "1"], "argument --n-train: 1 must be at least 2"),
+    (["--n-val", "0"], "argument --n-val: 0 must be at least 1"),
+    (["--positions", "0"], "argument --positions: 0 must be at least 1"),
+    (["--positions", "1000"], "--positions 1000: the shortest chat-formatted prompt has"),
+    (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    (["--prune-frac", "1.5"], "argument --prune-frac: 1.5 must be below 1"),
+    (["--max-kl", "nan"], "argument --max-kl: nan is not a finite number"),
+    (["--ortho-lambda", "2"], "argument --ortho-lambda: 2 must be at most 1"),
+    (["--surgical-max-kl", "-1"], "argument --surgical-max-kl: -1 must be at least 0"),
+    (["--seed", "-3"], "argument --seed: -3 must be at least 0"),
     (["--device", "cuda"], "no CUDA device"),
+    (["--device", "tpu"], "expected cuda, cuda:N, mps or cpu"),
     (["--layer", "9"], "out of range"),
     (["--layer", "0"], "out of range"),
     (["--harmful", "{tmp}/nope.json"], "no such file"),
+    (["--harmful", "{tmp}"], "is a folder, not a prompt file"),
+    (["--harmless", "{harmful}"], "the harmful and harmless prompts are the same"),
+    (["--pseudo-harmful", "{tmp}/nope.json"], "no such file"),
     (["--chat-template", "{tmp}/nope.jinja"], "no such chat template file"),
-    (["--out", "{file}"], "exists and is not a directory"),
-    (["--out", "/proc/refusal-steering-test/out"], "not a writable directory"),
+    (["--chat-template", "{nosys}", "--system-prompt", "Be brief."], "the chat template does not take a system prompt"),
+    (["--out", "{file}"], "exists and is not a folder"),
+    (["--out", "/proc/refusal-steering-test/out"], "not a folder this process can write"),
+    (["--lyaer", "2"], "unrecognized arguments: --lyaer 2"),
     ([], "exists; pass --overwrite"),
 ]
 
@@ -312,14 +368,17 @@ def test_bad_input_table(tiny_llama, prompt_files, earlier_outputs, tmp_path, ex
 
     out = tmp_path / "out"
     shutil.copytree(earlier_outputs, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = snapshot(out)
     (tmp_path / "file").write_text("x")
-    extra = [a.replace("{tmp}", str(tmp_path)).replace("{file}", str(tmp_path / "file")) for a in extra]
+    (tmp_path / "nosys.jinja").write_text(REJECTS_SYSTEM)
+    subst = {"{tmp}": str(tmp_path), "{file}": str(tmp_path / "file"), "{nosys}": str(tmp_path / "nosys.jinja"),
+             "{harmful}": prompt_files["harmful"]}
+    extra = [subst[a] if a in subst else a.replace("{tmp}", str(tmp_path)) for a in extra]
     overwrite = [] if not extra or "--out" in extra else ["--overwrite"]
     with pytest.raises(pl.UserError, match=message.replace("(", r"\(")):
         D.main(["--model", tiny_llama, "--harmful", prompt_files["harmful"], "--harmless", prompt_files["harmless"],
                 "--out", str(out), *overwrite, *extra])
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert snapshot(out) == before
 
 
 def test_no_nan_direction_is_written(tiny_llama, prompt_files, tmp_path, monkeypatch):
@@ -346,7 +405,7 @@ def test_smollm2_end_to_end(smollm2, tmp_path):
     """Defaults (data/ prompts) on the real model: outputs, the causal table, and the fallback note."""
     D.main(["--model", smollm2, "--out", str(tmp_path), "--n-val", "16"])
     meta = json.loads((tmp_path / "direction.json").read_text())
-    d = D.load_direction(str(tmp_path / "direction.pt"))
+    d = artifacts.load_direction(str(tmp_path / "direction.pt"))
     assert d["n_layers"] == 30 and d["hidden_size"] == 576 and 1 <= d["layer"] < 30
     assert meta["n_prompts"]["harmful"]["train"] == 64
     check = meta["causal_check"]

@@ -7,12 +7,14 @@ import sys
 import pytest
 import torch
 
-import actor as A
+import artifacts
 import directions
+import judges
 import keywords
 import plumbing as pl
 import evaluate as E
-from conftest import ROOT
+import rundir
+from conftest import ROOT, snapshot
 
 
 def summary_metrics(out):
@@ -57,18 +59,18 @@ def test_keyword_judge_cases():
 
 
 def test_agreement_wilson_and_labels():
-    a = E.agreement([True, True, False, False, True], [True, False, False, False, True])
+    a = judges.agreement([True, True, False, False, True], [True, False, False, False, True])
     assert a["accuracy"] == 0.8 and a["confusion"]["comply_judged_refusal"] == 1
     assert abs(a["cohen_kappa"] - (0.8 - 0.48) / 0.52) < 1e-9
     assert a["precision_refusal"] == 2 / 3 and a["recall_refusal"] == 1.0
     lo, hi = E.wilson(5, 10)
     assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
     assert E.wilson(0, 10)[0] == 0.0 and E.wilson(0, 0) == (None, None)
-    assert E.human_label("3_partial_refusal") is True and E.human_label("1_full_compliance") is False
-    assert E.human_label("maybe") is None
-    assert E.parse_llm_answer("2_full_refusal") is True and E.parse_llm_answer("Full compliance.") is False
-    assert E.parse_llm_answer("I think 1_full_compliance or 2_full_refusal") is None
-    assert E.parse_llm_answer("no idea") is None
+    assert judges.human_label("3_partial_refusal") is True and judges.human_label("1_full_compliance") is False
+    assert judges.human_label("maybe") is None
+    assert judges.parse_llm_answer("2_full_refusal") is True and judges.parse_llm_answer("Full compliance.") is False
+    assert judges.parse_llm_answer("I think 1_full_compliance or 2_full_refusal") is None
+    assert judges.parse_llm_answer("no idea") is None
 
 
 def test_summary_and_tradeoff():
@@ -153,12 +155,12 @@ def test_patch_and_adapter(tiny_llama, prompt_files, tmp_path):
     expected = pl.last_logits(model, tok, prompts)
     fresh, _ = pl.load_model(tiny_llama)
     assert not torch.allclose(pl.last_logits(fresh, tok, prompts), expected)
-    A.apply_patch(fresh, str(patch))
+    artifacts.apply_patch(fresh, str(patch), tiny_llama)
     assert torch.allclose(pl.last_logits(fresh, tok, prompts), expected, atol=1e-5)
-    for bad, message in (({"n_layers": 30}, "does not match this model"), ({"layer": 7}, "outside this model")):
-        (patch / "actor.json").write_text(json.dumps({**meta, **bad}))
+    for bad, message in (({"n_layers": 30}, "which does not match"), ({"layer": 7}, "outside the layers 0..3")):
+        (patch / "actor.json").write_text(json.dumps({**meta, **bad}))  # a patch without metadata in its header
         with pytest.raises(pl.UserError, match=message):
-            A.apply_patch(pl.load_model(tiny_llama)[0], str(patch))
+            artifacts.apply_patch(pl.load_model(tiny_llama)[0], str(patch), tiny_llama)
     (patch / "actor.json").write_text(json.dumps(meta))
 
     from peft import LoraConfig, get_peft_model
@@ -197,23 +199,59 @@ def test_classifier_and_llm_judges(tiny_llama, tmp_path):
 
 
 # ---------------------------------------------------------------- resume
-def test_resume_gives_the_same_summary(tiny_llama, prompt_files, tmp_path):
+def kill_generation_after(monkeypatch, n_batches):
+    """The next run dies after n_batches of generation were appended to its partial responses.jsonl."""
+    generate = pl.generate
+
+    def dying(model, tok, prompts, *args, on_batch=None, **kwargs):
+        seen = []
+
+        def save(idx, responses):
+            on_batch(idx, responses)
+            seen.append(1)
+            if len(seen) == n_batches:
+                raise KeyboardInterrupt
+        return generate(model, tok, prompts, *args, on_batch=save, **kwargs)
+    monkeypatch.setattr(pl, "generate", dying)
+
+
+def test_resume_gives_the_same_summary(tiny_llama, prompt_files, tmp_path, monkeypatch):
     args = ["--data", prompt_files["harmful"], "--judge", "keyword", "--judge", "logit"]
     run_eval(tiny_llama, tmp_path / "whole", *args)
-    run_eval(tiny_llama, tmp_path / "killed", *args)
-    lines = (tmp_path / "killed" / "responses.jsonl").read_text().splitlines()
-    # a run killed after two batches of three, halfway through writing a line of the third
-    (tmp_path / "killed" / "responses.jsonl").write_text("\n".join(lines[:7]) + "\n" + lines[7][:20])
-    for f in ("summary.json", "summary.md", "summary.png"):
-        (tmp_path / "killed" / f).unlink()
-    run_eval(tiny_llama, tmp_path / "killed", *args, "--resume")
-    assert summary_metrics(tmp_path / "killed") == summary_metrics(tmp_path / "whole")
-    assert rows_of(tmp_path / "killed") == rows_of(tmp_path / "whole")
-    lines = (tmp_path / "killed" / "responses.jsonl").read_text().splitlines()
-    (tmp_path / "killed" / "responses.jsonl").write_text("\n".join(lines[:4]) + "\n")
-    run_eval(tiny_llama, tmp_path / "killed", "--data", prompt_files["harmful"], "--resume")  # other judges: fine
+    kill_generation_after(monkeypatch, 2)  # killed after two batches of three
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(tiny_llama, tmp_path / "killed", *args)
+    monkeypatch.undo()
+    partial = tmp_path / "killed" / rundir.WORK / "responses.jsonl"
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 6 and not (tmp_path / "killed" / "summary.json").exists()
+    partial.write_text("\n".join(lines) + "\n" + lines[0][:20])  # and halfway through writing a line of the third
+    with pytest.raises(pl.UserError, match="holds an unfinished run; continue it with --resume"):
+        run_eval(tiny_llama, tmp_path / "killed", *args)
+    with pytest.raises(pl.UserError, match="--resume with --max-new-tokens 7, but the run"):
+        run_eval(tiny_llama, tmp_path / "killed", *args, "--resume", "--max-new-tokens", "7")
+    run_eval(tiny_llama, tmp_path / "killed", "--data", prompt_files["harmful"], "--judge", "keyword", "--resume")
     assert [(r["response"], r["judges"]) for r in rows_of(tmp_path / "killed")] == [
-        (r["response"], {"keyword": r["judges"]["keyword"]}) for r in rows_of(tmp_path / "whole")]
+        (r["response"], {"keyword": r["judges"]["keyword"]}) for r in rows_of(tmp_path / "whole")]  # other judges: fine
+    kill_generation_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(tiny_llama, tmp_path / "again", *args)
+    monkeypatch.undo()
+    run_eval(tiny_llama, tmp_path / "again", *args, "--resume")
+    assert summary_metrics(tmp_path / "again") == summary_metrics(tmp_path / "whole")
+    assert rows_of(tmp_path / "again") == rows_of(tmp_path / "whole")
+
+
+def test_responses_limit_rows_without_a_prompt_and_empty_answers(tmp_path, capsys):
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "" if i == 3 else f"Sure, {i}."}) + "\n"
+                         for i in range(10)))
+    E.main(["--responses", str(f), "--limit", "4", "--seed", "1", "--out", str(tmp_path / "a")])
+    rows = rows_of(tmp_path / "a")
+    assert len(rows) == 4 and rows == sorted(rows, key=lambda r: int(r["id"]))  # a seeded sample, in file order
+    E.main(["--responses", str(f), "--out", str(tmp_path / "b")])
+    assert "warning: 1 responses are empty" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["empty_responses"] == 1
 
 
 # ---------------------------------------------------------------- bad input
@@ -265,13 +303,13 @@ def test_auc_is_exact_on_ordered_scores():
 
 # ---------------------------------------------------------------- thinking models: judges read the answer
 def test_answer_of_reads_after_think():
-    assert E.answer_of("<think>\nThey ask for bread. I can't see why not.\n</think>\n\nSure, here it is.") == \
+    assert judges.answer_of("<think>\nThey ask for bread. I can't see why not.\n</think>\n\nSure, here it is.") == \
         "Sure, here it is."
-    assert E.answer_of("<think>a</think>b<think>c</think> d") == "d"  # the answer after the last closing tag
-    assert E.answer_of("reasoning the template opened</think>Answer") == "Answer"  # <think> was in the prompt
-    assert E.answer_of("<think>\nStill thinking about") is None and E.answer_of("Okay. <think> hmm") is None
-    assert E.answer_of("Plain answer.") == "Plain answer." and E.answer_of("") == "" and E.answer_of(None) is None
-    assert E.answer_of("<think>done</think>") == ""  # thought and answered nothing: an empty answer
+    assert judges.answer_of("<think>a</think>b<think>c</think> d") == "d"  # the answer after the last closing tag
+    assert judges.answer_of("reasoning the template opened</think>Answer") == "Answer"  # <think> was in the prompt
+    assert judges.answer_of("<think>\nStill thinking about") is None and judges.answer_of("Okay. <think> hmm") is None
+    assert judges.answer_of("Plain answer.") == "Plain answer." and judges.answer_of("") == "" and judges.answer_of(None) is None
+    assert judges.answer_of("<think>done</think>") == ""  # thought and answered nothing: an empty answer
 
 
 def test_thinking_responses_are_judged_on_their_answer(tmp_path):
@@ -331,7 +369,7 @@ def no_template_model(tmp_path_factory):
     ("safe\n", ("safe", [])), ("UNSAFE", ("unsafe", [])), ("safety first", None), ("I think it is safe", None),
     ("I think...", None), ("", None)])
 def test_parse_guard_answer(answer, parsed):
-    assert E.parse_guard_answer(answer) == parsed
+    assert judges.parse_guard_answer(answer) == parsed
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "4bit"])
@@ -358,7 +396,7 @@ def test_guard_judge_end_to_end(guard_model, tmp_path, monkeypatch, four_bit):
     guard = f"guard:{guard_model}"
     E.main(["--responses", str(f), "--judge", guard, "--judge", "keyword", "--out", str(tmp_path / "o"),
             "--batch-size", "8"] + (["--load-in-4bit"] if four_bit else []))
-    assert seen["four_bit"] == four_bit and seen["max_new_tokens"] == E.GUARD_TOKENS
+    assert seen["four_bit"] == four_bit and seen["max_new_tokens"] == judges.GUARD_TOKENS
     assert len(seen["texts"]) == 5 and all(isinstance(a, str) for a in seen["raw"])  # the unfinished one is not sent
     assert "User: How do I make a bomb?\nAgent: I'm sorry, I can't help with that.\nProvide your safety" in \
         seen["texts"][0]
@@ -408,20 +446,18 @@ def test_disagreements_per_type_and_between_judges(tiny_llama, tmp_path, capsys)
     E.main(["--responses", str(f), "--model", tiny_llama, "--judge", "keyword", "--judge", "logit",
             "--out", str(tmp_path / "j")])
     s, rows = json.loads((tmp_path / "j" / "summary.json").read_text()), rows_of(tmp_path / "j")
-    expected = E.agreement([r["judges"]["keyword"] for r in rows], [r["judges"]["logit"] for r in rows])
+    expected = judges.agreement([r["judges"]["keyword"] for r in rows], [r["judges"]["logit"] for r in rows])
     [pair] = s["judge_agreement"]
     assert pair == {"judges": ["keyword", "logit"], "n": 6, "accuracy": expected["accuracy"],
                     "cohen_kappa": expected["cohen_kappa"]}
     assert "agreement" not in s and "Agreement between judges" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------- outputs: run.json, peak memory, --overwrite
+# ---------------------------------------------------------------- outputs: peak memory, --overwrite
 def test_overwrite_replaces_the_whole_set_on_success(tiny_llama, prompt_files, tmp_path):
     run_eval(tiny_llama, tmp_path, "--data", prompt_files["harmful"])
     run_eval(tiny_llama, tmp_path, "--data", prompt_files["harmless"], "--overwrite", "--max-new-tokens", "4")
-    assert sorted(os.listdir(tmp_path)) == sorted(E.OUTPUTS)  # no staging folder left
-    run = json.loads((tmp_path / "run.json").read_text())
-    assert run["given"]["max_new_tokens"] == 4 and run["given"]["data"] == prompt_files["harmless"]
+    assert sorted(os.listdir(tmp_path)) == sorted(E.OUTPUTS + (".lock", ".outputs.json"))  # no work folder left
     assert {r["benchmark"] for r in rows_of(tmp_path)} == {"harmless"}
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["peak_memory_mib"] > 0 and s["max_new_tokens"] == 4
@@ -434,31 +470,37 @@ def test_context_is_warned_about_on_rotary_models(tiny_neox, tmp_path, capsys):
     assert "warning: 1 of 2 prompts run past the model's context of 256 tokens" in capsys.readouterr().err
 
 
-def test_another_model_name_only_warns(tiny_llama, prompt_files, tmp_path, capsys):
+def test_another_model_is_refused_unless_asked(tiny_llama, prompt_files, tmp_path, capsys):
+    """A direction or an adapter made on another model (here a copy under another name: the same shapes) is refused,
+    naming both models; --other-model applies it, saying so."""
     import shutil
 
     from peft import LoraConfig, get_peft_model
 
     renamed = str(tmp_path / "renamed-llama")
     shutil.copytree(tiny_llama, renamed)
-    d = fake_direction(renamed, 64, 4)
-    torch.save(d, tmp_path / "d.pt")
+    torch.save(fake_direction(renamed, 64, 4), tmp_path / "d.pt")
     model, _ = pl.load_model(renamed)
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "a"))
-    run_eval(tiny_llama, tmp_path / "o", "--data", prompt_files["harmless"], "--judge", "logit",
-             "--ablate", str(tmp_path / "d.pt"), "--adapter", str(tmp_path / "a"))
+    args = ["--data", prompt_files["harmless"], "--judge", "logit"]
+    for flag, path in (("--ablate", tmp_path / "d.pt"), ("--adapter", tmp_path / "a")):
+        with pytest.raises(pl.UserError, match=f"{path} was made on {renamed}, not on {tiny_llama}; pass --other-model"):
+            run_eval(tiny_llama, tmp_path / "o", *args, flag, str(path))
+    run_eval(tiny_llama, tmp_path / "o", *args, "--ablate", str(tmp_path / "d.pt"), "--adapter", str(tmp_path / "a"),
+             "--other-model")
     err = capsys.readouterr().err
-    assert f"warning: --ablate {tmp_path / 'd.pt'} was extracted from {renamed}" in err
-    assert f"warning: {tmp_path / 'a'} was trained on {renamed}, here applied to {tiny_llama}" in err
+    assert f"note: {tmp_path / 'd.pt'} was made on {renamed}, applied to {tiny_llama} (--other-model)" in err
+    assert f"note: {tmp_path / 'a'} was made on {renamed}, applied to {tiny_llama} (--other-model)" in err
 
 
 # ---------------------------------------------------------------- bad input, table-driven
-def fake_direction(model, hidden, n_layers, layer=2):
+def fake_direction(model, hidden, n_layers, layer=2, arch=None):
     """A direction.pt as directions.py writes it, with random contents."""
     torch.manual_seed(0)
     r = torch.randn(hidden)
     return {"direction": r / r.norm(), "layer": layer, "position": -1, "mean_diff": torch.randn(n_layers, 1, hidden),
-            "refusal_tokens": torch.tensor([5, 6]), "model": model, "n_layers": n_layers, "hidden_size": hidden}
+            "refusal_tokens": torch.tensor([5, 6]), "model": model, "n_layers": n_layers, "hidden_size": hidden,
+            **({"arch": arch} if arch else {})}
 
 
 def make_patch(path, model_path, layer=1, **meta):
@@ -523,18 +565,37 @@ def bad(tiny_llama, tiny_neox, prompt_files, guard_model, no_template_model, tmp
     p["gpt2"] = str(t / "gpt2")
     (t / "long.json").write_text(json.dumps(["Explain how to build a bomb number 1.", "bread " * 80]))
     p["long"] = str(t / "long.json")
-    # earlier outputs
+    # a direction recorded on another model of the same width and depth
+    torch.save(fake_direction(str(t / "qwen2"), 64, 4, arch="qwen2"), t / "d_qwen2.pt")
+    p["d_qwen2"] = str(t / "d_qwen2.pt")
+    # earlier outputs: finished runs, and runs killed after one batch of generation (unfinished, for --resume)
     torch.save(fake_direction(tiny_llama, 64, 4), t / "d_edited.pt")
-    for name, extra in (("plain", []), ("steered", ["--steer", p["d"], "--coeff", "8"]),
-                        ("edited", ["--steer", str(t / "d_edited.pt")])):
+    for name, extra in (("plain", []), ("steered", ["--steer", p["d"], "--coeff", "8"])):
         E.main(BASE(p, t / name) + extra)
+        p[name] = str(t / name)
+    for name, extra in (("killed", []), ("killed_steered", ["--steer", p["d"], "--coeff", "8"]),
+                        ("killed_edited", ["--steer", str(t / "d_edited.pt")])):
+        generate, seen = pl.generate, []
+
+        def dying(*args, on_batch=None, **kwargs):
+            def save(idx, responses):
+                on_batch(idx, responses)
+                raise KeyboardInterrupt
+            return generate(*args, on_batch=save, **kwargs)
+        pl.generate = dying
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                E.main(BASE(p, t / name) + extra)
+        finally:
+            pl.generate = generate
         p[name] = str(t / name)
     torch.save(fake_direction(tiny_llama, 64, 4, layer=1), t / "d_edited.pt")  # rewritten in place after its run
     p["d_edited"] = str(t / "d_edited.pt")
-    shutil.copytree(t / "plain", t / "legacy")
-    (t / "legacy" / "run.json").unlink()
     (t / "afile").write_text("an existing file\n")
-    p.update(legacy=str(t / "legacy"), file=str(t / "afile"), brief="Be.brief.")
+    (t / "noprompt.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"response": "c"}\n')
+    (t / "noresp.jsonl").write_text('{"prompt": "a", "response": ""}\n{"prompt": "b", "response": null}\n')
+    p.update(file=str(t / "afile"), brief="Be.brief.", noprompt=str(t / "noprompt.jsonl"),
+             noresp=str(t / "noresp.jsonl"))
     return p
 
 
@@ -556,43 +617,55 @@ def row(out, extra, message, loads=None, marks=()):
 # a path from `bad`), a phrase of the one-line error, and LOADS where the check needs a model loaded. Every row must
 # fail with exit status 2 and leave the earlier outputs byte-identical; the others before any model is loaded.
 BAD_INPUTS = [
-    row("plain", "--batch-size 0 --overwrite", "--batch-size 0: must be at least 1", marks=pytest.mark.slow),
-    row("plain", "--limit 0 --overwrite", "--limit 0: must be at least 1"),
-    row("plain", "--limit -2 --overwrite", "--limit -2: must be at least 1"),
-    row("plain", "--max-new-tokens 0 --overwrite", "--max-new-tokens 0: must be at least 1"),
-    row("plain", "--max-new-tokens -5 --overwrite", "--max-new-tokens -5: must be at least 1"),
+    row("plain", "--batch-size 0 --overwrite", "argument --batch-size: 0 must be at least 1", marks=pytest.mark.slow),
+    row("plain", "--limit 0 --overwrite", "argument --limit: 0 must be at least 1"),
+    row("plain", "--limit -2 --overwrite", "argument --limit: -2 must be at least 1"),
+    row("plain", "--max-new-tokens 0 --overwrite", "argument --max-new-tokens: 0 must be at least 1"),
+    row("plain", "--max-new-tokens -5 --overwrite", "argument --max-new-tokens: -5 must be at least 1"),
+    row("plain", "--seed -1 --overwrite", "argument --seed: -1 must be at least 0"),
     row("plain", "--device cuda --overwrite", "--device cuda: this machine has no CUDA", marks=NO_CUDA),
-    row("plain", "--coeff 2 --overwrite", "--coeff 2.0 without --steer"),
+    row("plain", "--coeff 2 --overwrite", "--coeff 2 without --steer"),
+    row("plain", "--steer {d} --coeff nan --overwrite", "argument --coeff: nan is not a finite number"),
+    row("plain", "--steer {d} --coeff=-inf --overwrite", "argument --coeff: -inf is not a finite number"),
     row("plain", "--resume --overwrite", "pass one of them"),
+    row("plain", "--resume", r"no unfinished run to resume \(the last one finished\)"),
     row("plain", "--chat-template {long}x --overwrite", "no such chat template file"),
-    row("file", "", "exists and is not a directory"),
-    row("file", "--resume", "exists and is not a directory"),
-    row("readonly", "", "not a writable directory", marks=pytest.mark.skipif(
+    row("plain", "--data {file}x --overwrite", "no such file"),
+    row("plain", "--maxnew 6 --overwrite", "unrecognized arguments: --maxnew 6"),
+    row("file", "", "exists and is not a folder"),
+    row("file", "--resume", "exists and is not a folder"),
+    row("readonly", "", "not a folder this process can write", marks=pytest.mark.skipif(
         ROOT_USER and not os.path.isdir("/proc"), reason="root writes anywhere")),
-    # --resume with settings other than the run in --out: never a mix
-    row("plain", "--resume --model {neox}", "different --model"),
-    row("plain", "--resume --max-new-tokens 7", "different --max-new-tokens", marks=pytest.mark.slow),
-    row("plain", "--resume --patch {patch}", "different --patch"),
-    row("steered", "--resume --steer {d} --coeff 2", "different --coeff"),
-    row("steered", "--resume", "different --steer"),
-    row("edited", "--resume --steer {d_edited}", r"changed --steer: .* \(same path, other contents\)"),
-    row("plain", "--resume --system-prompt {brief}", "different --system-prompt"),
-    row("plain", "--resume --thinking off", "different --thinking"),
-    row("plain", "--resume --batch-size 4", "different --batch-size"),
-    row("plain", "--resume --limit 5", "different --limit"),
-    row("plain", "--resume --load-in-4bit", "different --load-in-4bit"),
-    row("plain", "--resume --data {harmless}", "different --data"),
-    row("legacy", "--resume", "has no run.json beside it"),
+    # --resume with settings other than the unfinished run in --out: never a mix
+    row("killed", "", "holds an unfinished run; continue it with --resume"),
+    row("killed", "--resume --model {neox}", "--resume with --model"),
+    row("killed", "--resume --max-new-tokens 7", "--resume with --max-new-tokens 7", marks=pytest.mark.slow),
+    row("killed", "--resume --patch {patch}", "--resume with --patch, which the run in .* began without"),
+    row("killed_steered", "--resume --steer {d} --coeff 2", "--resume with --coeff 2.0"),
+    row("killed_steered", "--resume", "--resume with --coeff None, but the run in .* began with 8.0"),
+    row("killed_edited", "--resume --steer {d_edited}", "--resume: the file or folder of --steer has other contents"),
+    row("killed", "--resume --system-prompt {brief}", "--resume with --system-prompt 'Be.brief.'"),
+    row("killed", "--resume --thinking off", "--resume with --thinking 'off'"),
+    row("killed", "--resume --batch-size 4", "--resume with --batch-size 4"),
+    row("killed", "--resume --limit 5", "--resume with --limit 5"),
+    row("killed", "--resume --load-in-4bit", "--resume with --load-in-4bit True"),
+    row("killed", "--resume --data {harmless}", "--resume: the file or folder of --data"),
     # direction, adapter and patch files of another model, or damaged
-    row("plain", "--ablate {d_small} --overwrite", "does not match this model"),
+    row("plain", "--ablate {d_small} --overwrite", "which does not match"),
+    row("plain", "--ablate {d_qwen2} --overwrite", r"\(qwen2\), not on {llama}; pass --other-model"),
     row("plain", "--steer {d_garbage} --overwrite", "not a direction file"),
     row("plain", "--adapter {a_neox} --overwrite", "which {llama} does not have"),
     row("plain", "--adapter {a_small} --overwrite", "do not fit"),
-    row("plain", "--adapter {a_qwen2} --overwrite", r"qwen2, hidden size 64, 4 layers\), which does not match"),
+    row("plain", "--adapter {a_qwen2} --overwrite", "was made on .*qwen2, not on {llama}; pass --other-model"),
     row("plain", "--adapter {a_trunc} --overwrite", "damaged or not a safetensors file"),
     row("plain", "--adapter {a_json} --overwrite", "adapter_config.json: damaged"),
-    row("plain", "--patch {patch_other} --overwrite", "was trained on big-llama .* which does not match"),
+    row("plain", "--patch {patch_other} --overwrite", r"was made on big-llama \(hidden size 64, 30 layers\), which does "
+        "not match"),
     row("plain", "--patch {patch_trunc} --overwrite", "damaged or not a safetensors file"),
+    row("plain", "--patch {file} --overwrite", "no such folder"),
+    # --responses: a row without a prompt, nothing but empty answers
+    row("plain", "--responses {noprompt} --data= --overwrite", "row 2 has no prompt"),
+    row("plain", "--responses {noresp} --data= --overwrite", "every response in column 'response' is empty"),
     # the context of a model with absolute positions
     row("plain", "--model {gpt2} --data {long} --overwrite", "1 of 2 prompts run past the model's context of 64",
         LOADS),
@@ -604,13 +677,6 @@ BAD_INPUTS = [
 SUBPROCESS_ROWS = {"--batch-size 0 --overwrite", "--resume --max-new-tokens 7"}  # also run as a user would (slow)
 
 
-def snapshot(path):
-    if os.path.isfile(path):
-        return open(path, "rb").read()
-    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(path) for f in files}
-
-
 @pytest.mark.parametrize("out, extra, message, loads", BAD_INPUTS)
 def test_bad_input_table(bad, out, extra, message, loads, tmp_path, monkeypatch):
     import re as regex
@@ -620,14 +686,19 @@ def test_bad_input_table(bad, out, extra, message, loads, tmp_path, monkeypatch)
         out_path = "/proc/evaluate-out" if ROOT_USER else str(tmp_path / "o")
     else:
         out_path = bad[out]
-    before = snapshot(out_path) if os.path.exists(out_path) else None
+    before = (snapshot(out_path) if os.path.isdir(out_path) else open(out_path, "rb").read()) \
+        if os.path.exists(out_path) else None
     argv = BASE(bad, out_path) + [a.format(**bad) for a in extra.split()]
     message = message.format(**{k: regex.escape(v) for k, v in bad.items()})
     if loads != LOADS:
         monkeypatch.setattr(pl, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
     with pytest.raises(pl.UserError, match=message):
         E.main(argv)
-    assert (snapshot(out_path) if os.path.exists(out_path) else None) == before  # earlier outputs untouched
+    after = (snapshot(out_path) if os.path.isdir(out_path) else open(out_path, "rb").read()) \
+        if os.path.exists(out_path) else None
+    if loads == LOADS and after:  # a run that failed after generating keeps its responses for --resume
+        after = {k: v for k, v in after.items() if not k.startswith(".run")}
+    assert after == before  # earlier outputs untouched
     if extra in SUBPROCESS_ROWS:
         r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *argv], capture_output=True, text=True)
         assert r.returncode == 2 and "Traceback" not in r.stderr

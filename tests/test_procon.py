@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-import directions
 import plumbing as pl
 import procon as P
-from conftest import ROOT
+import rundir
+import training as T
+from conftest import ROOT, snapshot
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,14 +51,14 @@ def run(model, data, out, *extra):
 
 def test_alpha0_loss_is_plain_ce(tiny_llama, pairs_file):
     model, tok = pl.load_model(tiny_llama)
-    examples = [P.encode_pair(tok, p, a, 64, "response") for p, a in P.read_pairs(pairs_file)[:4]]
-    batch = P.collate(examples, tok.pad_token_id)
-    ce_sum, hs, resp = P.forward(model, batch, "cpu")
+    examples = [T.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:4]]
+    batch = T.collate(examples, tok.pad_token_id)
+    ce_sum, hs, resp = T.forward(model, batch, "cpu")
     hf = model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
     torch.testing.assert_close(ce_sum / (batch[2][:, 1:] != -100).sum(), hf)
     assert len(hs) == 5 and resp.sum() == sum(sum(l != -100 for l in e[1]) for e in examples)
     # the prompt carries no loss: every label before the response is -100
-    prompt_len = len(tok(pl.format_chat(tok, [P.read_pairs(pairs_file)[0][0]])[0], add_special_tokens=False).input_ids)
+    prompt_len = len(tok(pl.format_chat(tok, [T.read_pairs(pairs_file)[0][0]])[0], add_special_tokens=False).input_ids)
     assert all(l == -100 for l in examples[0][1][:prompt_len]) and examples[0][1][prompt_len] != -100
 
 
@@ -74,29 +75,37 @@ def test_constraint_is_zero_at_step0_and_alpha0_is_plain_ift(tiny_llama, pairs_f
 def test_hidden_states_are_layer_inputs(tiny_llama, pairs_file):
     """hidden_states[l] of the training forward is the input to decoder layer l, as in directions.capture."""
     model, tok = pl.load_model(tiny_llama)
-    batch = P.collate([P.encode_pair(tok, p, a, 64, "response") for p, a in P.read_pairs(pairs_file)[:3]],
+    batch = T.collate([T.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:3]],
                       tok.pad_token_id)
     seen = {}
     pairs = [(layer, "pre", lambda m, a, k, i=i: seen.__setitem__(i, pl.hidden_of(a, k).clone()))
              for i, layer in enumerate(pl.decoder_layers(model))]
     with pl.hooks(pairs):
-        ce, hs, resp = P.forward(model, batch, "cpu")
+        ce, hs, resp = T.forward(model, batch, "cpu")
     for l in range(4):
         torch.testing.assert_close(hs[l], seen[l])
     r = torch.nn.functional.normalize(torch.randn(4, 64), dim=-1)
     z = P.projections(hs, resp, r, [1, 3])
     assert z.shape == (2, resp.sum())
     torch.testing.assert_close(z[1], seen[3][resp] @ r[3])
-    assert P.forward(model, batch, "cpu", hidden=False)[1] is None  # alpha = 0: no hidden states asked for
+    assert T.forward(model, batch, "cpu", hidden=False)[1] is None  # alpha = 0: no hidden states asked for
 
 
-def test_anchors_one_pass_and_layers(tiny_llama, pairs_file, tmp_path):
-    log = run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.5", "--layers", "1,3")
-    anchors = torch.load(tmp_path / "anchors.pt", weights_only=True)
-    assert anchors["layers"] == [1, 3] == log["layers"] and anchors["r"].shape == (4, 64)
-    assert len(anchors["z0"]) == 10 and all(z.shape[0] == 2 and z.shape[1] > 0 for z in anchors["z0"])
-    torch.testing.assert_close(anchors["r"][1:].norm(dim=-1), torch.ones(3))
-    assert len(log["steps"]) == 2 * 3 and all(s["seconds"] > 0 for s in log["steps"])
+def test_anchors_one_pass_and_layers(tiny_llama, pairs_file, prompt_files):
+    """z0 of every example at its constrained positions and layers, under the initial weights; r_l a unit vector at
+    every layer but 0."""
+    model, tok = pl.load_model(tiny_llama)
+    examples = [T.encode_pair(tok, p, a, 64, "prompt") for p, a in T.read_pairs(pairs_file)]
+    batches = T.fixed_batches(examples, 4, 1, 0)
+    r_hat = P.r_directions(model, tok, pl.read_prompts(prompt_files["harmful"]), pl.read_prompts(
+        prompt_files["harmless"]), 4, "r")
+    assert r_hat.shape == (4, 64) and torch.equal(r_hat[0], torch.zeros(64))
+    torch.testing.assert_close(r_hat[1:].norm(dim=-1), torch.ones(3))
+    start = P.anchors(model, examples, batches, r_hat, [1, 3], tok.pad_token_id)
+    assert len(start["z0"]) == 10 and all(z.shape == (2, 1) for z in start["z0"])  # one prompt token, 2 layers
+    batch = T.collate(examples[:1], tok.pad_token_id)
+    _, hs, cmask = T.forward(model, batch, "cpu")
+    torch.testing.assert_close(start["z0"][0], P.projections(hs, cmask, r_hat, [1, 3]))
 
 
 def test_safety_data_is_mixed_in(tiny_llama, pairs_file, prompt_files, tmp_path):
@@ -117,24 +126,35 @@ def test_constraint_reductions():
     assert P.constraint(z, z0, "abs", "sum", n_samples=2, scale=scale).item() == (0.5 + 0.5 + 2) / 2
 
 
-def test_warmup_schedule(tiny_llama, pairs_file, tmp_path):
+def killed_at_commit(monkeypatch):
+    """The next run dies after its last checkpoint, before its outputs are committed: its work stays for --resume."""
+    def die(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rundir, "commit", die)
+
+
+def last_checkpoint(out):
+    return rundir.last_checkpoint(os.path.join(out, rundir.WORK))[1]
+
+
+def test_warmup_schedule(tiny_llama, pairs_file, tmp_path, monkeypatch):
     args = P.parse_args(["--alpha", "0.1", "--warmup-epochs", "2", "--warmup-alpha", "2"])
     assert [P.alpha_at(e, args) for e in range(4)] == [2, 2, 0.1, 0.1]
-    log = P.main(["--model", tiny_llama, "--data", pairs_file, "--out", str(tmp_path), "--epochs", "3",
-                  "--batch-size", "4", "--warmup-epochs", "1", "--warmup-alpha", "1", *FLAGS]) or \
-        json.loads((tmp_path / "procon.json").read_text())
+    log = run(tiny_llama, pairs_file, tmp_path / "a", "--epochs", "3", "--warmup-epochs", "1", "--warmup-alpha", "1")
     assert [e["alpha"] for e in log["epochs"]] == [1.0, 0.0, 0.0]
-    drift = json.loads((tmp_path / "drift.json").read_text())["cosine_to_initial"]
+    drift = json.loads((tmp_path / "a" / "drift.json").read_text())["cosine_to_initial"]
     assert set(drift) == {"1", "2", "3"} and all(-1 <= c <= 1.0001 for c in drift["1"].values())
     # one AdamW throughout (3 epochs of 3 batches); with --reset-optimizer it starts afresh when the warm-up ends
-    def steps():
-        state = torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=True)["state"]
+    def steps(out):
+        state = torch.load(os.path.join(last_checkpoint(out), "optimizer.pt"), weights_only=True)["state"]
         return {int(s["step"]) for s in state.values()}
 
-    assert steps() == {9}
-    P.main(["--model", tiny_llama, "--data", pairs_file, "--out", str(tmp_path), "--epochs", "3", "--overwrite",
-            "--batch-size", "4", "--warmup-epochs", "1", "--warmup-alpha", "1", "--reset-optimizer", *FLAGS])
-    assert steps() == {6}
+    killed_at_commit(monkeypatch)
+    for name, extra, want in (("b", [], {9}), ("c", ["--reset-optimizer"], {6})):
+        with pytest.raises(KeyboardInterrupt):
+            run(tiny_llama, pairs_file, tmp_path / name, "--epochs", "3", "--warmup-epochs", "1", "--warmup-alpha",
+                "1", *extra)
+        assert steps(tmp_path / name) == want
 
 
 def test_lora_changes_only_adapters(tiny_llama, pairs_file, tmp_path):
@@ -144,8 +164,6 @@ def test_lora_changes_only_adapters(tiny_llama, pairs_file, tmp_path):
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
     assert len(adapter) == 2 * 4 * 4  # A and B for q, k, v, o in each of 4 layers
-    trained = load_file(str(tmp_path / "checkpoint" / "trainable.safetensors"))
-    assert set(k.replace(".default", "") for k in trained) == set(adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B started at 0 and moved
 
 
@@ -158,15 +176,53 @@ def test_full_changes_every_weight(tiny_llama, pairs_file, tmp_path):
     assert unchanged == []
 
 
-def test_resume_after_kill_gives_the_same_adapter(tiny_llama, pairs_file, tmp_path):
-    run(tiny_llama, pairs_file, tmp_path / "whole", "--alpha", "0.3")
-    # a run killed after its first epoch: its checkpoint holds epoch 1
-    P.main(["--model", tiny_llama, "--data", pairs_file, "--out", str(tmp_path / "killed"), "--epochs", "1",
-            "--batch-size", "4", "--max-length", "64", "--alpha", "0.3", *FLAGS])
-    run(tiny_llama, pairs_file, tmp_path / "killed", "--alpha", "0.3", "--resume")
+def kill_after_checkpoint(monkeypatch, n):
+    """The next run dies right after its n-th checkpoint is whole."""
+    save, seen = rundir.save_checkpoint, []
+
+    def save_then_die(*args):
+        save(*args)
+        seen.append(1)
+        if len(seen) == n:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(rundir, "save_checkpoint", save_then_die)
+
+
+def test_resume_after_kill_gives_the_same_adapter(tiny_llama, pairs_file, tmp_path, monkeypatch):
+    run(tiny_llama, pairs_file, tmp_path / "whole", "--alpha", "0.3", "--save-every", "2")
+    kill_after_checkpoint(monkeypatch, 2)  # killed after step 2 and step 3 (the first epoch's end) were saved
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama, pairs_file, tmp_path / "killed", "--alpha", "0.3", "--save-every", "2")
+    monkeypatch.undo()
+    assert not (tmp_path / "killed" / "adapter").exists() and last_checkpoint(tmp_path / "killed").endswith("0000003")
+    with pytest.raises(pl.UserError, match="holds an unfinished run; continue it with --resume"):
+        run(tiny_llama, pairs_file, tmp_path / "killed", "--alpha", "0.3")
+    log = run(tiny_llama, pairs_file, tmp_path / "killed", "--alpha", "0.3", "--resume")
     a = (tmp_path / "whole" / "adapter" / "adapter_model.safetensors").read_bytes()
     b = (tmp_path / "killed" / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert a == b
+    assert a == b and len(log["steps"]) == 6 and [e["epoch"] for e in log["epochs"]] == [1, 2]
+    assert not (tmp_path / "killed" / rundir.WORK).exists()  # committed: the work folder is gone
+
+
+def test_resume_checks_what_it_resumes(tiny_llama, pairs_file, tmp_path, monkeypatch):
+    """A resume with other settings, or with a data file rewritten in place, is refused, naming what changed."""
+    data = tmp_path / "pairs.json"
+    data.write_text(open(pairs_file).read())
+    kill_after_checkpoint(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3")
+    monkeypatch.undo()
+    with pytest.raises(pl.UserError, match=r"--resume with --lr 0.001, but the run in .* began with 0.0002"):
+        run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume", "--lr", "1e-3")
+    with pytest.raises(pl.UserError, match="--resume with --alpha 0.7"):
+        run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.7", "--resume")
+    rows = json.loads(data.read_text())
+    data.write_text(json.dumps([{**r, "output": r["output"] + " Then bake."} for r in rows]))  # same count, same path
+    with pytest.raises(pl.UserError, match="the file or folder of --data has other contents"):
+        run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume")
+    data.write_text(json.dumps(rows))
+    log = run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume", "--epochs", "3")  # may grow
+    assert len(log["steps"]) == 9
 
 
 def test_bad_input(tiny_llama, pairs_file, tmp_path):
@@ -178,30 +234,36 @@ def test_bad_input(tiny_llama, pairs_file, tmp_path):
     (tmp_path / "safety.jsonl").write_text('{"prompt": "x"}\n{broken\n')
     with pytest.raises(pl.UserError, match="line 2 is not valid JSON"):
         run(tiny_llama, pairs_file, tmp_path / "c", "--safety-data", str(tmp_path / "safety.jsonl"))
-    # NaN loss: the checkpoint of the last good epoch stays
-    P.main(["--model", tiny_llama, "--data", pairs_file, "--out", str(tmp_path / "d"), "--epochs", "1",
-            "--batch-size", "4", "--max-length", "64", "--alpha", "0.3", *FLAGS])
-    good = (tmp_path / "d" / "checkpoint" / "trainable.safetensors").read_bytes()
-    with pytest.raises(pl.UserError, match="loss is nan"):
-        run(tiny_llama, pairs_file, tmp_path / "d", "--alpha", "nan", "--resume")
-    assert (tmp_path / "d" / "checkpoint" / "trainable.safetensors").read_bytes() == good
-    with pytest.raises(pl.UserError, match="different --lr"):
-        run(tiny_llama, pairs_file, tmp_path / "d", "--alpha", "0.3", "--resume", "--lr", "1e-3")
-    with pytest.raises(pl.UserError, match="nothing to resume"):
+    with pytest.raises(pl.UserError, match="no unfinished run to resume"):
         run(tiny_llama, pairs_file, tmp_path / "f", "--resume")
+
+
+def test_a_loss_that_is_not_finite_keeps_the_last_checkpoint(tiny_llama, pairs_file, tmp_path, monkeypatch):
+    """A step whose loss is NaN stops the run in one line; the last whole checkpoint stays for --resume."""
+    calls = []
+    loss = P.training_loss
+
+    def nan_on_step_4(*args, **kwargs):
+        calls.append(1)
+        out = loss(*args, **kwargs)
+        return (out[0] * float("nan"),) + out[1:] if len(calls) == 4 else out
+    monkeypatch.setattr(P, "training_loss", nan_on_step_4)
+    with pytest.raises(pl.UserError, match="the loss is nan at step 4; the last checkpoint is kept"):
+        run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3")
+    assert last_checkpoint(tmp_path).endswith("0000003") and not (tmp_path / "adapter").exists()
 
 
 def test_positions_choose_what_the_constraint_reads(tiny_llama, pairs_file):
     """prompt: the prompt's last token (where r_l is read); response: the response tokens; all: every token."""
     _, tok = pl.load_model(tiny_llama)
-    prompt, answer = P.read_pairs(pairs_file)[0]
+    prompt, answer = T.read_pairs(pairs_file)[0]
     n_prompt = len(tok(pl.chat_text(tok, prompt), add_special_tokens=False).input_ids)
-    ids, labels, last = P.encode_pair(tok, prompt, answer, 64, "prompt")
+    ids, labels, last = T.encode_pair(tok, prompt, answer, 64, "prompt")
     assert last == [int(i == n_prompt - 1) for i in range(len(ids))]
-    _, _, resp = P.encode_pair(tok, prompt, answer, 64, "response")
+    _, _, resp = T.encode_pair(tok, prompt, answer, 64, "response")
     assert resp == [int(l != -100) for l in labels] and sum(resp) == len(ids) - n_prompt
-    assert P.encode_pair(tok, prompt, answer, 64, "all")[2] == [1] * len(ids)
-    _, no_ce, cm = P.encode_pair(tok, prompt, answer, 64, "response", ce=False)  # --safety-role constraint
+    assert T.encode_pair(tok, prompt, answer, 64, "all")[2] == [1] * len(ids)
+    _, no_ce, cm = T.encode_pair(tok, prompt, answer, 64, "response", ce=False)  # --safety-role constraint
     assert set(no_ce) == {-100} and cm == resp
 
 
@@ -223,7 +285,7 @@ def trained(tiny, data, out, *extra):
 
     P.main(["--model", tiny, "--data", data, "--out", str(out), "--epochs", "1", "--max-length", "64", "--lr", "1e-3",
             *FLAGS, *extra])
-    return load_file(str(out / "checkpoint" / "trainable.safetensors")), json.loads((out / "procon.json").read_text())
+    return load_file(str(out / "adapter" / "adapter_model.safetensors")), json.loads((out / "procon.json").read_text())
 
 
 @pytest.mark.parametrize("alpha", ["0", "0.5"])
@@ -243,9 +305,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, pa
         model, tok = pl.load_model(tiny_llama)
         args.gradient_checkpointing = ckpt
         r = torch.nn.functional.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
-        examples = [P.encode_pair(tok, p, a, 64, "all") for p, a in P.read_pairs(pairs_file)[:4]]
-        batch = P.collate(examples, tok.pad_token_id)
-        model, params = P.make_trainable(model, args)
+        examples = [T.encode_pair(tok, p, a, 64, "all") for p, a in T.read_pairs(pairs_file)[:4]]
+        batch = T.collate(examples, tok.pad_token_id)
+        model, params = T.make_trainable(model, args)
         assert all(b.gradient_checkpointing == ckpt and b.training == ckpt for b in pl.decoder_layers(model))
         with torch.no_grad():
             for p in params:  # LoRA B starts at 0; give it weights so that every gradient is non-trivial
@@ -266,15 +328,15 @@ def test_chunked_ce_gives_the_same_loss_and_gradients(arch_model, pairs_file):
     same gradients, on every architecture (Gemma-2's soft-capping included)."""
     arch, path = arch_model
     model, tok = pl.load_model(path)
-    examples = [P.encode_pair(tok, p, a, 64, "response") for p, a in P.read_pairs(pairs_file)[:3]]
-    batch = P.collate(examples, tok.pad_token_id)
-    P.check_ce_chunk(model, batch, "cpu", 5)  # passes: the same CE
+    examples = [T.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:3]]
+    batch = T.collate(examples, tok.pad_token_id)
+    T.check_ce_chunk(model, batch, "cpu", 5)  # passes: the same CE
     head = model.get_output_embeddings().weight
     head.requires_grad_(True)
     results = []
     for chunk in (0, 5):
         head.grad = None
-        ce_sum, _, _ = P.forward(model, batch, "cpu", hidden=False, ce_chunk=chunk)
+        ce_sum, _, _ = T.forward(model, batch, "cpu", hidden=False, ce_chunk=chunk)
         ce_sum.backward()
         results.append((ce_sum.item(), head.grad.clone()))
     assert abs(results[0][0] - results[1][0]) < 1e-3 * abs(results[0][0])
@@ -282,10 +344,9 @@ def test_chunked_ce_gives_the_same_loss_and_gradients(arch_model, pairs_file):
 
 
 def test_lr_schedule_and_max_steps(tiny_llama, pairs_file, tmp_path):
-    args = P.parse_args(["--lr", "1", "--lr-scheduler", "linear", "--warmup-ratio", "0.25"])
-    assert [P.lr_at(s, 8, args) for s in range(8)] == pytest.approx([0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
-    args.lr_scheduler = "cosine"
-    assert P.lr_at(2, 8, args) == 1.0 and abs(P.lr_at(5, 8, args) - 0.5) < 1e-9
+    assert [T.lr_at(s, 8, 1, 0.25, "linear") for s in range(8)] == pytest.approx(
+        [0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert T.lr_at(2, 8, 1, 0.25, "cosine") == 1.0 and abs(T.lr_at(5, 8, 1, 0.25, "cosine") - 0.5) < 1e-9
     log = run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3", "--max-steps", "4", "--lr-scheduler", "cosine")
     assert len(log["steps"]) == 4 and log["steps"][-1]["lr"] < log["steps"][0]["lr"]  # 3 steps an epoch: stops in 2nd
 
@@ -309,50 +370,67 @@ def test_merge_equals_base_plus_adapter(tiny_llama, pairs_file, tmp_path):
 
 def test_lora_targets(tiny_llama, tiny_neox):
     llama, _ = pl.load_model(tiny_llama)
-    assert P.lora_targets(llama, "auto") == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    assert T.lora_targets(llama, "auto") == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                              "self_attn.o_proj"]
-    assert P.lora_targets(llama, "all-linear") == "all-linear"
-    assert P.lora_targets(llama, "q_proj,v_proj") == ["q_proj", "v_proj"]
+    assert T.lora_targets(llama, "all-linear") == "all-linear"
+    assert T.lora_targets(llama, "q_proj,v_proj") == ["q_proj", "v_proj"]
     with pytest.raises(pl.UserError, match="qkv_proj.*not among this model's linear layers: down_proj"):
-        P.lora_targets(llama, "qkv_proj,o_proj")
+        T.lora_targets(llama, "qkv_proj,o_proj")
     neox, _ = pl.load_model(tiny_neox)
-    assert P.lora_targets(neox, "auto") == ["attention.query_key_value", "attention.dense"]
+    assert T.lora_targets(neox, "auto") == ["attention.query_key_value", "attention.dense"]
 
 
 # one row per bad input: (arguments, a phrase of the one-line message); each row runs in a copy of a finished run's
-# --out and must leave it byte-identical. A new flag gets its row here.
+# --out (or, with "{killed}", of a run killed after its first checkpoint) and must leave it byte-identical. A new
+# flag gets its row here.
 BAD_INPUT = [
-    (["--layers", "0"], "layer 0 cannot be constrained"),
-    (["--layers", "0,2"], "layer 0 cannot be constrained"),
+    (["--layers", "0"], "argument --layers: 0 must be at least 1"),
+    (["--layers", "0,2"], "argument --layers: 0 must be at least 1"),
     (["--layers", "2,9"], "layer 9 is out of range"),
-    (["--epochs", "0"], "--epochs 0: must be at least 1"),
-    (["--limit", "-2"], "--limit -2: must be at least 1"),
-    (["--limit", "0"], "--limit 0: must be at least 1"),
-    (["--lr", "0"], "--lr 0.0: must be positive"),
-    (["--lr=-1e-4"], "must be positive"),
-    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-    (["--grad-accum", "0"], "--grad-accum 0: must be at least 1"),
-    (["--ce-chunk=-1"], "--ce-chunk -1: must be at least 0"),
-    (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
-    (["--warmup-ratio", "1"], "--warmup-ratio 1.0"),
-    (["--warmup-epochs", "5"], "--warmup-epochs 5"),
-    (["--alpha", "-1"], "must not be negative"),
+    (["--epochs", "0"], "argument --epochs: 0 must be at least 1"),
+    (["--limit", "-2"], "argument --limit: -2 must be at least 1"),
+    (["--limit", "0"], "argument --limit: 0 must be at least 1"),
+    (["--lr", "0"], "argument --lr: 0 must be above 0"),
+    (["--lr=-1e-4"], "-0.0001 must be above 0"),
+    (["--lr", "inf", "--max-steps", "1"], "argument --lr: inf is not a finite number"),
+    (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    (["--grad-accum", "0"], "argument --grad-accum: 0 must be at least 1"),
+    (["--ce-chunk=-1"], "argument --ce-chunk: -1 must be at least 0"),
+    (["--max-steps", "0"], "argument --max-steps: 0 must be at least 1"),
+    (["--save-every=-2"], "argument --save-every: -2 must be at least 0"),
+    (["--warmup-ratio", "1"], "argument --warmup-ratio: 1 must be below 1"),
+    (["--warmup-epochs", "5"], "--warmup-epochs 5: must be at most --epochs 2"),
+    (["--alpha", "-1"], "argument --alpha: -1 must be at least 0"),
+    (["--alpha", "inf"], "argument --alpha: inf is not a finite number"),
+    (["--alpha", "nan"], "argument --alpha: nan is not a finite number"),
+    (["--warmup-alpha", "nan"], "argument --warmup-alpha: nan is not a finite number"),
+    (["--lora-alpha", "0"], "argument --lora-alpha: 0 must be above 0"),
+    (["--lora-r", "0"], "argument --lora-r: 0 must be at least 1"),
+    (["--max-length", "1"], "argument --max-length: 1 must be at least 2"),
+    (["--max-length", "8"], "--max-length 8 leaves no response tokens in any of the training pairs"),
+    (["--eval-data", "{long}"], "leaves no response tokens in any of the held-out pairs of --eval-data"),
     (["--full", "--load-in-4bit"], "--full cannot train a 4-bit model"),
     (["--full", "--save-merged"], "--full already writes the whole model"),
     (["--device", "cuda"], "no CUDA device"),
     (["--lora-targets", "qkv_proj"], "qkv_proj not among this model's linear layers"),
     (["--data", "{tmp}/missing.json"], "no such file"),
-    (["--out", "{file}"], "exists and is not a directory"),
-    (["--out", "/proc/refusal-steering-test/out"], "not a writable directory"),
+    (["--data", "{tmp}"], "is a folder, not a prompt file"),
+    (["--data", "{lists}"], "row 1 has a list in column 'output', expected text"),
+    (["--harmless", "{harmful}"], "the harmful and harmless prompts are the same"),
+    (["--probe-harmful", "{harmful}", "--probe-harmless", "{harmful}"], "the probe harmful and probe harmless"),
+    (["--out", "{file}"], "exists and is not a folder"),
+    (["--out", "/proc/refusal-steering-test/out"], "not a folder this process can write"),
     (["--no-overwrite"], "exists; pass --overwrite"),
     (["--resume", "--overwrite"], "pass one of them"),
-    (["--resume"], "has finished its 6 steps"),
-    (["--resume", "--alpha", "0.9"], "has finished its 6 steps"),
-    (["--resume", "--epochs", "3", "--lr", "1e-3"], "different --lr"),
-    (["--resume", "--epochs", "3", "--positions", "response"], "different --positions"),
-    (["--resume", "--epochs", "3", "--truncate", "anchors.pt"], "damaged checkpoint or anchors"),
-    (["--resume", "--epochs", "3", "--truncate", "checkpoint/trainable.safetensors"], "damaged checkpoint"),
-    (["--resume", "--epochs", "3", "--truncate", "checkpoint/optimizer.pt"], "damaged checkpoint"),
+    (["--resume"], "no unfinished run to resume (the last one finished)"),
+    (["--merge", "{tmp}"], "not a LoRA adapter folder"),
+    (["{killed}", "--no-overwrite"], "holds an unfinished run; continue it with --resume"),
+    (["{killed}", "--resume", "--lr", "1e-3"], "--resume with --lr 0.001"),
+    (["{killed}", "--resume", "--positions", "response"], "--resume with --positions 'response'"),
+    (["{killed}", "--resume", "--harmful", "{harmless}", "--harmless", "{harmful}"], "--resume: the file or folder of"),
+    (["{killed}", "--resume", "--truncate", ".run/anchors.pt"], "the unfinished run's anchors are damaged"),
+    (["{killed}", "--resume", "--truncate", ".run/checkpoint-0000001/trainable.safetensors"], "damaged checkpoint"),
+    (["{killed}", "--resume", "--truncate", ".run/checkpoint-0000001/optimizer.pt"], "damaged checkpoint"),
 ]
 
 
@@ -363,41 +441,50 @@ def finished_run(tiny_llama, pairs_file, tmp_path_factory):
     return out
 
 
-def tree(path):
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+@pytest.fixture(scope="module")
+def killed_run(tiny_llama, pairs_file, tmp_path_factory):
+    """A run killed right after its first checkpoint (step 1 of 6)."""
+    out = tmp_path_factory.mktemp("killed")
+    save = rundir.save_checkpoint
+
+    def save_then_die(*args):
+        save(*args)
+        raise KeyboardInterrupt
+    rundir.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(tiny_llama, pairs_file, out, "--alpha", "0.3", "--save-every", "1")
+    finally:
+        rundir.save_checkpoint = save
+    return out
 
 
 @pytest.mark.parametrize("extra,message", BAD_INPUT, ids=[" ".join(r[0]) for r in BAD_INPUT])
-def test_bad_input_table(tiny_llama, pairs_file, finished_run, tmp_path, extra, message):
+def test_bad_input_table(tiny_llama, pairs_file, finished_run, killed_run, prompt_files, tmp_path, extra, message):
     import shutil
 
     if torch.cuda.is_available() and "cuda" in extra:
         pytest.skip("this machine has CUDA")
     out = tmp_path / "out"
-    shutil.copytree(finished_run, out)
+    shutil.copytree(killed_run if "{killed}" in extra else finished_run, out)
     (tmp_path / "file").write_text("x")
-    extra = [a.replace("{tmp}", str(tmp_path)).replace("{file}", str(tmp_path / "file")) for a in extra]
+    (tmp_path / "lists.json").write_text(json.dumps([{"instruction": "a", "output": ["b"]}]))
+    (tmp_path / "long.json").write_text(json.dumps([{"instruction": "word " * 80, "output": "ok"}]))
+    subst = {"{tmp}": str(tmp_path), "{file}": str(tmp_path / "file"), "{lists}": str(tmp_path / "lists.json"),
+             "{long}": str(tmp_path / "long.json"), "{harmful}": prompt_files["harmful"],
+             "{harmless}": prompt_files["harmless"]}
+    extra = [subst.get(a, a).replace("{tmp}", str(tmp_path)) for a in extra if a != "{killed}"]
     if "--truncate" in extra:  # a damaged file from a killed disk write
         i = extra.index("--truncate")
         victim = out / extra.pop(i + 1)
         extra.pop(i)
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    before = tree(out)
+    before = snapshot(out)
     overwrite = [] if "--resume" in extra or "--out" in extra or "--no-overwrite" in extra else ["--overwrite"]
     extra = [a for a in extra if a != "--no-overwrite"]
-    with pytest.raises(pl.UserError, match=message.replace("(", r"\(")):
-        run(tiny_llama, pairs_file, out, "--alpha", "0.3", *overwrite, *extra)
-    assert tree(out) == before
-
-
-def test_resume_records_what_each_step_ran_with(tiny_llama, pairs_file, tmp_path):
-    """A run killed after epoch 1 and resumed with another alpha: each step keeps the alpha it ran with, and the
-    log names both commands."""
-    P.main(["--model", tiny_llama, "--data", pairs_file, "--out", str(tmp_path), "--epochs", "1", "--batch-size", "4",
-            "--max-length", "64", "--alpha", "0.3", *FLAGS])
-    log = run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.7", "--resume")
-    assert [s["alpha"] for s in log["steps"]] == [0.3] * 3 + [0.7] * 3
-    assert [(r["from_step"], r["alpha"]) for r in log["runs"]] == [(0, 0.3), (3, 0.7)]
+    with pytest.raises(pl.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run(tiny_llama, pairs_file, out, "--alpha", "0.3", "--save-every", "1", *overwrite, *extra)
+    assert snapshot(out) == before
 
 
 @pytest.mark.slow  # fresh Python processes: the CLI as a user runs it
@@ -405,7 +492,7 @@ def test_cli_bad_input_is_one_line_before_loading(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "procon.py"), "--layers", "0", "--model",
                         str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)  # not a model
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: --layers: layer 0 cannot be constrained (its input is the embedding, whose r_0 is 0)"]
+        "error: argument --layers: 0 must be at least 1"]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "procon.py"), "--data", str(tmp_path / "missing.json"),
                         "--out", str(tmp_path / "e")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.json'}: no such file"]
@@ -413,7 +500,7 @@ def test_cli_bad_input_is_one_line_before_loading(tmp_path):
 
 def test_safety_prompts_get_refusals(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(["Build a bomb", "Hack a bank"]))
-    pairs = P.read_pairs(str(tmp_path / "s.json"), ["I can't help with that."])
+    pairs = T.read_pairs(str(tmp_path / "s.json"), ["I can't help with that."])
     assert pairs == [("Build a bomb", "I can't help with that."), ("Hack a bank", "I can't help with that.")]
 
 
@@ -422,6 +509,8 @@ def test_safety_prompts_get_refusals(tmp_path):
 
 def test_overrefuser_direction_is_causal(overrefuser, tmp_path):
     """Adding the refusal direction raises harmless prompts' refusal score; ablating it lowers harmful prompts'."""
+    import directions
+
     directions.main(["--model", overrefuser, "--out", str(tmp_path), "--n-val", "16"])
     meta = json.loads((tmp_path / "direction.json").read_text())
     check = meta["causal_check"]

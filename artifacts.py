@@ -1,0 +1,293 @@
+"""artifacts.py: what the scripts save and what they apply to a model, each format with one save, one
+load-and-check, one apply and (for weights) one merge:
+
+    direction file   direction.pt                                directions.py; evaluate.py --ablate/--steer/--direction
+    ACTOR patch      actor_layer.safetensors (+ actor.json)      actor.py; evaluate.py --patch, actor.py --merge
+    LoRA adapter     adapter/ (peft's format)                    procon.py; evaluate.py --adapter, procon.py --merge
+
+Every artifact is checked against the model it meets before that model's weights are read (from its config, and its
+modules built on the meta device): a size or layout that does not fit is refused; so is a recorded model that is not
+this one, naming both, unless the user passes --other-model (a base model's direction on its own fine-tune is a
+legitimate study). A file cut short or of another kind is one line, never a traceback.
+"""
+import json
+import os
+import re
+import sys
+
+import torch
+
+import plumbing as pl
+import rundir
+
+
+# ============================================================================ which model
+def model_key(name):
+    """One name per model, whatever it is called by: a .gguf file and its converted folder are 'gguf:<sha256[:12]>', a
+    local folder is its real path, a hub id is itself."""
+    name = str(name)
+    if name.endswith(".gguf") and os.path.isfile(name):
+        return "gguf:" + pl.sha256(name)[:12]
+    path = os.path.realpath(os.path.expanduser(name))
+    if os.path.isdir(path):
+        m = re.search(r"-([0-9a-f]{12})$", path)
+        if m and os.path.dirname(path) == os.path.realpath(os.path.join(pl.CACHE, "gguf")):
+            return "gguf:" + m.group(1)
+        return path
+    return name
+
+
+def shape_of(cfg):
+    """(architecture, hidden size, number of layers) of a model's config."""
+    text = cfg.get_text_config()
+    return cfg.model_type, text.hidden_size, text.num_hidden_layers
+
+
+def record(name, cfg):
+    """What an artifact records of the model it was made on."""
+    arch, hidden, layers = shape_of(cfg)
+    return {"model": str(name), "model_key": model_key(name), "arch": arch, "hidden_size": hidden, "n_layers": layers}
+
+
+def model_config(name, trust_remote_code=False):
+    """A model's config, without reading its weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(pl.resolve_model(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        pl.fail(f"could not load model {name!r}: {str(e).strip().splitlines()[0]}")
+
+
+def skeleton(cfg, trust_remote_code=False):
+    """The model's modules on the meta device (no memory, no weights), to check artifacts against; None where an
+    architecture cannot be built bare (the checks after loading still hold)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+
+
+def check_model(path, made_on, name, cfg, other_model=False):
+    """An artifact made on `made_on` (a record, or a bare name) meets model `name` (config cfg)."""
+    made_on = made_on if isinstance(made_on, dict) else {"model": made_on}
+    arch, hidden, layers = shape_of(cfg)
+    then = (made_on.get("arch"), made_on.get("hidden_size"), made_on.get("n_layers"))
+    desc = lambda a, h, n: f"{a + ', ' if a else ''}hidden size {h}, {n} layers"  # noqa: E731
+    if then[1:] != (None, None) and then[1:] != (hidden, layers):
+        pl.fail(f"{path} was made on {made_on.get('model')} ({desc(*then)}), which does not match {name} "
+                f"({desc(arch, hidden, layers)})")
+    if not made_on.get("model"):
+        return
+    same_key = (made_on.get("model_key") or model_key(made_on["model"])) == model_key(name)
+    if then[0] not in (None, arch) or not same_key:
+        if not other_model:
+            pl.fail(f"{path} was made on {made_on['model']}" + (f" ({then[0]})" if then[0] not in (None, arch) else "")
+                    + f", not on {name}; pass --other-model to apply it anyway (e.g. to the model's own fine-tune)")
+        print(f"note: {path} was made on {made_on['model']}, applied to {name} (--other-model)", file=sys.stderr)
+
+
+def safetensors_shapes(path):
+    """({name: shape}, header metadata) of a safetensors file, from its header alone; a cut or foreign file fails."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        pl.fail(f"{path}: damaged or not a safetensors file ({str(e).strip().splitlines()[0][:120]})")
+
+
+# ============================================================================ direction files
+def save_direction(path, direction, layer, position, mean_diff, refusal_tokens, made_on, **extra):
+    """A unit direction, the layer and position (offset from the prompt's end) it was read at, the raw difference in
+    means at every layer (what activation addition adds), the refusal tokens found, and the model."""
+    pl.save_torch(path, {"direction": direction.contiguous(), "layer": int(layer), "position": int(position),
+                         "mean_diff": mean_diff.contiguous(), "refusal_tokens": torch.tensor(refusal_tokens),
+                         **made_on, **extra})
+
+
+def load_direction(path, name=None, cfg=None, other_model=False):
+    """A direction file, checked: its format, a finite unit vector, and (given the model) its size and model."""
+    rundir.settle(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isfile(path):
+        pl.fail(f"{path}: no such direction file")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        pl.fail(f"{path}: not a direction file ({type(e).__name__})")
+    if not isinstance(d, dict) or not torch.is_tensor(d.get("direction")) or "layer" not in d:
+        pl.fail(f"{path}: not a direction file (no 'direction' and 'layer')")
+    r = d["direction"].float()
+    if r.dim() != 1 or not torch.isfinite(r).all() or abs(r.norm().item() - 1) > 1e-3:
+        pl.fail(f"{path}: its direction is not a finite unit vector")
+    if cfg is not None:
+        n_layers = d.get("n_layers", shape_of(cfg)[2])
+        check_model(path, {**d, "hidden_size": r.shape[0], "n_layers": n_layers}, name, cfg, other_model)
+        if not 0 <= int(d["layer"]) < n_layers:
+            pl.fail(f"{path}: layer {d['layer']} is outside the model's layers 0..{n_layers - 1}")
+    return d
+
+
+def direction_hooks(model, d, ablate=False, coeff=None):
+    """Apply a direction file: ablate its unit direction everywhere (Arditi eq. 4), or add coeff x its raw difference
+    in means at its layer and position (eq. 3; coeff 1 is the paper's activation addition)."""
+    if ablate:
+        return pl.ablation_hooks(model, d["direction"])
+    if "mean_diff" not in d or "position" not in d:
+        pl.fail("the direction file holds no difference in means to add (not written by directions.py?)")
+    return pl.addition_hooks(model, d["mean_diff"][d["layer"], d["position"]], d["layer"], coeff)
+
+
+# ============================================================================ ACTOR patches
+PATCH_WEIGHTS, PATCH_META = "actor_layer.safetensors", "actor.json"
+
+
+def save_patch(folder, block, meta):
+    """Block l*'s trained weights, and actor.json (`meta`). What applying the patch needs (its layer, its model) rides
+    in the safetensors header too, so that weights and what they fit can never disagree."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+    fits = {k: meta.get(k) for k in ("layer", "base_model", "model_key", "arch", "hidden_size", "n_layers")}
+    save_file(state, os.path.join(folder, PATCH_WEIGHTS), metadata={"actor": json.dumps(fits)})
+    pl.save_json(os.path.join(folder, PATCH_META), meta)
+
+
+def check_patch(folder, name, cfg, other_model=False, skel=None):
+    """An ACTOR patch against a model: its model, its layer, and its weights' shapes against that layer's. Returns its
+    metadata."""
+    rundir.settle(folder)
+    weights = os.path.join(folder, PATCH_WEIGHTS)
+    if not os.path.isfile(weights):
+        pl.fail(f"{folder}: not an ACTOR patch (no {PATCH_WEIGHTS})")
+    shapes, header = safetensors_shapes(weights)
+    try:
+        meta = json.loads(header["actor"]) if "actor" in header else json.load(open(os.path.join(folder, PATCH_META)))
+        layer = int(meta["layer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pl.fail(f"{folder}: damaged ACTOR patch (no readable layer in its metadata)")
+    check_model(folder, {"model": meta.get("base_model"), **meta}, name, cfg, other_model)
+    n_layers = shape_of(cfg)[2]
+    if not 0 <= layer < n_layers:
+        pl.fail(f"{folder}: layer {layer} is outside the layers 0..{n_layers - 1} of {name}")
+    if skel is not None:
+        own = {k: list(v.shape) for k, v in pl.decoder_layers(skel)[layer].state_dict().items()}
+        if shapes != own:
+            pl.fail(f"{folder}: the patch does not fit layer {layer} of {name} (another architecture?)")
+    return meta
+
+
+def apply_patch(model, folder, name, other_model=False):
+    """Swap an ACTOR-trained block into a model (a 4-bit model gets it as a full-precision block)."""
+    from safetensors.torch import load_file
+
+    meta = check_patch(folder, name, model.config, other_model)
+    block = pl.dequantize_block(pl.decoder_layers(model)[int(meta["layer"])])
+    weights = load_file(os.path.join(folder, PATCH_WEIGHTS))
+    own = block.state_dict()
+    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+        pl.fail(f"{folder}: the patch does not fit layer {meta['layer']} of {name} (another architecture?)")
+    with torch.no_grad():
+        for k, v in block.state_dict(keep_vars=True).items():
+            v.copy_(weights[k].to(v.device, v.dtype))
+    return meta
+
+
+# ============================================================================ LoRA adapters
+def in_out(module):
+    """(in features, out features) of a linear layer (nn.Linear, bitsandbytes', or GPT-2's transposed Conv1D)."""
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    return None
+
+
+def check_adapter(folder, name, cfg, other_model=False, skel=None):
+    """A LoRA adapter against a model, from its files alone: adapter_config.json readable, the weights whole, every
+    LoRA matrix fitting the module it adapts, and the base model it names. Returns that base model's name."""
+    rundir.settle(os.path.dirname(os.path.abspath(folder)))
+    conf_path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(conf_path):
+        pl.fail(f"{folder}: not a LoRA adapter folder (no adapter_config.json)")
+    try:
+        base = json.load(open(conf_path, encoding="utf-8")).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        pl.fail(f"{conf_path}: damaged (not a JSON object); the adapter was not written whole")
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        pl.fail(f"{folder}: no adapter weights (adapter_model.safetensors); the adapter was not written whole")
+    shapes, _ = safetensors_shapes(weights)
+    modules = dict(skel.named_modules()) if skel is not None else {}
+    for key, shape in shapes.items():
+        m = re.match(r"base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
+        if not m or not modules:
+            continue
+        if m.group(1) not in modules:
+            pl.fail(f"{folder} adapts {m.group(1)}, which {name} does not have (an adapter for "
+                    f"{base or 'another architecture'})")
+        io = in_out(modules[m.group(1)])
+        if io and (shape[1] if m.group(2) == "A" else shape[0]) != (io[0] if m.group(2) == "A" else io[1]):
+            pl.fail(f"{folder}: its LoRA weights for {m.group(1)} do not fit {name} (shape {shape}; the module maps "
+                    f"{io[0]} to {io[1]}): made on {base or 'another model'}")
+    if base:
+        check_model(folder, base, name, cfg, other_model)
+    return base
+
+
+def apply_adapter(model, folder, name, other_model=False):
+    """A LoRA adapter (peft's format) on a model, checked first."""
+    from peft import PeftModel
+
+    check_adapter(folder, name, model.config, other_model, model)
+    try:
+        return PeftModel.from_pretrained(model, folder).eval()
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        pl.fail(f"{folder}: could not apply the adapter to {name} ({str(e).strip().splitlines()[0]})")
+
+
+# ============================================================================ merged models
+def made_on(kind, artifact):
+    """The base model an ACTOR patch or a LoRA adapter records, read from its files (None where it names none)."""
+    rundir.settle(artifact if kind == "patch" else os.path.dirname(os.path.abspath(artifact)))
+    if kind == "patch":
+        path = os.path.join(artifact, PATCH_WEIGHTS)
+        meta = json.loads(safetensors_shapes(path)[1].get("actor", "{}")) if os.path.isfile(path) else {}
+        return meta.get("base_model")
+    try:
+        return json.load(open(os.path.join(artifact, "adapter_config.json"), encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def save_merged(folder, kind, artifact, base, args, other_model=False):
+    """The unquantised base model with a patch ('patch') or an adapter ('adapter') merged in, saved to `folder`."""
+    model, tok = pl.load_model(base, False, args.chat_template, args.trust_remote_code, args.device)
+    if kind == "patch":
+        apply_patch(model, artifact, base, other_model)
+    else:
+        model = apply_adapter(model, artifact, base, other_model).merge_and_unload()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+def merge(kind, artifact, args):
+    """--merge: write the unquantised base model with a patch or an adapter merged in to args.out; the base model is
+    --model, else the one the artifact records. Checked before the base model's weights are read."""
+    base = args.model or made_on(kind, artifact)
+    if not base:
+        pl.fail(f"{artifact}: not an ACTOR patch or LoRA adapter that names its base model; pass --model")
+    pl.check_model_args(args)
+    cfg = model_config(base, args.trust_remote_code)
+    (check_patch if kind == "patch" else check_adapter)(artifact, base, cfg, args.other_model,
+                                                         skeleton(cfg, args.trust_remote_code))
+    with rundir.run_folder(args.out, None, args.overwrite, settings=rundir.settings(args), known=("config.json",)) as work:
+        model = save_merged(work, kind, artifact, base, args, args.other_model)
+    print(f"wrote {base} with {artifact} merged to {args.out}")
+    return model

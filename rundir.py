@@ -1,0 +1,227 @@
+"""rundir.py: a run's output folder, the same for every script. One writer at a time; outputs staged and committed at
+once; a resume that checks what it resumes; checkpoints that a kill cannot break.
+
+    OUT/                   the outputs of the last run that finished, and .outputs.json (which names they are)
+    OUT/.lock              held while a run writes (flock): a second run into the same --out stops with one line
+    OUT/.run/              the run in progress: settings.json (everything that shapes it), its checkpoints or partial
+                           results, and the outputs it writes, which reach OUT/ only when the run succeeds
+    OUT/.run/commit.json   the commit's journal, written before the first output moves: a commit cut short by a kill
+                           is finished by whoever opens the folder next (it rolls forward), so OUT/ never shows a mix
+
+A failed or killed run leaves the earlier outputs byte for byte; --overwrite replaces the whole earlier set (the files
+of another mode included) only when the new run succeeds; --resume continues the run in OUT/.run/ when every setting
+that shapes it (its flags, and the contents of the files they name) is as it was, and says what changed if not.
+"""
+import contextlib
+import json
+import os
+import shutil
+import time
+
+import plumbing as pl
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, the rest holds
+    fcntl = None
+
+LOCK, WORK, COMMIT, MANIFEST, SETTINGS = ".lock", ".run", "commit.json", ".outputs.json", "settings.json"
+NOT_SETTINGS = ("out", "overwrite", "resume")  # flags that never shape what a run computes
+
+
+# ============================================================================ what shapes a run
+def settings(args, files=(), ignore=()):
+    """Every flag of a run (but `ignore` and NOT_SETTINGS), the flags in `files` recorded by the contents of the file
+    or folder they name (a file rewritten in place is not the same file; a moved one is)."""
+    out = {}
+    for k, v in sorted(vars(args).items()):
+        if k in NOT_SETTINGS or k in ignore:
+            continue
+        if k in files:  # "sha256:..." of what the flag names (None: no file given)
+            v = [f"sha256:{pl.digest(p)}" for p in v] if isinstance(v, list) else v and f"sha256:{pl.digest(v)}"
+        out[k] = v
+    return json.loads(json.dumps(out, default=str))
+
+
+def check_same(old, new, out):
+    """A resume must find the run it continues made with the same settings; the first that differs is named."""
+    for k in sorted(set(old) | set(new)):
+        was, now = old.get(k), new.get(k)
+        if was == now:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if "sha256:" in str(was) + str(now):  # a flag that names a file: compared by contents
+            if was and now:
+                pl.fail(f"--resume: the file or folder of {flag} has other contents than when the run in {out} "
+                        "began; use the same one, or start again with --overwrite")
+            pl.fail(f"--resume {'without' if was else 'with'} {flag}, which the run in {out} began "
+                    f"{'with' if was else 'without'}; use the same settings, or start again with --overwrite")
+        pl.fail(f"--resume with {flag} {now!r}, but the run in {out} began with {was!r}; use the same settings, or "
+                "start again with --overwrite")
+
+
+# ============================================================================ the folder
+def lock(out):
+    """Hold OUT/.lock for this process (released when it ends, however it ends)."""
+    f = open(os.path.join(out, LOCK), "a+", encoding="utf-8")
+    if fcntl is None:
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        pl.fail(f"{out} is being written by another run ({who}); wait for it, or choose another --out")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}")
+    f.flush()
+    return f
+
+
+def unlock(f):
+    if fcntl is not None:
+        fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+def manifest(out):
+    """The names of the outputs in OUT (from its .outputs.json), [] where there is none."""
+    try:
+        return json.load(open(os.path.join(out, MANIFEST), encoding="utf-8"))["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def finish_commit(out):
+    """Carry out the journal in OUT/.run/commit.json; every step can be repeated, so a commit cut short finishes."""
+    work = os.path.join(out, WORK)
+    journal = json.load(open(os.path.join(work, COMMIT), encoding="utf-8"))
+    trash = os.path.join(work, ".trash")
+    os.makedirs(trash, exist_ok=True)
+    for name in journal["remove"]:
+        remove(os.path.join(out, name))
+    for name in journal["outputs"]:
+        src, dst = os.path.join(work, name), os.path.join(out, name)
+        if not os.path.lexists(src):
+            continue  # moved before the kill
+        if os.path.isdir(dst) and not os.path.islink(dst):  # a folder is swapped out first, then in
+            os.replace(dst, os.path.join(trash, name))
+        os.replace(src, dst)
+    pl.save_json(os.path.join(out, MANIFEST), {"outputs": journal["outputs"]})
+    shutil.rmtree(work)
+
+
+def settle(folder):
+    """Finish a commit that a kill cut short, before anything reads the folder (artifact loaders call this)."""
+    if not os.path.isfile(os.path.join(folder, WORK, COMMIT)):
+        return
+    f = lock(folder)
+    try:
+        if os.path.isfile(os.path.join(folder, WORK, COMMIT)):
+            finish_commit(folder)
+    finally:
+        unlock(f)
+
+
+def commit(out, outputs, known):
+    """The run's outputs (those of `outputs` it wrote into OUT/.run/) replace the earlier set in OUT: first the journal,
+    then the moves. Earlier outputs that this run did not write (another mode's) are removed."""
+    work = os.path.join(out, WORK)
+    if outputs is None:  # whatever the run wrote
+        outputs = sorted(n for n in os.listdir(work) if n != SETTINGS and not n.startswith("."))
+    new = [n for n in outputs if os.path.lexists(os.path.join(work, n))]
+    old = set(manifest(out)) | set(known)
+    gone = sorted(n for n in old if n not in new and os.path.lexists(os.path.join(out, n)))
+    pl.save_json(os.path.join(work, COMMIT), {"outputs": new, "remove": gone})
+    finish_commit(out)
+
+
+@contextlib.contextmanager
+def run_folder(out, outputs, overwrite=False, resume=False, settings=None, known=(), resumable=False, progress=()):
+    """The one way a script writes --out. Checked before any work: OUT is a folder this process can write; no other
+    run writes it; earlier outputs are only replaced with --overwrite; an unfinished run there is continued only with
+    --resume and the same settings. Yields the work folder OUT/.run/, into which the run writes everything; the names
+    in `outputs` (None: all it wrote) are committed to OUT when the block ends without an error. `known`: the names any mode of the script
+    writes (an --overwrite removes those of an earlier run too). resumable: the script can continue an unfinished run;
+    its work folder is then kept after a failure if it holds progress (a checkpoint, or a non-empty file named in
+    `progress`), else it is removed."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        pl.fail(f"--out {out}: exists and is not a folder")
+    if resume and overwrite:
+        pl.fail("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    try:
+        os.makedirs(out, exist_ok=True)
+        held = lock(out)
+    except OSError as e:
+        pl.fail(f"--out {out}: not a folder this process can write ({e.strerror})")
+    work = os.path.join(out, WORK)
+    try:
+        if os.path.isfile(os.path.join(work, COMMIT)):
+            finish_commit(out)  # an earlier run was killed while committing: its commit is finished first
+        unfinished = os.path.isdir(work)
+        if resume and not unfinished:
+            pl.fail(f"{out}: no unfinished run to resume" + (" (the last one finished)" if manifest(out) else ""))
+        if unfinished and resumable and not resume and not overwrite:
+            pl.fail(f"{out} holds an unfinished run; continue it with --resume, or start again with --overwrite")
+        if unfinished and resume:
+            check_same(json.load(open(os.path.join(work, SETTINGS), encoding="utf-8")), settings or {}, out)
+        else:
+            existing = [n for n in dict.fromkeys(manifest(out) + list(outputs or ()) + list(known))
+                        if os.path.lexists(os.path.join(out, n))]
+            if existing and not overwrite:
+                pl.fail(f"{os.path.join(out, existing[0])} exists; pass --overwrite to replace it or choose another "
+                        "--out")
+            remove(work)  # a dead run's work (a non-resumable script's, or one --overwrite starts again)
+            os.makedirs(work)
+            pl.save_json(os.path.join(work, SETTINGS), settings or {})
+        try:
+            yield work
+        except BaseException:
+            kept = checkpoints(work) or any(os.path.isfile(os.path.join(work, n)) and
+                                            os.path.getsize(os.path.join(work, n)) for n in progress)
+            if not (resumable and kept):
+                remove(work)
+            raise
+        commit(out, outputs, known)
+    finally:
+        unlock(held)
+
+
+# ============================================================================ checkpoints
+def checkpoints(work):
+    """The whole checkpoints in a work folder, oldest first: (step, path)."""
+    found = []
+    for name in os.listdir(work) if os.path.isdir(work) else ():
+        if name.startswith("checkpoint-") and name[11:].isdigit() and os.path.isdir(os.path.join(work, name)):
+            found.append((int(name[11:]), os.path.join(work, name)))
+    return sorted(found)
+
+
+def save_checkpoint(work, step, write):
+    """write(folder) fills a new folder; it becomes checkpoint-<step> only once whole (one rename), and only then
+    are the older checkpoints removed: a kill at any moment leaves the last whole checkpoint in place."""
+    final = os.path.join(work, f"checkpoint-{step:07d}")
+    tmp = final + ".tmp"
+    remove(tmp)
+    os.makedirs(tmp)
+    write(tmp)
+    remove(final)
+    os.replace(tmp, final)
+    for _, path in checkpoints(work):
+        if path != final:
+            remove(path)
+
+
+def last_checkpoint(work):
+    """(step, folder) of the last whole checkpoint, or None."""
+    found = checkpoints(work)
+    return found[-1] if found else None
