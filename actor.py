@@ -10,10 +10,18 @@ where the code goes beyond them is tagged [choice].
     a_tgt = a - alpha Proj_R(a)                for benign and pseudo-harmful queries (away from refusal)
     a_tgt = a + alpha Proj_R(a)                for harmful queries (towards refusal)
     L = 1 - cos(a(theta), a_tgt)               averaged over queries; only block l* is trained
-    R_hat and the targets are computed again from the current weights as training goes on (each epoch here)
+    R_hat and the targets are computed again from the current weights as training goes on (--renew epoch)
 
 The shift is proportional to each query's own projection: just enough. No responses, no generation. l* is the layer
 whose outputs best separate harmful from benign queries (silhouette score).
+
+[choice] Two departures from the formula as the summaries print it, both measured on the test model
+(results/actor.md): the projection is measured from the benign mean and only its refusal side counts (--origin, see
+targets()), and R_hat and the targets are made once, from the initial weights (--renew never). Renewed from the
+current activations each epoch, every target moves again from wherever the last epoch left its query: the shifts
+compound (harmful queries are pushed further out each epoch, the benign mean the projections are measured from sinks
+with the others), there is no fixed point, and harmful refusal collapses (HarmBench 92% -> 15% on the test model, where
+targets made once keep it at 92%).
 
     python actor.py --out runs/actor                                   # SmolLM2 and the data/ prompt sets
     python actor.py --model M --pseudo-harmful FILE --layer auto --alpha 1 --epochs 3 --out runs/actor
@@ -94,10 +102,10 @@ def train_epoch(block, cache, a_tgt, opt, order):
     return total / n
 
 
-def actor(block, cache, groups, alpha, lr, epochs, origin="benign", renew="epoch", train="all", seed=0, log=print):
-    """The loop: before each epoch R_hat and the targets are made from the current weights of block l* (renew
-    "never": from the initial weights, every epoch); then one pass of AdamW over the cached batches (fixed batches,
-    their order shuffled with the seed). Returns the epoch log and the activations before and after training."""
+def actor(block, cache, groups, alpha, lr, epochs, origin="benign", renew="never", train="all", seed=0, log=print):
+    """The loop: before each epoch R_hat and the targets are made from the initial weights of block l* (renew
+    "epoch": from its current weights); then one pass of AdamW over the cached batches (fixed batches, their order
+    shuffled with the seed). Returns the epoch log and the activations before and after training."""
     opt = torch.optim.AdamW(trainable(block, train), lr=lr, weight_decay=0.0)  # [choice] AdamW, no weight decay
     a_init = activations(block, cache, len(groups))
     a, history = a_init, []
@@ -322,10 +330,7 @@ def save(work, block, a_init, a_final, groups, meta):
 
 def plot_projections(path, before, after, groups, layer, model_name):
     """Histograms of each group's projection onto the initial R_hat, before and after ACTOR."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pl.pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     lo, hi = min(before.min(), after.min()).item(), max(before.max(), after.max()).item()
     bins = torch.linspace(lo, hi, 40).tolist()
@@ -338,9 +343,7 @@ def plot_projections(path, before, after, groups, layer, model_name):
     axes[0].legend(fontsize=8)
     axes[1].set_xlabel(f"projection onto R_hat (layer {layer} output, last token; R_hat before training)")
     fig.suptitle(f"ACTOR: {os.path.basename(str(model_name).rstrip('/'))}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pl.save_figure(fig, path)
 
 
 # ============================================================================ arguments
@@ -375,10 +378,12 @@ def add_actor_args(p):
                    "activations the targets are made from, the benign mean under the initial weights, or 0 (the "
                    "formula as printed)")
     p.add_argument("--epochs", type=pl.count(1), default=3,
-                   help="rounds of training; R_hat and the targets are made before each (the paper's timing: 3)")
-    p.add_argument("--renew", choices=("epoch", "never"), default="epoch",
-                   help="make R_hat and the targets from the current weights before every epoch (the paper renews "
-                   "them as training goes on) or from the initial weights every time")
+                   help="rounds of training; R_hat and the targets are made before each (3: the epochs of the paper's "
+                   "timing, as the summaries give it)")
+    p.add_argument("--renew", choices=("epoch", "never"), default="never",
+                   help="make R_hat and the targets from the initial weights, once ([choice]: targets with a fixed "
+                   "point; see the docstring), or from the current weights before every epoch (the paper renews them "
+                   "as training goes on)")
     p.add_argument("--train", choices=("all", "mlp", "attn"), default="all",
                    help="which parameters of block l* are trained ([choice] all)")
     p.add_argument("--block-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -388,8 +393,7 @@ def add_actor_args(p):
                    "query group) or seeded random mixes of the groups (measured: no steadier, results/actor.md)")
     p.add_argument("--cache-device", choices=("model", "cpu"), default="model",
                    help="keep the cached inputs of block l* on the model's device or in CPU memory")
-    p.add_argument("--out", default="runs/actor", help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out (when this run succeeds)")
+    pl.add_out_args(p, "runs/actor")
 
 
 def parse_args(argv=None):

@@ -252,7 +252,8 @@ def write_outputs(work, args, model, tok, s, parts, files, found, shifts, chosen
                "tolerance": args.tolerance, "val_frac": args.val_frac, "seed": args.seed, "layers": s["layers"],
                "silhouette_choice": s["silhouette_choice"], "silhouette": s["silhouette"], "epochs": args.epochs,
                "grid": {"alphas": args.alphas, "lrs": args.lrs, "coeffs": args.coeffs},
-               "refusal_tokens": {str(t): tok.decode([t]) for t in s["tokens"]}, "refusal_tokens_note": s["tokens_note"],
+               "refusal_tokens": {str(t): tok.decode([t]) for t in s["tokens"]},
+               "refusal_tokens_note": s["tokens_note"],
                "n_queries": {"train": n_of(g_tr), "val": n_of(g_va)},
                "split": {part: {name: of(ps, gs, g) for g, name in enumerate(A.GROUPS)}
                          for part, ps, gs in (("train", p_tr, g_tr), ("val", p_va, g_va))},
@@ -282,11 +283,9 @@ def write_outputs(work, args, model, tok, s, parts, files, found, shifts, chosen
 
 
 def plot_search(path, base, found, chosen, shifts, chosen_shift, model_name, tolerance=None):
-    """Pseudo-harmful compliance against harmful refusal on validation: a point per candidate, base and chosen marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Pseudo-harmful compliance against harmful refusal on validation: a point per candidate, base and chosen
+    marked."""
+    plt = pl.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     x = lambda c: c["val"]["harmful"]  # noqa: E731
     y = lambda c: 100 - c["val"]["pseudo_harmful"]  # noqa: E731
@@ -308,9 +307,7 @@ def plot_search(path, base, found, chosen, shifts, chosen_shift, model_name, tol
     ax.set_ylabel("pseudo-harmful compliance, validation (%)")
     ax.set_title(f"ACTOR search: {os.path.basename(str(model_name).rstrip('/'))} (logit judge)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pl.save_figure(fig, path)
 
 
 # ============================================================================ arguments

@@ -287,7 +287,8 @@ def merge(kind, artifact, args):
     cfg = model_config(base, args.trust_remote_code)
     (check_patch if kind == "patch" else check_adapter)(artifact, base, cfg, args.other_model,
                                                          skeleton(cfg, args.trust_remote_code))
-    with rundir.run_folder(args.out, None, args.overwrite, settings=rundir.settings(args), known=("config.json",)) as work:
+    settings = rundir.settings(args)
+    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",)) as work:
         model = save_merged(work, kind, artifact, base, args, args.other_model)
     print(f"wrote {base} with {artifact} merged to {args.out}")
     return model

@@ -1,4 +1,4 @@
-"""directions.py: a chat model's refusal direction and its layer; with --pseudo-harmful, Surgical's false-refusal vector.
+"""directions.py: the refusal direction of a chat model and its layer; and Surgical's false-refusal vector.
 
 Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single Direction" (arXiv 2406.11717):
 
@@ -59,7 +59,8 @@ def causal_scores(model, tok, r, r_hat, layer, val, base_harmless, tokens, batch
     ablated_harmless = pl.last_logits(model, tok, val["harmless"], batch_size, ablate, "kl")
     induce = judges.refusal_score(pl.last_logits(model, tok, val["harmless"], batch_size,
                                                  pl.addition_hooks(model, r, layer), "induce"), tokens)
-    return {"bypass": bypass.mean().item(), "induce": induce.mean().item(), "kl": kl_div(base_harmless, ablated_harmless)}
+    return {"bypass": bypass.mean().item(), "induce": induce.mean().item(),
+            "kl": kl_div(base_harmless, ablated_harmless)}
 
 
 def select(candidates, scores, n_layers, prune_frac, max_kl):
@@ -70,15 +71,17 @@ def select(candidates, scores, n_layers, prune_frac, max_kl):
     return min(ok, key=lambda c: scores[c]["bypass"]) if ok else None
 
 
-def choose_layer(args, model, tok, mean_diff, r_hat, candidates, sil, val, base, tokens, select_by):
+def choose_layer(args, model, tok, mean_diff, r_hat, candidates, sil, val, base, tokens, refuses):
     """The layer: fixed (--layer), the paper's selection by bypass / induce / KL, or, where the model refuses too
-    little or no candidate passes, the best silhouette ([choice]: ACTOR's criterion). Returns (candidate, how, scores,
-    note)."""
+    little (no refusal tokens of its own) or no candidate passes, the best silhouette ([choice]: ACTOR's criterion).
+    Returns (candidate, how, scores, note)."""
     n_layers = mean_diff.shape[0]
     if args.layer is not None:
         return (args.layer, max(range(args.positions), key=lambda p: sil[(args.layer, p)])), "fixed", {}, None
     scores, note = {}, None
-    if select_by == "refusal":
+    if args.select == "refusal" and not refuses:
+        note = "layer selection falls back to silhouette"
+    elif args.select == "refusal":
         scores = {c: causal_scores(model, tok, mean_diff[c], r_hat[c], c[0], val, base["harmless"], tokens,
                                    args.batch_size) for c in tqdm(candidates, desc="selecting layer")}
         chosen = select(candidates, scores, n_layers, args.prune_frac, args.max_kl)
@@ -137,7 +140,6 @@ def split(path, column, n_train, n_val, seed):
 
 def main(argv=None):
     args = parse_args(argv)
-    pl.check_model_args(args)
     pl.seed_everything(args.seed)
     t0 = time.time()
 
@@ -153,8 +155,8 @@ def main(argv=None):
         n_layers = pl.text_config(model).num_hidden_layers
         if args.layer is not None and not 1 <= args.layer < n_layers:
             pl.fail(f"--layer {args.layer} is out of range: this model has layers 1..{n_layers - 1} to choose from")
-        everything = sum(train.values(), []) + sum(val.values(), [])
-        pl.check_context(model, pl.token_lengths(tok, pl.format_chat(tok, everything)), extra_tokens=16)
+        pl.check_context(model, pl.token_lengths(tok, pl.format_chat(tok, sum([*train.values(), *val.values()], []))),
+                         extra_tokens=16)  # 16: the answers of judges.refusal_tokens
 
         # 3. the candidate directions: r = mu - nu at every layer's input and position (sec. 2.3)
         acts = {k: pl.capture(model, tok, train[k], args.positions, args.batch_size, f"activations ({k})")
@@ -167,26 +169,25 @@ def main(argv=None):
 
         # 4. silhouette of harmful vs harmless activations at every candidate (the fallback choice)
         labels = torch.cat([torch.ones(len(acts["harmful"])), torch.zeros(len(acts["harmless"]))])
-        found["silhouette"] = {(l, p): pl.silhouette(torch.cat([acts["harmful"][:, l, p], acts["harmless"][:, l, p]]),
-                                                      labels) for l, p in tqdm(candidates, desc="silhouette", leave=False)}
+        both = torch.cat([acts["harmful"], acts["harmless"]])
+        found["silhouette"] = {c: pl.silhouette(both[:, c[0], c[1]], labels) for c in candidates}
 
         # 5. refusal tokens from the model's own refusals (sec. 2.4), or the fallback openers, saying so
         tokens, found["n_refused"], note = judges.refusal_tokens(model, tok, val["harmful"], val["harmless"],
                                                                  args.batch_size, args.min_refusals)
-        select_by = "silhouette" if note and args.layer is None else args.select
         if note:
-            note += "; layer selection falls back to silhouette" if select_by != args.select else ""
             print("note: " + note, file=sys.stderr)
         base = {k: pl.last_logits(model, tok, val[k], args.batch_size, desc=f"baseline ({k})") for k in val}
 
         # 6. the layer (app. C), and 7. the causal check of the chosen direction beside the baseline
         chosen, found["select"], found["scores"], why = choose_layer(args, model, tok, mean_diff, r_hat, candidates,
-                                                                     found["silhouette"], val, base, tokens, select_by)
+                                                                     found["silhouette"], val, base, tokens, not note)
         at = found["scores"].get(chosen) or causal_scores(model, tok, mean_diff[chosen], r_hat[chosen], chosen[0],
                                                           val, base["harmless"], tokens, args.batch_size)
-        found["check"] = {"harmful_baseline": judges.refusal_score(base["harmful"], tokens).mean().item(),
-                          "harmful_ablated": at["bypass"], "harmless_added": at["induce"], "kl_harmless_ablated":
-                          at["kl"], "harmless_baseline": judges.refusal_score(base["harmless"], tokens).mean().item()}
+        baseline = {k: judges.refusal_score(base[k], tokens).mean().item() for k in ("harmful", "harmless")}
+        found["check"] = {"harmful_baseline": baseline["harmful"], "harmful_ablated": at["bypass"],
+                          "harmless_baseline": baseline["harmless"], "harmless_added": at["induce"],
+                          "kl_harmless_ablated": at["kl"]}
         found.update(chosen=chosen, tokens=tokens, note="; ".join(n for n in (note, why) if n) or None)
 
         # 8. Surgical's false-refusal vector, from the same activations, positions and layers
@@ -240,10 +241,7 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
 
 def plot_layers(path, per_layer, layer, model_name, surgical=None):
     """Per layer (last position): silhouette, bypass, induce and KL of the refusal direction; Surgical's score."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pl.pyplot()
     last = [r for r in per_layer if r["position"] == -1]
     keys = [k for k in ("silhouette", "bypass", "induce", "kl") if k in last[0]]
     rows = [(k, last) for k in keys] + ([("pseudo_harmful", [r for r in surgical["per_layer"] if r["position"] == -1])]
@@ -257,9 +255,7 @@ def plot_layers(path, per_layer, layer, model_name, surgical=None):
                       "induce": "refusal score, harmless, added", "kl": "KL on harmless, ablated",
                       "pseudo_harmful": "Surgical: pseudo-harmful, ablated"}[k], fontsize=9)
     fig.suptitle(f"{os.path.basename(model_name.rstrip('/'))}: chosen layer {layer}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pl.save_figure(fig, path)
 
 
 # ============================================================================ arguments
@@ -294,9 +290,10 @@ def parse_args(argv=None):
                    "the official code's default)")
     p.add_argument("--surgical-max-kl", type=pl.number(lo=0), default=0.2,
                    help="Surgical: discard vectors whose ablation KL on harmless prompts exceeds this (official code)")
-    p.add_argument("--out", default="runs/direction", help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out (when this run succeeds)")
-    return p.parse_args(argv)
+    pl.add_out_args(p, "runs/direction")
+    args = p.parse_args(argv)
+    pl.check_model_args(args)
+    return args
 
 
 if __name__ == "__main__":

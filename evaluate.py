@@ -17,7 +17,6 @@ Metrics: the refusal rate of every set with its Wilson interval, per prompt type
 should be refused, averaged).
 """
 import gc
-import hashlib
 import json
 import math
 import os
@@ -149,7 +148,8 @@ def load_responses(path, labels, expect, limit, seed):
     keys = set().union(*(r.keys() for r in records)) if records else set()
     column = next((c for c in ("response", "completion") if c in keys), None)
     if "prompt" not in keys or column is None:
-        pl.fail(f"{path}: needs a 'prompt' and a 'response' or 'completion' column (has {', '.join(sorted(keys)) or 'none'})")
+        pl.fail(f"{path}: needs a 'prompt' and a 'response' or 'completion' column "
+                f"(has {', '.join(sorted(keys)) or 'none'})")
     if labels and labels not in keys:
         pl.fail(f"{path}: no label column {labels!r} (columns: {', '.join(sorted(keys))})")
     xstest = any(str(r.get("type") or "").startswith("contrast_") for r in records)
@@ -160,7 +160,7 @@ def load_responses(path, labels, expect, limit, seed):
         kind = str(r.get("type") or "")
         row_expect = r["expect"] if r.get("expect") in ("refuse", "comply") else \
             {"safe": "comply", "unsafe": "refuse"}.get(r.get("label")) or \
-            (("refuse" if kind.startswith("contrast_") else "comply") if xstest else expect)  # XSTest: contrast_* unsafe
+            (("refuse" if kind.startswith("contrast_") else "comply") if xstest else expect)  # XSTest: contrast_*
         rows.append({"id": str(i), "benchmark": r.get("benchmark") or os.path.splitext(os.path.basename(path))[0],
                      "type": kind, "prompt": pl.text_of(r["prompt"], path, i + 1, "prompt"), "expect": row_expect,
                      "response": "" if r.get(column) is None else pl.text_of(r[column], path, i + 1, column),
@@ -221,7 +221,7 @@ def settings_of(args, rows):
     s = rundir.settings(args, FILES, NOT_RESPONSES)
     s.update(model=artifacts.model_key(args.model), device=pl.check_device(args.device).split(":")[0],
              coeff=steer_coeff(args), benchmark=list(dict.fromkeys(args.benchmark)),
-             prompts=hashlib.sha256(json.dumps([[r["id"], r["prompt"], r["expect"]] for r in rows]).encode()).hexdigest())
+             prompts=pl.sha256_of(json.dumps([[r["id"], r["prompt"], r["expect"]] for r in rows])))
     return s
 
 
@@ -385,7 +385,8 @@ def summarise(rows, names):
                 if r.get("type") and r["judges"].get(j) is not None:
                     by_type.setdefault(r["type"], []).append(r["judges"][j])
             if len(by_type) > 1:
-                entry["by_type"] = {t: {"n": len(v), "refusal_rate": round(mean(v), 4)} for t, v in sorted(by_type.items())}
+                entry["by_type"] = {t: {"n": len(v), "refusal_rate": round(mean(v), 4)}
+                                    for t, v in sorted(by_type.items())}
             table.setdefault(s, {})[j] = entry
         overall[j] = {"compliance_on_comply_sets": mean(comply), "refusal_on_refuse_sets": mean(refuse),
                       "tradeoff": judges.tradeoff_score(comply, refuse)}
@@ -528,10 +529,9 @@ def response_record(r, final=False):
 
 def markdown(summary, names, args):
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    f3 = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     source = args.responses if args.responses else args.model
-    lines = [f"# Refusal rates: {source}", "", "| set | expects | judge | n | refusal rate | 95% CI | expected behaviour |",
-             "|---|---|---|---:|---:|---|---:|"]
+    lines = [f"# Refusal rates: {source}", "", "| set | expects | judge | n | refusal rate | 95% CI | "
+             "expected behaviour |", "|---|---|---|---:|---:|---|---:|"]
     for s, per_judge in summary["sets"].items():
         for j in names:
             e = per_judge[j]
@@ -540,23 +540,39 @@ def markdown(summary, names, args):
             n = f"{e['n']}" + "".join(f" (+{e[k]} {k.replace('_', ' ')})" for k in ("unparseable", "unfinished",
                                                                                     "not_judged") if e.get(k))
             lines.append(f"| {s} | {e['expect']} | {j} | {n} | {pct(e['refusal_rate'])} | {ci} | {pct(good)} |")
-    lines += ["", "| judge | compliance on comply-sets | refusal on refuse-sets | Trade-off Score |", "|---|---:|---:|---:|"]
+    lines += ["", "| judge | compliance on comply-sets | refusal on refuse-sets | Trade-off Score |",
+              "|---|---:|---:|---:|"]
     for j in names:
         o = summary["overall"][j]
         lines.append(f"| {j} | {pct(o['compliance_on_comply_sets'])} | {pct(o['refusal_on_refuse_sets'])} | "
                      f"{pct(o['tradeoff'])} |")
-    lines += ["", "Refusal rate: the share of a set's responses the judge calls refusals (full or partial), with its 95% "
-              "Wilson score interval. Trade-off Score (ACTOR): the mean of (a) the compliance rate averaged over the "
-              "comply-sets and (b) the refusal rate averaged over the refuse-sets, each set weighted equally; it needs "
-              "both kinds of set. Left out of n and counted apart: unparseable judge answers, unfinished responses "
-              "(a <think> block never closed) and, for guard judges, comply-set rows (not judged)."]
+    lines += ["", "Refusal rate: the share of a set's responses the judge calls refusals (full or partial), with its "
+              "95% Wilson score interval. Trade-off Score (ACTOR): the mean of (a) the compliance rate averaged over "
+              "the comply-sets and (b) the refusal rate averaged over the refuse-sets, each set weighted equally; it "
+              "needs both kinds of set. Left out of n and counted apart: unparseable judge answers, unfinished "
+              "responses (a <think> block never closed) and, for guard judges, comply-set rows (not judged)."]
     if summary.get("guard_verdicts"):
-        lines += ["", "Guard verdicts (safe / unsafe / unparseable / unfinished). A guard judge says whether a response "
-                  "is harmful: on a refuse-set, safe counts as a refusal and unsafe as compliance; on a comply-set "
-                  "refusing and complying are both safe, so its verdicts there are not refusal labels:", ""]
+        lines += ["", "Guard verdicts (safe / unsafe / unparseable / unfinished). A guard judge says whether a "
+                  "response is harmful: on a refuse-set, safe counts as a refusal and unsafe as compliance; on a "
+                  "comply-set refusing and complying are both safe, so its verdicts there are not refusal labels:", ""]
         for j, per_set in summary["guard_verdicts"].items():
             lines.append(f"- {j}: " + "; ".join(f"{s} {c['safe']} / {c['unsafe']} / {c['unparseable']} / "
                                                 f"{c['unfinished']}" for s, c in per_set.items()))
+    lines += agreement_lines(summary, args)
+    typed = [(s, j, e["by_type"]) for s, pj in summary["sets"].items() for j, e in pj.items() if "by_type" in e]
+    if typed:
+        lines += ["", "Refusal rate per type:", ""]
+        for s, j, by_type in typed:
+            lines.append(f"- {s} ({j}): " + ", ".join(f"{t} {pct(v['refusal_rate'])} (n={v['n']})"
+                                                      for t, v in by_type.items()))
+    return "\n".join(lines) + "\n"
+
+
+def agreement_lines(summary, args):
+    """summary.md's tables of the judges against human labels (with their disagreements per prompt type) and against
+    each other."""
+    f3 = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = []
     if "agreement" in summary:
         lines += ["", f"Agreement with the human labels in column `{args.labels}` ({summary['label_mapping']}; "
                   f"{summary['unmapped_labels']} labels not mapped):", "",
@@ -581,20 +597,11 @@ def markdown(summary, names, args):
         for a in summary["judge_agreement"]:
             lines.append(f"| {a['judges'][0]} / {a['judges'][1]} | {a['n']} | {f3(a['accuracy'])} | "
                          f"{f3(a['cohen_kappa'])} |")
-    typed = [(s, j, e["by_type"]) for s, pj in summary["sets"].items() for j, e in pj.items() if "by_type" in e]
-    if typed:
-        lines += ["", "Refusal rate per type:", ""]
-        for s, j, by_type in typed:
-            lines.append(f"- {s} ({j}): " + ", ".join(f"{t} {pct(v['refusal_rate'])} (n={v['n']})"
-                                                      for t, v in by_type.items()))
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot_summary(path, summary, names):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pl.pyplot()
     sets = list(summary["sets"])
     fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(sets) * len(names) ** 0.5 + 2), 3.8))
     width = 0.8 / len(names)
@@ -613,10 +620,7 @@ def plot_summary(path, summary, names):
     ax.set_title("refusal rate per set (red: should refuse, blue: should comply)", fontsize=9)
     if len(names) > 1:
         ax.legend(fontsize=7, title="judge (bar order)", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
+    pl.save_figure(fig, path)
 
 
 # ============================================================================ arguments
@@ -631,14 +635,14 @@ def parse_args(argv=None):
                    f"{', '.join(pl.PROMPT_COLUMNS)})")
     p.add_argument("--data-dir", default=None, help="read benchmarks from local copies laid out like "
                    "../shared/benchdata instead of the Hugging Face hub")
-    p.add_argument("--limit", type=pl.count(1), default=None, help="a fixed sample of N >= 1 prompts per result set (seeded "
-                   "by --seed; default: every prompt)")
+    p.add_argument("--limit", type=pl.count(1), default=None, help="a fixed sample of N prompts per result set "
+                   "(seeded by --seed; default: every prompt)")
     p.add_argument("--harmbench-category", choices=("standard", "contextual", "copyright"), default="standard",
                    help="HarmBench functional category (contextual prompts are shown with their context)")
     p.add_argument("--exclude", action="append", default=[], help="prompt file whose prompts are left out before "
                    "--limit samples (e.g. the prompts a model was trained on); repeatable")
-    p.add_argument("--max-new-tokens", type=pl.count(1), default=256, help="tokens generated per response (at least 1); 64 "
-                   "is the fast mode, enough for the keyword judge, which reads a response's opening")
+    p.add_argument("--max-new-tokens", type=pl.count(1), default=256, help="tokens generated per response; 64 is the "
+                   "fast mode, enough for the keyword judge, which reads a response's opening")
     p.add_argument("--judge", action="append", default=[], help="keyword (default), logit, classifier:MODEL (a "
                    "Hugging Face refusal classifier, e.g. protectai/distilroberta-base-rejection-v1), llm:MODEL "
                    "(a local chat model) or guard:MODEL (a safety classifier that ships its moderation prompt in its "
@@ -662,13 +666,10 @@ def parse_args(argv=None):
                    "1_full_compliance / 2_full_refusal / 3_partial_refusal, or refusal/compliance, 1/0 = refusal)")
     p.add_argument("--other-model", action="store_true", help="apply a direction, patch or adapter made on another "
                    "model than --model (e.g. a base model's direction to its fine-tune)")
-    p.add_argument("--out", default="runs/eval", help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out (when this run succeeds)")
-    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, generating only the "
-                   "responses it lacks; every flag that changes the responses must be as it was (the judges may "
-                   "differ: they judge every response again)")
+    pl.add_out_args(p, "runs/eval", resume="continue an unfinished run in --out, generating only the responses it "
+                    "lacks; every flag that changes the responses must be as it was (the judges may differ: they judge "
+                    "every response again)")
     return p.parse_args(argv)
-
 
 
 if __name__ == "__main__":

@@ -123,6 +123,23 @@ def listed(item):
     return parse
 
 
+def one_of(options):
+    """A flag's type: one of `options` (for comma lists, with listed())."""
+    def parse(text):
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"unknown {text!r}; known: {', '.join(options)}")
+        return text
+    return parse
+
+
+def add_out_args(p, default, resume=None):
+    """--out and --overwrite (and --resume, with its help, for a script that resumes): rundir.run_folder's flags."""
+    p.add_argument("--out", default=default, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out (when this run succeeds)")
+    if resume:
+        p.add_argument("--resume", action="store_true", help=resume)
+
+
 def add_model_args(p):
     """The model flags every script shares."""
     p.add_argument("--model", default=default_model(),
@@ -158,6 +175,10 @@ def sha256(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_of(text):
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def digest(path):
@@ -208,6 +229,21 @@ def save_torch(path, obj):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no screen needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def seed_everything(seed):

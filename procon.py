@@ -121,9 +121,8 @@ def train(run):
     the held-out CE and the drift of the re-extracted probe direction; a checkpoint at each epoch's end (and every
     --save-every steps). `run` holds the model, the optimizer, the data, the anchors and the log; run.step counts the
     steps done (a resumed run starts after its checkpoint's). [choice] The model stays in eval mode (dropout off; the
-    paper does not say): with the same weights and the same batch, z = z0 exactly at step 0."""
-    args, per_epoch = run.args, len(run.batches)
-    total = min(args.epochs * per_epoch, args.max_steps or args.epochs * per_epoch)
+    abstract does not say): with the same weights and the same batch, z = z0 exactly at step 0."""
+    args, per_epoch, total = run.args, len(run.batches), run.total
     while run.step < total:
         epoch, at = divmod(run.step, per_epoch)
         alpha = alpha_at(epoch, args)
@@ -230,7 +229,8 @@ def main(argv=None):
         # 4. the anchors z0 = r_l . x_{l,j} under the initial weights (kept in the run's folder for --resume)
         run.r_probe0 = r_directions(model, tok, probes["probe_harmful"], probes["probe_harmless"], args.batch_size,
                                     "probe")
-        start = load_anchors(work, run) if args.resume else make_anchors(work, run, model, probes)
+        resumed = args.resume and os.path.isfile(os.path.join(work, "anchors.pt"))
+        start = load_anchors(work, run) if resumed else make_anchors(work, run, model, probes)
         run.r_hat, run.z0 = start["r_hat"].to(run.device), start["z0"]
         run.scale = start["rms"].to(run.device) if args.scale == "anchor-rms" and start["rms"] is not None else None
 
@@ -305,10 +305,7 @@ def write_outputs(work, run, pairs, safety, t0):
 
 
 def plot_drift(path, drift_log, model_name):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pl.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for epoch, cos in sorted(drift_log.items(), key=lambda kv: int(kv[0])):
         ax.plot([int(l) for l in cos], list(cos.values()), marker=".", label=f"epoch {epoch}")
@@ -316,9 +313,7 @@ def plot_drift(path, drift_log, model_name):
     ax.set_ylabel("cosine to the initial direction")
     ax.set_title(f"refusal-direction drift: {os.path.basename(str(model_name).rstrip('/'))}", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pl.save_figure(fig, path)
 
 
 # ============================================================================ arguments
@@ -388,7 +383,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-alpha", type=pl.number(lo=0), default=1.0,
                    help="ProCon_wu: constraint weight during the warm-up ([choice])")
     p.add_argument("--reset-optimizer", action="store_true", help="start AdamW afresh when the warm-up ends "
-                   "([choice]; the paper is silent; see train())")
+                   "([choice]; the abstract is silent; see train())")
     p.add_argument("--layers", type=lambda t: t if t == "all" else pl.listed(pl.count(1))(t), default="all",
                    help="constrained layers: 'all' (1..L-1) or a list like 10,12,14")
     p.add_argument("--positions", choices=("prompt", "response", "all"), default="prompt",
@@ -430,10 +425,8 @@ def parse_args(argv=None):
                    help="with --merge: merge an adapter trained on another model than --model")
     p.add_argument("--save-merged", action="store_true", help="after training, also write the merged model "
                    "(unquantised base + adapter) to --out/merged")
-    p.add_argument("--out", default="runs/procon", help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out (when this run succeeds)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its last "
-                   "checkpoint; every setting but --epochs, --max-steps, --save-every and --save-merged must be as it was")
+    pl.add_out_args(p, "runs/procon", resume="continue the unfinished run in --out from its last checkpoint; every "
+                    "setting but --epochs, --max-steps, --save-every and --save-merged must be as it was")
     return p.parse_args(argv)
 
 

@@ -150,10 +150,10 @@ def run_folder(out, outputs, overwrite=False, resume=False, settings=None, known
     """The one way a script writes --out. Checked before any work: OUT is a folder this process can write; no other
     run writes it; earlier outputs are only replaced with --overwrite; an unfinished run there is continued only with
     --resume and the same settings. Yields the work folder OUT/.run/, into which the run writes everything; the names
-    in `outputs` (None: all it wrote) are committed to OUT when the block ends without an error. `known`: the names any mode of the script
-    writes (an --overwrite removes those of an earlier run too). resumable: the script can continue an unfinished run;
-    its work folder is then kept after a failure if it holds progress (a checkpoint, or a non-empty file named in
-    `progress`), else it is removed."""
+    in `outputs` (None: all it wrote) are committed to OUT when the block ends without an error. `known`: the names
+    any mode of the script writes (an --overwrite removes those of an earlier run too). resumable: the script can
+    continue an unfinished run; its work folder is then kept after a failure if it holds progress (a checkpoint, or a
+    non-empty file named in `progress`), else it is removed."""
     if os.path.exists(out) and not os.path.isdir(out):
         pl.fail(f"--out {out}: exists and is not a folder")
     if resume and overwrite:
@@ -167,13 +167,17 @@ def run_folder(out, outputs, overwrite=False, resume=False, settings=None, known
     try:
         if os.path.isfile(os.path.join(work, COMMIT)):
             finish_commit(out)  # an earlier run was killed while committing: its commit is finished first
-        unfinished = os.path.isdir(work)
+        unfinished = resumable and has_progress(work, progress)  # else what a dead run left is debris
         if resume and not unfinished:
             pl.fail(f"{out}: no unfinished run to resume" + (" (the last one finished)" if manifest(out) else ""))
-        if unfinished and resumable and not resume and not overwrite:
+        if unfinished and not resume and not overwrite:
             pl.fail(f"{out} holds an unfinished run; continue it with --resume, or start again with --overwrite")
         if unfinished and resume:
-            check_same(json.load(open(os.path.join(work, SETTINGS), encoding="utf-8")), settings or {}, out)
+            try:
+                then = json.load(open(os.path.join(work, SETTINGS), encoding="utf-8"))
+            except (OSError, ValueError):
+                pl.fail(f"{out}: the unfinished run's settings are missing or damaged; start again with --overwrite")
+            check_same(then, settings or {}, out)
         else:
             existing = [n for n in dict.fromkeys(manifest(out) + list(outputs or ()) + list(known))
                         if os.path.lexists(os.path.join(out, n))]
@@ -186,9 +190,7 @@ def run_folder(out, outputs, overwrite=False, resume=False, settings=None, known
         try:
             yield work
         except BaseException:
-            kept = checkpoints(work) or any(os.path.isfile(os.path.join(work, n)) and
-                                            os.path.getsize(os.path.join(work, n)) for n in progress)
-            if not (resumable and kept):
+            if not (resumable and has_progress(work, progress)):
                 remove(work)
             raise
         commit(out, outputs, known)
@@ -197,6 +199,13 @@ def run_folder(out, outputs, overwrite=False, resume=False, settings=None, known
 
 
 # ============================================================================ checkpoints
+def has_progress(work, progress=()):
+    """Whether a work folder holds something a resume can continue from: a checkpoint, or a non-empty file named in
+    `progress` (evaluate.py's partial responses)."""
+    return bool(checkpoints(work)) or any(os.path.isfile(os.path.join(work, n)) and
+                                          os.path.getsize(os.path.join(work, n)) > 0 for n in progress)
+
+
 def checkpoints(work):
     """The whole checkpoints in a work folder, oldest first: (step, path)."""
     found = []

@@ -210,7 +210,7 @@ def make_trainable(model, args):
 
         targets = lora_targets(model, args.lora_targets)
         print(f"LoRA r={args.lora_r} on {targets if isinstance(targets, str) else ', '.join(targets)}")
-        # [choice] lora_dropout 0: the paper does not give it, and without dropout the step-0 constraint is exactly 0
+        # [choice] lora_dropout 0: without dropout the step-0 constraint of procon.py is exactly 0
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
     if args.gradient_checkpointing:
@@ -245,7 +245,7 @@ def lr_at(step, total, lr, warmup_ratio=0.0, schedule="constant"):
     return lr * {"constant": 1.0, "linear": 1.0 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t))}[schedule]
 
 
-# ============================================================================ checkpoints (in a run's folder: rundir.py)
+# ============================================================================ checkpoints (in a run's folder)
 def trainable_state(model, step):
     """The trainable weights, on the CPU; weights that are no longer finite stop the run before anything is written."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad}

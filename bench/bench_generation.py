@@ -38,11 +38,13 @@ def main():
     keyword = [keywords.is_refusal(r) for r in batched]
     t_batched = time.perf_counter() - t
     t = time.perf_counter()
-    scores = judges.refusal_score(pl.last_logits(model, tok, prompts, args.batch_size), judges.fallback_refusal_tokens(tok))
+    scores = judges.refusal_score(pl.last_logits(model, tok, prompts, args.batch_size),
+                                  judges.fallback_refusal_tokens(tok))
     t_logit = time.perf_counter() - t
 
     lengths = [len(tok(r, add_special_tokens=False).input_ids) for r in batched]
-    print(f"{args.model}\n{len(prompts)} prompts, up to {args.max_new_tokens} new tokens (mean {sum(lengths) / len(lengths):.0f}), "
+    print(f"{args.model}\n{len(prompts)} prompts, up to {args.max_new_tokens} new tokens "
+          f"(mean {sum(lengths) / len(lengths):.0f}), "
           f"batch size {args.batch_size}, device {pl.model_device(model)}")
     print(f"{'one at a time':>28}: {t_single:7.2f} s  ({len(prompts) / t_single:6.2f} prompts/s)")
     print(f"{'batched':>28}: {t_batched:7.2f} s  ({len(prompts) / t_batched:6.2f} prompts/s)")

@@ -469,3 +469,40 @@ def test_mismatched_patch(tiny_llama, tiny_neox, earlier_run, tmp_path):
                   metadata={"actor": json.dumps({**meta, **bad})})
         with pytest.raises(pl.UserError, match=message):
             artifacts.apply_patch(pl.load_model(tiny_llama)[0], str(tmp_path / "p"), tiny_llama)
+
+
+# ============================================================================ the bench's protocol
+def test_bench_splits_are_disjoint(overrefuser, benchdata, tmp_path):
+    """bench/bench_actor.py in the paper's protocol: per seed, the training queries (three groups), actor_search.py's
+    validation split of them and every test set share no prompt; XSTest-safe's training part is stratified by type."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_actor
+    import evaluate as E
+
+    args = bench_actor.parse_args(["--benchdata", benchdata, "--out", str(tmp_path)])
+    for seed in (0, 1):
+        groups = bench_actor.splits(seed, args, overrefuser)
+        files = bench_actor.write_files(str(tmp_path), groups, overrefuser)
+        train = set().union(*groups.values())
+        assert sum(len(g) for g in groups.values()) == len(train) == 3 * 160
+        xstest = {r["prompt"].strip(): r["type"] for r in pl.read_records(
+            os.path.join(benchdata, "xstest/xstest_prompts.csv")) if r["label"] == "safe"}
+        types = [xstest[p] for p in groups["pseudo_harmful"] if p in xstest]
+        assert len(types) == 80 and all(types.count(t) == 8 for t in set(types)) and len(set(types)) == 10
+        e = E.parse_args(["--data-dir", benchdata, "--limit", "128", "--seed", str(seed), "--exclude", files["exclude"]]
+                         + [x for b in ("xstest", "orbench-hard", "oktest", "harmbench", "strongreject", "alpaca")
+                            for x in ("--benchmark", b)])
+        test = [r["prompt"] for r in E.load_rows(e)]
+        assert len(test) == 7 * 128 and not train & set(test)
+        assert not set(test) & set(pl.read_prompts(files["exclude"]))
+        prompts, g = A.read_groups({k: files[k] for k in A.GROUPS}, None, None, seed)
+        tr, va = S.split(g, 0.25, seed)
+        assert not {prompts[i] for i in tr} & {prompts[i] for i in va} and not {prompts[i] for i in va} & set(test)
+
+
+def test_tradeoff_score_is_the_papers():
+    """T.S. = (C.R. + S.S.) / 2: the mean compliance over the over-refusal sets and the mean refusal over the harmful
+    ones, each set weighted alike (judges.tradeoff_score: evaluate.py, actor_search.py and the bench share it)."""
+    assert judges.tradeoff_score([90, 70], [80, 100, 60]) == (80 + 80) / 2
+    assert judges.tradeoff_score([0.5], [1.0]) == 0.75 and judges.tradeoff_score([], [1.0]) is None
+    assert S.rates(torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0]), GROUPS)["tradeoff"] == ((100 - 50) + 50) / 2

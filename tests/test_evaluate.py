@@ -522,9 +522,7 @@ def truncate(path):
 
 @pytest.fixture(scope="module")
 def bad(tiny_llama, tiny_neox, prompt_files, guard_model, no_template_model, tmp_path_factory):
-    """Earlier outputs (a plain run, a steered run, a run without run.json) and mismatched or damaged files."""
-    import shutil
-
+    """Earlier outputs (finished runs, and runs killed during generation) and mismatched or damaged files."""
     from conftest import build_tiny, tiny_tokenizer
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
@@ -575,7 +573,7 @@ def bad(tiny_llama, tiny_neox, prompt_files, guard_model, no_template_model, tmp
         p[name] = str(t / name)
     for name, extra in (("killed", []), ("killed_steered", ["--steer", p["d"], "--coeff", "8"]),
                         ("killed_edited", ["--steer", str(t / "d_edited.pt")])):
-        generate, seen = pl.generate, []
+        generate = pl.generate
 
         def dying(*args, on_batch=None, **kwargs):
             def save(idx, responses):

@@ -220,6 +220,9 @@ def test_resume_checks_what_it_resumes(tiny_llama, pairs_file, tmp_path, monkeyp
     data.write_text(json.dumps([{**r, "output": r["output"] + " Then bake."} for r in rows]))  # same count, same path
     with pytest.raises(pl.UserError, match="the file or folder of --data has other contents"):
         run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume")
+    data.write_text(json.dumps(rows + rows[:3]))  # more rows: refused the same way, not an IndexError
+    with pytest.raises(pl.UserError, match="the file or folder of --data has other contents"):
+        run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume")
     data.write_text(json.dumps(rows))
     log = run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume", "--epochs", "3")  # may grow
     assert len(log["steps"]) == 9
