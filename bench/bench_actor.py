@@ -75,6 +75,7 @@ def splits(seed, args, model_dir):
     pseudo += rng.sample(orbench, args.n_orbench + (10 * args.n_xstest if args.transfer else 0))
     pseudo += pl.read_prompts(args.extra_pseudo) if args.extra_pseudo else []
     harmful = rng.sample(pl.read_prompts(data("refusal_direction/dataset/splits/harmful_train.json")), args.n_group)
+    harmful += pl.read_prompts(args.extra_harmful) if args.extra_harmful else []
     alpaca = set(pl.read_prompts(data("alpaca/alpaca_data_1k.json"), "instruction"))
     benign = rng.sample([p for p in pl.read_prompts(data("refusal_direction/dataset/splits/harmless_train.json"))
                          if p not in mix and p not in alpaca], args.n_group)
@@ -323,6 +324,9 @@ def parse_args(argv=None):
                    help="harmful and benign training queries, each ([choice]: as many as the pseudo-harmful group)")
     p.add_argument("--extra-pseudo", default=None, help="a prompt file added to the pseudo-harmful training queries "
                    "(SCOPE or PHTest training splits, where a user has them)")
+    p.add_argument("--extra-harmful", default=None, help="a prompt file added to the harmful training queries (an "
+                   "ablation beyond the paper, e.g. data/contrast_harmful.json: harmful requests worded like the "
+                   "pseudo-harmful ones)")
     p.add_argument("--transfer", action="store_true", help="the transfer ablation: pseudo-harmful training queries "
                    "from OR-Bench-hard only (as many as the protocol's)")
     p.add_argument("--actor-args", default="", help="extra actor.py flags, quoted (name the rows with --tag)")
