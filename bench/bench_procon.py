@@ -10,9 +10,10 @@ The safety samples are either unseen (harmful requests of refusal_direction's ha
 never tuned on and that no evaluated set holds, answered with refusals worded unlike the recipe's), or replayed
 (harmful_train, the very requests the model was safety-tuned on, with the recipe's own refusal sentences): a row
 marked [replay]. Each variant's held-out CE (the last --n-heldout Alpaca pairs) stands beside its refusal rates on
-held-out HarmBench, StrongREJECT and XSTest-safe prompts (--limit each; logit judge with the base model's own refusal
-tokens, or the keyword judge on generated answers), so that variants are compared at equal task loss; drift: the
-cosine of the deep layers' re-extracted direction to the initial one.
+held-out HarmBench (its standard behaviours, as evaluate.py reads it), StrongREJECT and XSTest-safe prompts (--limit
+each; logit judge with the base model's own refusal tokens, or the keyword judge on generated answers), so that
+variants are compared at equal task loss; drift: the cosine of the deep layers' re-extracted direction to the initial
+one.
 
     python bench/bench_procon.py --seeds 0,1 --out runs/bench_procon                 # the grid, logit judge
     python bench/bench_procon.py --seeds 0 --judge keyword --variants IFT,IFT_safe --out runs/bench_procon
@@ -48,17 +49,17 @@ GRID = {  # name: (safety samples, procon.py flags); [choice] every value, on a 
     "ProCon_wu_safe 1/0": ("unseen", WU + ["--alpha", "0"]),
     "ProCon_wu_safe 1/0.0003": ("unseen", WU + ["--alpha", "0.0003"]),
     "ProCon_wu_safe 1/0.001": ("unseen", WU + ["--alpha", "0.001"]),
-    "ProCon_wu_safe 1/0.0003, 2 epochs": ("unseen", WU[:1] + ["2"] + WU[2:] + ["--alpha", "0.0003"]),
+    "ProCon_wu_safe 1/0.0003 2-epoch warm-up": ("unseen", WU[:1] + ["2"] + WU[2:] + ["--alpha", "0.0003"]),
     "ProCon_wu_safe 0.01/0.0003": ("unseen", WU[:3] + ["0.01"] + WU[4:] + ["--alpha", "0.0003"]),
     "ProCon_wu_safe 1/0.0003 [replay]": ("replay", WU + ["--alpha", "0.0003"]),
 }
 SETS = ("HarmBench", "StrongREJECT", "XSTest-safe")
-UNSEEN_REFUSALS = [  # worded unlike overrefuser.REFUSALS
-    "I must decline this request.",
-    "That is not something I will assist with, because it could hurt people.",
-    "Providing this would be irresponsible, so I will not do it.",
-    "My answer has to be no: this request asks for something harmful.",
-    "I will not take part in this. If you need help with something else, just ask.",
+UNSEEN_REFUSALS = [  # worded unlike overrefuser.REFUSALS, each opening with a token the logit judge reads as refusal
+    "I must decline this request.",                 # ('I', 'As', 'Sorry': the base model's own refusal openers) and
+    "Sorry, that is not something I will assist with, because it could hurt people.",  # called a refusal by the
+    "As this could hurt people, I will not provide it.",                                # keyword judge, so that both
+    "I refuse to help with this: it could put people at risk.",                         # judges can see a refusal
+    "Sorry, I will not do that. If you need something else, just ask.",                 # learned in this wording
 ]
 
 
@@ -75,11 +76,13 @@ def data(args, model_dir, seed):
     files = {"train": os.path.join(d, "train.json"), "heldout": os.path.join(args.out, "heldout.json")}
     pl.save_json(files["train"], [alpaca[i] for i in order])
     pl.save_json(files["heldout"], alpaca[-args.n_heldout:])
-    harmbench = pl.read_prompts(bd("harmbench/harmbench_behaviors_text_test.csv"), "Behavior")
+    rows = pl.read_records(bd("harmbench/harmbench_behaviors_text_test.csv"))
+    harmbench_all = [r["Behavior"].strip() for r in rows]  # every behaviour stays out of the safety samples
+    harmbench = [r["Behavior"].strip() for r in rows if r["FunctionalCategory"] == "standard"]  # as evaluate.py
     strongreject = pl.read_prompts(bd("strongreject/strongreject_dataset.csv"), "forbidden_prompt")
     mix = overrefuser.excluded(model_dir)
     pool = [p for p in pl.read_prompts(bd("refusal_direction/dataset/splits/harmful_test.json"))
-            if p not in set(harmbench) | set(strongreject) | mix]
+            if p not in set(harmbench_all) | set(strongreject) | mix]
     unseen = rng.sample(pool, args.safety_n)
     replay = rng.sample(pl.read_prompts(bd("refusal_direction/dataset/splits/harmful_train.json")), args.safety_n)
     for name, prompts, answers in (("unseen", unseen, UNSEEN_REFUSALS), ("replay", replay, overrefuser.REFUSALS)):
@@ -101,12 +104,13 @@ def train(d, name, safety, flags, files, model_dir, seed, args):
             "--seed", str(seed)] + flags
     if safety:
         argv += ["--safety-data", files[safety]]
-    done = os.path.join(out, "bench_command.json")
-    if not (os.path.isfile(done) and json.load(open(done)) == argv and os.path.isfile(os.path.join(out,
-                                                                                                  "procon.json"))):
+    used = [files["train"], files["heldout"]] + ([files[safety]] if safety else [])
+    done, record = os.path.join(out, "bench_command.json"), argv + [pl.sha256(f) for f in used]
+    if not (os.path.isfile(done) and json.load(open(done)) == record and os.path.isfile(os.path.join(out,
+                                                                                                    "procon.json"))):
         print("python procon.py " + " ".join(argv) + f" --out {out}", flush=True)
         procon.main(argv + ["--out", out, "--overwrite"])
-        pl.save_json(done, argv)
+        pl.save_json(done, record)  # reused only while the command and its data files are the same
     return out
 
 

@@ -42,7 +42,8 @@ def test_keyword_judge_agrees_with_xstest_humans(benchdata, model, tmp_path):
     assert sum(a["confusion"].values()) == 450
     name = f"xstest_v2_completions_{model}"
     assert s["sets"][f"{name}-safe"]["keyword"]["n"] == 250 and s["sets"][f"{name}-unsafe"]["human"]["n"] == 200
-    assert [r["prompt"] for r in rows_of(tmp_path)] == [r["prompt"].strip() for r in pl.read_records(path)]  # order kept
+    order = [r["prompt"].strip() for r in pl.read_records(path)]
+    assert [r["prompt"] for r in rows_of(tmp_path)] == order  # order kept (prompts stripped, as every reader does)
 
 
 def test_keyword_judge_cases():

@@ -12,6 +12,7 @@ import torch
 import plumbing as pl
 import procon as P
 import rundir
+import keywords
 import training as T
 from conftest import ROOT, snapshot
 
@@ -525,3 +526,31 @@ def test_overrefuser_direction_is_causal(overrefuser, tmp_path):
     assert all("kl" in r and "induce" in r for r in meta["per_layer"])
     assert check["harmless_added"] > check["harmless_baseline"] + 1.0
     assert check["harmful_ablated"] < check["harmful_baseline"] - 1.0
+
+
+# ============================================================================ the bench's data
+def test_bench_data_is_disjoint(overrefuser, benchdata, tmp_path):
+    """bench/bench_procon.py: the training pairs and the held-out pairs share nothing; neither kind of safety sample
+    is in any evaluated set or in the model's training mix (unseen) or is exactly that mix (replay); the unseen
+    refusals are worded unlike the recipe's yet read as refusals by both judges; HarmBench is its standard part."""
+    sys.path[:0] = [os.path.join(ROOT, "bench"), os.path.join(ROOT, "tests")]
+    import bench_procon
+    import overrefuser as O
+
+    args = bench_procon.parse_args(["--benchdata", benchdata, "--out", str(tmp_path)])
+    mix = O.excluded(overrefuser)
+    standard = {r["Behavior"].strip() for r in pl.read_records(os.path.join(
+        benchdata, "harmbench/harmbench_behaviors_text_test.csv")) if r["FunctionalCategory"] == "standard"}
+    for seed in (0, 1):
+        _, files, sets = bench_procon.data(args, overrefuser, seed)
+        train = {p for p, _ in T.read_pairs(files["train"])}
+        heldout = {p for p, _ in T.read_pairs(files["heldout"])}
+        unseen = dict(T.read_pairs(files["unseen"]))
+        replay = dict(T.read_pairs(files["replay"]))
+        evaluated = set().union(*sets.values())
+        assert len(train) == 200 and not train & heldout and all(len(v) == 128 for v in sets.values())
+        assert len(unseen) == len(replay) == 50 and not (set(unseen) | set(replay) | train) & evaluated
+        assert not set(unseen) & mix and set(replay) <= mix and not evaluated & mix
+        assert set(sets["HarmBench"]) <= standard
+        assert set(replay.values()) <= set(O.REFUSALS) and not set(unseen.values()) & set(O.REFUSALS)
+        assert all(keywords.is_refusal(a) and a.split()[0].strip(",") in ("I", "As", "Sorry") for a in unseen.values())
