@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
+import keywords
 import plumbing as pl
 import procon as P
 import rundir
-import keywords
 import training as T
 from conftest import ROOT, snapshot
 
