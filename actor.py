@@ -6,22 +6,22 @@ method below is as two independent summaries of the paper's method section give 
 where the code goes beyond them is tagged [choice].
 
     a = a_{l*}(theta, q)                       the output of one middle layer l* at the query's last token
-    R_hat = R / |R|,  R = mean(a | harmful) - mean(a | benign)           the refusal direction at l*
-    a_tgt = a - alpha Proj_R(a)                for benign and pseudo-harmful queries (away from refusal)
+    r_hat = R / |R|,  R = mean(a | harmful) - mean(a | harmless)      the refusal direction at l* (the paper's R_hat)
+    a_tgt = a - alpha Proj_R(a)                for harmless (the paper's benign) and pseudo-harmful queries
     a_tgt = a + alpha Proj_R(a)                for harmful queries (towards refusal)
-    L = 1 - cos(a(theta), a_tgt)               averaged over queries; only block l* is trained
-    R_hat and the targets are computed again from the current weights as training goes on (--renew epoch)
+    L = 1 - cos(a(theta), a_tgt)               averaged over queries; only layer l* is trained
+    r_hat and the targets are computed again from the current weights as training goes on (--renew epoch)
 
 The shift is proportional to each query's own projection: just enough. No responses, no generation. l* is the layer
-whose outputs best separate harmful from benign queries (silhouette score).
+whose outputs best separate harmful from harmless queries (silhouette score).
 
 [choice] Two departures from the formula as the summaries print it, both measured on the test model
-(results/actor.md): the projection is measured from the benign mean and only its refusal side counts (--origin, see
-targets()), and R_hat and the targets are made once, from the initial weights (--renew never). Renewed from the
+(results/actor.md): the projection is measured from the harmless mean and only its refusal side counts (--origin, see
+targets()), and r_hat and the targets are made once, from the initial weights (--renew never). Renewed from the
 current activations each epoch, every target moves again from wherever the last epoch left its query: the shifts
-compound (harmful queries are pushed further out each epoch, the benign mean the projections are measured from sinks
-with the others), there is no fixed point, and harmful refusal collapses (HarmBench 92% -> 15% on the test model, where
-targets made once keep it at 92%).
+compound (harmful queries are pushed further out each epoch, the harmless mean the projections are measured from sinks
+with the others), there is no fixed point, and harmful refusal collapses (HarmBench 94.0% -> 17.7% on the test model,
+3 seeds, logit judge, where targets made once keep it at 94.0%).
 
     python actor.py --out runs/actor                                   # SmolLM2 and the data/ prompt sets
     python actor.py --model M --pseudo-harmful FILE --layer auto --alpha 1 --epochs 3 --out runs/actor
@@ -29,9 +29,9 @@ targets made once keep it at 92%).
     python actor.py --merge runs/actor --out runs/actor-merged        # a full model with the patch applied
     python actor_search.py --out runs/actor_search                     # layer, alpha and lr chosen on held-out queries
 
-The cost of one layer: everything below l* is frozen, so the inputs of block l* never change. They are computed once
-(hidden states, attention mask, rotary embeddings: whatever the block receives) and cached; training, and the renewal
-of R_hat and the targets, run block l* alone. With --load-in-4bit the frozen model stays in 4-bit and block l* is
+The cost of one layer: everything below l* is frozen, so the inputs of layer l* never change. They are computed once
+(hidden states, attention mask, rotary embeddings: whatever the layer receives) and cached; training, and the renewal
+of r_hat and the targets, run layer l* alone. With --load-in-4bit the frozen model stays in 4-bit and layer l* is
 trained as a dequantized copy.
 """
 import argparse
@@ -47,37 +47,56 @@ import artifacts
 import plumbing as pl
 import rundir
 
-GROUPS = ("harmful", "pseudo_harmful", "benign")  # group ids 0, 1, 2
+GROUPS = ("harmful", "pseudo_harmful", "harmless")  # group ids 0, 1, 2
 
 
 # ============================================================================ the method
-# R_hat: the refusal direction at l*
-def refusal_direction(a, groups):
-    """R_hat = R / |R|, R = mean(a | harmful) - mean(a | benign).
+# R = mean(a | harmful) - mean(a | harmless), r_hat = R / |R| (the same lines as in directions.py and procon.py;
+# tests/test_layout.py keeps the copies equal)
+def difference_in_means(acts_a, acts_b):
+    """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32."""
+    diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
+    if not torch.isfinite(diff).all():
+        pl.fail("the difference in means is not finite (NaN or inf activations)")
+    return diff
 
-    [choice] The harmless side is the benign group only: pseudo-harmful queries are the ones to be moved, so letting
+
+def unit(v, what="direction"):
+    """v / |v| along the last axis; a zero vector has no direction, and is an error, not a silent 0."""
+    norm = v.norm(dim=-1, keepdim=True)
+    if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any() or not torch.isfinite(norm).all():
+        pl.fail(f"the {what} is zero (or not finite): the two prompt groups give the same mean activation")
+    return v / norm
+
+
+# r_hat: the refusal direction at l*
+def refusal_direction(a, groups):
+    """r_hat = R / |R|, R = mean(a | harmful) - mean(a | harmless).
+
+    [choice] The harmless side is the harmless group only: pseudo-harmful queries are the ones to be moved, so letting
     them define the direction they are moved along would be circular."""
-    return pl.unit(pl.difference_in_means(a[groups == 0], a[groups == 2]), "refusal direction R (harmful - benign)")
+    return unit(difference_in_means(a[groups == 0], a[groups == 2]), "refusal direction R (harmful - harmless)")
 
 
 # a_tgt: the target of each query
 def targets(a, r_hat, groups, alpha, origin=None):
-    """a_tgt = a -/+ alpha p R_hat (minus: benign and pseudo-harmful; plus: harmful), p the query's projection.
+    """a_tgt = a -/+ alpha p r_hat (minus: harmless and pseudo-harmful; plus: harmful), p the query's projection.
 
-    The paper writes p = a . R_hat (origin None). Measured from 0, its sign depends on where the activations sit: on
-    the over-refusing SmolLM2 all three groups project negatively at middle layers, and the printed formula would then
-    push benign queries towards refusal and harmful ones away. [choice] Given an origin (a point: the benign mean),
-    p = max((a - origin) . R_hat, 0): pseudo-harmful queries move to the origin's level at alpha 1, harmful ones
-    further out, and queries already below it keep their activation as target (they anchor the block)."""
+    The summaries write p = a . r_hat (origin None). Measured from 0, its sign depends on where the activations sit: on
+    the over-refusing SmolLM2 all three groups project negatively at middle layers, and that formula would then push
+    harmless queries towards refusal and harmful ones away. [choice] Given an origin (a point: the harmless mean),
+    p = max((a - origin) . r_hat, 0): pseudo-harmful queries move to the origin's level at alpha 1, harmful ones
+    further out, and queries already below it keep their activation as target (they anchor the layer)."""
     p = a @ r_hat if origin is None else ((a - origin) @ r_hat).clamp(min=0)
     sign = torch.where(groups.to(a.device) == 0, 1.0, -1.0)
     return a + (sign * alpha * p).unsqueeze(-1) * r_hat
 
 
 def origin_of(kind, a, a_init, groups):
-    """Where projections are measured from (--origin): None (zero, as printed), the benign mean of the activations
-    the targets are made from (benign), or the benign mean under the initial weights, fixed (benign-initial)."""
-    return {"zero": None, "benign": a[groups == 2].mean(0), "benign-initial": a_init[groups == 2].mean(0)}[kind]
+    """Where projections are measured from (--origin): None (zero, as the summaries print it), the harmless mean of the
+    activations the targets are made from (harmless), or the harmless mean under the initial weights, fixed
+    (harmless-initial)."""
+    return {"zero": None, "harmless": a[groups == 2].mean(0), "harmless-initial": a_init[groups == 2].mean(0)}[kind]
 
 
 # L: the loss
@@ -102,22 +121,22 @@ def train_epoch(block, cache, a_tgt, opt, order):
     return total / n
 
 
-def actor(block, cache, groups, alpha, lr, epochs, origin="benign", renew="never", train="all", seed=0, log=print):
-    """The loop: before each epoch R_hat and the targets are made from the initial weights of block l* (renew
+def actor(block, cache, groups, alpha, lr, epochs, origin="harmless", renew="never", train="all", seed=0, log=print):
+    """The loop: before each epoch r_hat and the targets are made from the initial weights of layer l* (renew
     "epoch": from its current weights); then one pass of AdamW over the cached batches (fixed batches, their order
     shuffled with the seed). Returns the epoch log and the activations before and after training."""
     opt = torch.optim.AdamW(trainable(block, train), lr=lr, weight_decay=0.0)  # [choice] AdamW, no weight decay
     a_init = activations(block, cache, len(groups))
     a, history = a_init, []
     for epoch in range(epochs):
-        src = a if renew == "epoch" else a_init  # the activations R_hat and the targets are made from
+        src = a if renew == "epoch" else a_init  # the activations r_hat and the targets are made from
         r_hat = refusal_direction(src, groups)
         a_tgt = targets(src, r_hat, groups, alpha, origin_of(origin, src, a_init, groups))
         order = list(range(len(cache)))
         random.Random(seed * 1000 + epoch).shuffle(order)
         loss = train_epoch(block, cache, a_tgt, opt, order)
         history.append({"epoch": epoch + 1, "loss": loss, "mean_projection": mean_projections(a, r_hat, groups)})
-        log(f"epoch {epoch + 1}/{epochs}: loss {loss:.5f}  mean projection onto R_hat (start of epoch): " +
+        log(f"epoch {epoch + 1}/{epochs}: loss {loss:.5f}  mean projection onto r_hat (start of epoch): " +
             "  ".join(f"{k} {v:+.2f}" for k, v in history[-1]["mean_projection"].items()))
         a = activations(block, cache, len(groups))
     block.requires_grad_(False)
@@ -125,7 +144,7 @@ def actor(block, cache, groups, alpha, lr, epochs, origin="benign", renew="never
 
 
 def mean_projections(a, r_hat, groups):
-    """Mean projection a . R_hat of each query group."""
+    """Mean projection a . r_hat of each query group."""
     return {name: (a[groups == g] @ r_hat).mean().item() for g, name in enumerate(GROUPS)}
 
 
@@ -142,15 +161,28 @@ def trainable(block, which):
     return params
 
 
-# l*: the layer whose outputs best separate harmful from benign queries
+# l*: the layer whose outputs best separate harmful from harmless queries
 def choose_layer(model, tok, prompts, groups, band, batch_size):
-    """l*: the best silhouette score of harmful vs benign last-token outputs among the layers of `band` (the paper
+    """l*: the best silhouette score of harmful vs harmless last-token outputs among the layers of `band` (the paper
     chooses a middle layer by t-SNE and silhouette; [choice] --layer-range bounds 'middle'). Returns (layer, scores)."""
     keep = groups != 1
     acts = pl.capture(model, tok, [p for p, k in zip(prompts, keep.tolist()) if k], 1, batch_size, "choosing layer")
     labels = (groups[keep] == 0).long()
-    scores = {l: pl.silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
+    scores = {l: silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
     return max(scores, key=scores.get), scores
+
+
+def silhouette(x, labels):
+    """Mean silhouette score of two clusters (Euclidean): (b - a) / max(a, b) per point, a the mean distance to its
+    own cluster, b to the other. The paper's choice of layer (the same lines as directions.py's fallback)."""
+    dist = torch.cdist(x.double(), x.double())
+    scores = []
+    for c in (0, 1):
+        own, other = labels == c, labels != c
+        a = dist[own][:, own].sum(1) / (own.sum() - 1).clamp(min=1)
+        b = dist[own][:, other].mean(1)
+        scores.append((b - a) / torch.maximum(a, b).clamp(min=1e-12))
+    return torch.cat(scores).mean().item()
 
 
 # ============================================================================ the cache: the inputs of block l*
@@ -248,7 +280,7 @@ def main(argv=None):
     pl.seed_everything(args.seed)
     t0 = time.time()
 
-    # 1. the three query groups (0 harmful, 1 pseudo-harmful, 2 benign) and the layers l* may be chosen from
+    # 1. the three query groups (0 harmful, 1 pseudo-harmful, 2 harmless) and the layers l* may be chosen from
     files = {name: getattr(args, name) for name in GROUPS}
     prompts, groups = read_groups(files, args.column, args.limit, args.seed)
     band = layer_band(args, artifacts.shape_of(artifacts.model_config(args.model, args.trust_remote_code))[2])
@@ -276,7 +308,7 @@ def main(argv=None):
 
         # 5. outputs: the trained block, its metadata, the picture of what ACTOR did
         meta = {"base_model": args.model, **artifacts.record(args.model, model.config), "layer": layer,
-                "layer_choice": "silhouette" if sil else "fixed", "silhouette": sil, "epochs_log": history,
+                "activation": f"output of layer {layer}", "layer_choice": "silhouette" if sil else "fixed", "silhouette": sil, "epochs_log": history,
                 **{k: getattr(args, k) for k in ("alpha", "origin", "lr", "epochs", "renew", "train", "batches",
                                                   "batch_size", "load_in_4bit", "seed")},
                 "block_dtype": str(next(block.parameters()).dtype), "cache_mib": round(cache_mib, 2),
@@ -286,7 +318,7 @@ def main(argv=None):
                 **pl.metadata(args, list(files.values()))}
         before, after = save(work, block, a_init, a_final, groups, meta)
     print(f"\nACTOR on layer {layer}, alpha {args.alpha}, lr {args.lr}, {args.epochs} epochs in {t_train:.1f}s")
-    print(f"{'group':>15} {'n':>4} {'proj before':>12} {'proj after':>11}   (onto the initial R_hat)")
+    print(f"{'group':>15} {'n':>4} {'proj before':>12} {'proj after':>11}   (onto the initial r_hat)")
     for g, name in enumerate(GROUPS):
         print(f"{name:>15} {int((groups == g).sum()):>4} {before[name]:>12.2f} {after[name]:>11.2f}")
     print(f"\nwrote {', '.join(os.path.join(args.out, o) for o in OUTPUTS)} in {time.time() - t0:.0f}s")
@@ -294,9 +326,9 @@ def main(argv=None):
 
 
 def read_groups(files, column, limit, seed):
-    """The three query groups (0 harmful, 1 pseudo-harmful, 2 benign): prompts and a tensor of group ids."""
+    """The three query groups (0 harmful, 1 pseudo-harmful, 2 harmless): prompts and a tensor of group ids."""
     found = {name: pl.read_prompts(files[name], column, limit, seed) for name in GROUPS}
-    pl.check_groups({"harmful": found["harmful"], "benign": found["benign"]})
+    pl.check_groups({"harmful": found["harmful"], "harmless": found["harmless"]})
     return sum(found.values(), []), torch.tensor([g for g, name in enumerate(GROUPS) for _ in found[name]])
 
 
@@ -318,7 +350,7 @@ def layer_band(args, n_layers):
 # ============================================================================ outputs
 def save(work, block, a_init, a_final, groups, meta):
     """The patch (artifacts.save_patch: the trained block and actor.json, with where the groups sat along the initial
-    R_hat before and after) and projections.png. Returns the mean projections before and after."""
+    r_hat before and after) and projections.png. Returns the mean projections before and after."""
     r_hat_init, r_hat_final = refusal_direction(a_init, groups), refusal_direction(a_final, groups)
     before, after = mean_projections(a_init, r_hat_init, groups), mean_projections(a_final, r_hat_init, groups)
     artifacts.save_patch(work, block, {**meta, "projection_on_initial_r_hat": {"before": before, "after": after},
@@ -329,7 +361,7 @@ def save(work, block, a_init, a_final, groups, meta):
 
 
 def plot_projections(path, before, after, groups, layer, model_name):
-    """Histograms of each group's projection onto the initial R_hat, before and after ACTOR."""
+    """Histograms of each group's projection onto the initial r_hat, before and after ACTOR."""
     plt = pl.pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     lo, hi = min(before.min(), after.min()).item(), max(before.max(), after.max()).item()
@@ -341,7 +373,7 @@ def plot_projections(path, before, after, groups, layer, model_name):
         ax.set_title(title, fontsize=9, loc="left")
         ax.set_ylabel("queries")
     axes[0].legend(fontsize=8)
-    axes[1].set_xlabel(f"projection onto R_hat (layer {layer} output, last token; R_hat before training)")
+    axes[1].set_xlabel(f"projection onto r_hat (output of layer {layer}, last token; r_hat before training)")
     fig.suptitle(f"ACTOR: {os.path.basename(str(model_name).rstrip('/'))}", fontsize=10)
     pl.save_figure(fig, path)
 
@@ -359,55 +391,60 @@ def layer_arg(text):
 
 
 def add_actor_args(p):
-    """ACTOR's flags (actor_search.py shares them)."""
-    pl.add_model_args(p)
-    p.set_defaults(model=None)  # filled in by main; with --merge the base model comes from the patch
-    p.add_argument("--pseudo-harmful", default=os.path.join(pl.DATA, "pseudo_harmful.json"),
-                   help="benign queries that look harmful: moved away from refusal")
-    p.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"),
-                   help="harmful queries: moved towards refusal")
-    p.add_argument("--benign", default=os.path.join(pl.DATA, "harmless.json"),
-                   help="ordinary benign queries: moved away from refusal (and they anchor R_hat)")
-    p.add_argument("--column", default=None, help="prompt column of the query files (default: the first known name)")
-    p.add_argument("--limit", type=pl.count(1), default=None, help="at most N queries per group (a seeded sample)")
-    p.add_argument("--layer-range", type=pl.listed(pl.number(lo=0, hi=1)), default=[0.25, 0.75],
+    """ACTOR's flags (actor_search.py shares them): the method's, then data, model, memory and outputs. Returns the
+    method and outputs groups, for each script's own flags."""
+    method = g = p.add_argument_group("method (ACTOR)")
+    g.add_argument("--layer-range", type=pl.listed(pl.number(lo=0, hi=1)), default=[0.25, 0.75],
                    help="layers l* is chosen from, as two fractions of depth ([choice]: the paper chooses 'a middle "
                    "layer')")
-    p.add_argument("--origin", choices=("benign", "benign-initial", "zero"), default="benign",
-                   help="where projections are measured from ([choice]; see targets()): the benign mean of the "
-                   "activations the targets are made from, the benign mean under the initial weights, or 0 (the "
-                   "formula as printed)")
-    p.add_argument("--epochs", type=pl.count(1), default=3,
-                   help="rounds of training; R_hat and the targets are made before each (3: the epochs of the paper's "
+    g.add_argument("--origin", choices=("harmless", "harmless-initial", "zero"), default="harmless",
+                   help="where projections are measured from ([choice]; see targets()): the harmless mean of the "
+                   "activations the targets are made from, the harmless mean under the initial weights, or 0 (the "
+                   "formula as the summaries print it)")
+    g.add_argument("--epochs", type=pl.count(1), default=3,
+                   help="rounds of training; r_hat and the targets are made before each (3: the epochs of the paper's "
                    "timing, as the summaries give it)")
-    p.add_argument("--renew", choices=("epoch", "never"), default="never",
-                   help="make R_hat and the targets from the initial weights, once ([choice]: targets with a fixed "
+    g.add_argument("--renew", choices=("epoch", "never"), default="never",
+                   help="make r_hat and the targets from the initial weights, once ([choice]: targets with a fixed "
                    "point; see the docstring), or from the current weights before every epoch (the paper renews them "
                    "as training goes on)")
-    p.add_argument("--train", choices=("all", "mlp", "attn"), default="all",
-                   help="which parameters of block l* are trained ([choice] all)")
-    p.add_argument("--block-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="dtype block l* is trained in (auto: the model's, bf16 for a 4-bit model on GPU)")
-    p.add_argument("--batches", choices=("length", "mixed"), default="length",
+    g.add_argument("--train", choices=("all", "mlp", "attn"), default="all",
+                   help="which parameters of layer l* are trained ([choice] all)")
+    g.add_argument("--batches", choices=("length", "mixed"), default="length",
                    help="training batches ([choice]): sorted by length (least padding; most batches then hold one "
                    "query group) or seeded random mixes of the groups (measured: no steadier, results/actor.md)")
-    p.add_argument("--cache-device", choices=("model", "cpu"), default="model",
-                   help="keep the cached inputs of block l* on the model's device or in CPU memory")
-    pl.add_out_args(p, "runs/actor")
+    g = p.add_argument_group("data")
+    g.add_argument("--pseudo-harmful", default=os.path.join(pl.DATA, "pseudo_harmful.json"),
+                   help="harmless queries that look harmful: moved away from refusal")
+    g.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"),
+                   help="harmful queries: moved towards refusal")
+    g.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"),
+                   help="ordinary harmless queries (the paper's benign ones): moved away from refusal, and the "
+                   "harmless side of r_hat")
+    g.add_argument("--column", default=None, help="prompt column of the query files (default: the first known name)")
+    g.add_argument("--limit", type=pl.count(1), default=None, help="at most N queries per group (a seeded sample)")
+    pl.add_model_args(p)
+    p.set_defaults(model=None)  # filled in by main; with --merge the base model comes from the patch
+    g = pl.add_memory_args(p)
+    g.add_argument("--block-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="dtype layer l* is trained in (auto: the model's, bf16 for a 4-bit model on GPU)")
+    g.add_argument("--cache-device", choices=("model", "cpu"), default="model",
+                   help="keep the cached inputs of layer l* on the model's device or in CPU memory")
+    return method, pl.add_out_args(p, "runs/actor")
 
 
 def parse_args(argv=None):
     p = pl.parser(__doc__)
-    add_actor_args(p)
-    p.add_argument("--layer", type=layer_arg, default="auto", help="l*: 'auto' (best silhouette) or a layer index")
-    p.add_argument("--alpha", type=pl.number(lo=0), default=1.0, help="size of the shift, in units of the query's "
+    m, g = add_actor_args(p)
+    m.add_argument("--layer", type=layer_arg, default="auto", help="l*: 'auto' (best silhouette) or a layer index")
+    m.add_argument("--alpha", type=pl.number(lo=0), default=1.0, help="size of the shift, in units of the query's "
                    "projection ([choice] 1: pseudo-harmful queries move to the origin's level)")
-    p.add_argument("--lr", type=pl.number(above=0), default=1e-3,
+    m.add_argument("--lr", type=pl.number(above=0), default=1e-3,
                    help="AdamW learning rate (not in the summaries of the paper: [choice], measured in "
                    "results/actor.md)")
-    p.add_argument("--merge", default=None, metavar="PATCH_DIR",
+    g.add_argument("--merge", default=None, metavar="PATCH_DIR",
                    help="instead of training: write the unquantized base model with this patch applied to --out")
-    p.add_argument("--other-model", action="store_true",
+    g.add_argument("--other-model", action="store_true",
                    help="with --merge: apply a patch made on another model than --model")
     return p.parse_args(argv)
 

@@ -13,7 +13,7 @@ files and keeps what works on queries it was not trained on:
   4. the candidate kept has the best Trade-off Score, (C.R. + S.S.) / 2 as ACTOR defines it (pseudo-harmful compliance
      and harmful refusal), among those whose harmful refusal stays within --tolerance of the base model's.
 
-The uniform-shift baseline, "subtract C x R at the input of layer l" (R the difference in means of harmful and benign
+The uniform-shift baseline, "subtract C x R at the input of layer l" (R the difference in means of harmful and harmless
 training queries there, last token), is searched over C at the same layers, judged and chosen by the same rule.
 
     python actor_search.py --out runs/actor_search      # writes the chosen patch, search.json, search.png and
@@ -124,15 +124,15 @@ def setup(args, model, tok, p_tr, g_tr, p_va, band):
     hb = g_tr != 1
     acts = pl.capture(model, tok, [p for p, k in zip(p_tr, hb.tolist()) if k], 1, args.batch_size, "training split")
     labels = (g_tr[hb] == 0).long()
-    sil = {l: pl.silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
+    sil = {l: A.silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
     best = max(sil, key=sil.get)
     layers = search_layers(args.search_layers, best, band, pl.text_config(model).num_hidden_layers)
-    mean_diff = pl.difference_in_means(acts[labels == 1], acts[labels == 0])[:-1]  # [L, 1, d]: input of layer l
+    mean_diff = A.difference_in_means(acts[labels == 1], acts[labels == 0])[:-1]  # [L, 1, d]: input of layer l
     rng = random.Random(args.seed)  # [choice] refusal tokens from 32 training queries of each kind
-    harmful, benign = [p for p, g in zip(p_tr, g_tr.tolist()) if g == 0], [p for p, g in zip(p_tr, g_tr.tolist())
+    harmful, harmless = [p for p, g in zip(p_tr, g_tr.tolist()) if g == 0], [p for p, g in zip(p_tr, g_tr.tolist())
                                                                            if g == 2]
     tokens, _, note = judges.refusal_tokens(model, tok, rng.sample(harmful, min(32, len(harmful))),
-                                            rng.sample(benign, min(32, len(benign))), args.batch_size)
+                                            rng.sample(harmless, min(32, len(harmless))), args.batch_size)
     if note:
         print("note: " + note, file=sys.stderr)
     device = "cpu" if args.cache_device == "cpu" else None
@@ -147,7 +147,7 @@ def candidates(args, model, tok, s, g_tr, judge):
     """ACTOR on every (layer, alpha, lr) and the uniform shift on every (layer, coeff), each judged on validation.
     Returns (ACTOR candidates, shift candidates, the best ACTOR candidate's (weights, history, a_init, a_final))."""
     found, shifts, kept = [], [], None
-    fmt = lambda r: "  ".join(f"{k} {r[k]:5.1f}" for k in ("pseudo_harmful", "benign", "harmful", "tradeoff"))  # noqa
+    fmt = lambda r: "  ".join(f"{k} {r[k]:5.1f}" for k in ("pseudo_harmful", "harmless", "harmful", "tradeoff"))  # noqa
     for layer in s["layers"]:
         block = A.trainable_block(model, layer, args.block_dtype)
         original = {k: v.detach().clone() for k, v in block.state_dict().items()}
@@ -206,7 +206,7 @@ def main(argv=None):
             if head is not None:
                 logp = patched_logprobs(model, layer, s["caches"][layer][1], len(p_va), head, shift)
             else:  # the whole model, block l* in place (and the shift hooked in)
-                hooks = pl.addition_hooks(model, shift, layer) if shift is not None else ()
+                hooks = artifacts.addition_hooks(model, shift, layer) if shift is not None else ()
                 logp = pl.last_logits(model, tok, p_va, args.batch_size, hooks, "validation")
             return rates(judges.refusal_score(logp, s["tokens"]), g_va)
 
@@ -242,7 +242,7 @@ def write_outputs(work, args, model, tok, s, parts, files, found, shifts, chosen
     steer = None
     if chosen_shift is not None:
         l = chosen_shift["layer"]
-        artifacts.save_direction(os.path.join(work, "baseline_direction.pt"), pl.unit(s["mean_diff"][l, -1]), l, -1,
+        artifacts.save_direction(os.path.join(work, "baseline_direction.pt"), A.unit(s["mean_diff"][l, -1]), l, -1,
                                  s["mean_diff"], s["tokens"], artifacts.record(args.model, model.config))
         steer = f"python evaluate.py --steer {os.path.join(args.out, 'baseline_direction.pt')} " \
                 f"--coeff {-chosen_shift['coeff']:g}"
@@ -313,22 +313,22 @@ def plot_search(path, base, found, chosen, shifts, chosen_shift, model_name, tol
 # ============================================================================ arguments
 def parse_args(argv=None):
     p = pl.parser(__doc__)
-    A.add_actor_args(p)
+    g, _ = A.add_actor_args(p)
     p.set_defaults(out="runs/actor_search")
-    p.add_argument("--search-layers", type=lambda t: t if t == "auto" else pl.listed(pl.count(0))(t), default="auto",
+    g.add_argument("--search-layers", type=lambda t: t if t == "auto" else pl.listed(pl.count(0))(t), default="auto",
                    help="layers to search: 'auto' (the silhouette choice and the layers n_layers/6 either side, "
                    "clipped to --layer-range; [choice]) or a comma list of indices")
-    p.add_argument("--alphas", type=pl.listed(pl.number(above=0)), default=[0.5, 1.0],
+    g.add_argument("--alphas", type=pl.listed(pl.number(above=0)), default=[0.5, 1.0],
                    help="alphas to search ([choice]: with --lrs and 3 layers, 12 candidates, so that the search costs "
                    "at most about 10 ACTOR runs)")
-    p.add_argument("--lrs", type=pl.listed(pl.number(above=0)), default=[1e-3, 2e-3],
+    g.add_argument("--lrs", type=pl.listed(pl.number(above=0)), default=[1e-3, 2e-3],
                    help="learning rates to search ([choice])")
-    p.add_argument("--coeffs", type=pl.listed(pl.number(above=0)), default=[0.125, 0.25, 0.5, 0.75, 1.0],
+    g.add_argument("--coeffs", type=pl.listed(pl.number(above=0)), default=[0.125, 0.25, 0.5, 0.75, 1.0],
                    help="uniform-shift baseline: coefficients C of 'subtract C x (difference in means)' to search at "
                    "every searched layer ([choice])")
-    p.add_argument("--val-frac", type=pl.number(above=0, below=1), default=0.25,
+    g.add_argument("--val-frac", type=pl.number(above=0, below=1), default=0.25,
                    help="fraction of each query group held out for validation (a seeded split; [choice] 0.25)")
-    p.add_argument("--tolerance", type=pl.number(lo=0), default=5.0,
+    g.add_argument("--tolerance", type=pl.number(lo=0), default=5.0,
                    help="keep only candidates whose harmful validation refusal is at most this many points below the "
                    "base model's ([choice] 5)")
     args = p.parse_args(argv)

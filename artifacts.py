@@ -1,5 +1,5 @@
-"""artifacts.py: what the scripts save and what they apply to a model, each format with one save, one
-load-and-check, one apply and (for weights) one merge:
+"""artifacts.py: what the scripts save and what they apply to a model (a black box to the method files: an artifact
+in, checked whole, applied or merged), each format with one save, one load-and-check, one apply and one merge:
 
     direction file   direction.pt                                directions.py; evaluate.py --ablate/--steer/--direction
     ACTOR patch      actor_layer.safetensors (+ actor.json)      actor.py; evaluate.py --patch, actor.py --merge
@@ -46,7 +46,8 @@ def shape_of(cfg):
 def record(name, cfg):
     """What an artifact records of the model it was made on."""
     arch, hidden, layers = shape_of(cfg)
-    return {"model": str(name), "model_key": model_key(name), "arch": arch, "hidden_size": hidden, "n_layers": layers}
+    return {"model": str(name), "model_key": model_key(name), "arch": arch, "hidden_size": hidden, "n_layers": layers,
+            "code": pl.provenance()}
 
 
 def model_config(name, trust_remote_code=False):
@@ -121,12 +122,12 @@ def load_direction(path, name=None, cfg=None, other_model=False):
         pl.fail(f"{path}: not a direction file ({type(e).__name__})")
     if not isinstance(d, dict) or not torch.is_tensor(d.get("direction")) or "layer" not in d:
         pl.fail(f"{path}: not a direction file (no 'direction' and 'layer')")
-    r = d["direction"].float()
-    if r.dim() != 1 or not torch.isfinite(r).all() or abs(r.norm().item() - 1) > 1e-3:
+    r_hat = d["direction"].float()
+    if r_hat.dim() != 1 or not torch.isfinite(r_hat).all() or abs(r_hat.norm().item() - 1) > 1e-3:
         pl.fail(f"{path}: its direction is not a finite unit vector")
     if cfg is not None:
         n_layers = d.get("n_layers", shape_of(cfg)[2])
-        check_model(path, {**d, "hidden_size": r.shape[0], "n_layers": n_layers}, name, cfg, other_model)
+        check_model(path, {**d, "hidden_size": r_hat.shape[0], "n_layers": n_layers}, name, cfg, other_model)
         if not 0 <= int(d["layer"]) < n_layers:
             pl.fail(f"{path}: layer {d['layer']} is outside the model's layers 0..{n_layers - 1}")
     return d
@@ -134,12 +135,53 @@ def load_direction(path, name=None, cfg=None, other_model=False):
 
 def direction_hooks(model, d, ablate=False, coeff=None):
     """Apply a direction file: ablate its unit direction everywhere (Arditi eq. 4), or add coeff x its raw difference
-    in means at its layer and position (eq. 3; coeff 1 is the paper's activation addition)."""
+    in means at the input of its layer (eq. 3; coeff 1 is the paper's activation addition)."""
     if ablate:
-        return pl.ablation_hooks(model, d["direction"])
+        return ablation_hooks(model, d["direction"])
     if "mean_diff" not in d or "position" not in d:
         pl.fail("the direction file holds no difference in means to add (not written by directions.py?)")
-    return pl.addition_hooks(model, d["mean_diff"][d["layer"], d["position"]], d["layer"], coeff)
+    return addition_hooks(model, d["mean_diff"][d["layer"], d["position"]], d["layer"], coeff)
+
+
+# The same lines as directions.py's (tests/test_layout.py keeps the copies equal): evaluate.py applies a direction file
+# through this module, never by importing a method file.
+def ablation_hooks(model, r_hat):
+    """Directional ablation (Arditi eq. 4): x <- x - (x . r_hat) r_hat for every write to the residual stream.
+
+    The direction is projected out of the input of every layer (which covers the embeddings) and out of the output of
+    every attention and MLP sublayer, at every position, so no sublayer ever reads a component along r_hat, not even
+    the MLP reading what its own layer's attention just wrote.
+    """
+    def project_out(h):
+        u = r_hat.to(h.device, h.dtype)
+        return h - (h @ u).unsqueeze(-1) * u
+
+    def pre(module, args, kwargs):
+        return pl.with_hidden(args, kwargs, project_out(pl.hidden_of(args, kwargs)))
+
+    def post(module, args, output):
+        if isinstance(output, tuple):
+            return (project_out(output[0]),) + tuple(output[1:])
+        return project_out(output)
+
+    pairs = []
+    for block in pl.decoder_layers(model):
+        writes = pl.residual_writes(block)
+        if not writes:  # an unknown layout: layer boundaries only, and say so
+            print(f"warning: {type(block).__name__}: attention and MLP not found; the direction is ablated at layer "
+                  "inputs and outputs only", file=sys.stderr)
+            writes = [block]
+        pairs += [(block, "pre", pre)] + [(w, "post", post) for w in writes]
+    return pairs
+
+
+def addition_hooks(model, vector, layer, coeff=1.0):
+    """Activation addition (Arditi eq. 3): x <- x + coeff * vector at the input of one layer, at every position."""
+    def pre(module, args, kwargs):
+        h = pl.hidden_of(args, kwargs)
+        return pl.with_hidden(args, kwargs, h + coeff * vector.to(h.device, h.dtype))
+
+    return [(pl.decoder_layers(model)[layer], "pre", pre)]
 
 
 # ============================================================================ ACTOR patches

@@ -43,22 +43,79 @@ import rundir
 
 
 # ============================================================================ the method (Arditi sec. 2.3 to app. C)
+# r = mu - nu (sec. 2.3), and r_hat = r / |r| (the same lines as in actor.py and procon.py; tests/test_layout.py)
+def difference_in_means(acts_a, acts_b):
+    """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32."""
+    diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
+    if not torch.isfinite(diff).all():
+        pl.fail("the difference in means is not finite (NaN or inf activations)")
+    return diff
+
+
+def unit(v, what="direction"):
+    """v / |v| along the last axis; a zero vector has no direction, and is an error, not a silent 0."""
+    norm = v.norm(dim=-1, keepdim=True)
+    if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any() or not torch.isfinite(norm).all():
+        pl.fail(f"the {what} is zero (or not finite): the two prompt groups give the same mean activation")
+    return v / norm
+
+
+# x' = x - r_hat r_hat^T x (eq. 4) and x' = x + r (eq. 3) (the same lines as artifacts.py's, which evaluate.py uses)
+def ablation_hooks(model, r_hat):
+    """Directional ablation (Arditi eq. 4): x <- x - (x . r_hat) r_hat for every write to the residual stream.
+
+    The direction is projected out of the input of every layer (which covers the embeddings) and out of the output of
+    every attention and MLP sublayer, at every position, so no sublayer ever reads a component along r_hat, not even
+    the MLP reading what its own layer's attention just wrote.
+    """
+    def project_out(h):
+        u = r_hat.to(h.device, h.dtype)
+        return h - (h @ u).unsqueeze(-1) * u
+
+    def pre(module, args, kwargs):
+        return pl.with_hidden(args, kwargs, project_out(pl.hidden_of(args, kwargs)))
+
+    def post(module, args, output):
+        if isinstance(output, tuple):
+            return (project_out(output[0]),) + tuple(output[1:])
+        return project_out(output)
+
+    pairs = []
+    for block in pl.decoder_layers(model):
+        writes = pl.residual_writes(block)
+        if not writes:  # an unknown layout: layer boundaries only, and say so
+            print(f"warning: {type(block).__name__}: attention and MLP not found; the direction is ablated at layer "
+                  "inputs and outputs only", file=sys.stderr)
+            writes = [block]
+        pairs += [(block, "pre", pre)] + [(w, "post", post) for w in writes]
+    return pairs
+
+def addition_hooks(model, vector, layer, coeff=1.0):
+    """Activation addition (Arditi eq. 3): x <- x + coeff * vector at the input of one layer, at every position."""
+    def pre(module, args, kwargs):
+        h = pl.hidden_of(args, kwargs)
+        return pl.with_hidden(args, kwargs, h + coeff * vector.to(h.device, h.dtype))
+
+    return [(pl.decoder_layers(model)[layer], "pre", pre)]
+
+
+# the choice of (i, l): bypass, induce, KL (sec. 2.4, app. C)
 def kl_div(logp, logq):
     """Mean KL(p || q) over prompts, from next-token log-probabilities."""
     return (logp.exp() * (logp - logq)).sum(-1).mean().item()
 
 
-def causal_scores(model, tok, r, r_hat, layer, val, base_harmless, tokens, batch_size):
+def causal_scores(model, tok, mean_diff, r_hat, layer, val, base_harmless, tokens, batch_size):
     """The three scores of one candidate direction on held-out prompts:
         bypass: mean refusal score of harmful prompts with r_hat ablated everywhere (lower: it mediates refusal)
-        induce: mean refusal score of harmless prompts with r added at its layer (> 0: it induces refusal)
+        induce: mean refusal score of harmless prompts with r = mean_diff added at its layer (> 0: it induces refusal)
         kl:     KL of harmless next-token distributions, ablated vs not (small: ablation changes little else)
     """
-    ablate = pl.ablation_hooks(model, r_hat)
+    ablate = ablation_hooks(model, r_hat)
     bypass = judges.refusal_score(pl.last_logits(model, tok, val["harmful"], batch_size, ablate, "bypass"), tokens)
     ablated_harmless = pl.last_logits(model, tok, val["harmless"], batch_size, ablate, "kl")
     induce = judges.refusal_score(pl.last_logits(model, tok, val["harmless"], batch_size,
-                                                 pl.addition_hooks(model, r, layer), "induce"), tokens)
+                                                 addition_hooks(model, mean_diff, layer), "induce"), tokens)
     return {"bypass": bypass.mean().item(), "induce": induce.mean().item(),
             "kl": kl_div(base_harmless, ablated_harmless)}
 
@@ -69,6 +126,40 @@ def select(candidates, scores, n_layers, prune_frac, max_kl):
     max_layer = int(n_layers * (1 - prune_frac))
     ok = [c for c in candidates if c[0] < max_layer and scores[c]["kl"] <= max_kl and scores[c]["induce"] > 0]
     return min(ok, key=lambda c: scores[c]["bypass"]) if ok else None
+
+
+def silhouette(x, labels):
+    """Mean silhouette score of two clusters (Euclidean): (b - a) / max(a, b) per point, a the mean distance to its
+    own cluster, b to the other. The fallback choice of layer (ACTOR's criterion; the same lines as actor.py's)."""
+    dist = torch.cdist(x.double(), x.double())
+    scores = []
+    for c in (0, 1):
+        own, other = labels == c, labels != c
+        a = dist[own][:, own].sum(1) / (own.sum() - 1).clamp(min=1)
+        b = dist[own][:, other].mean(1)
+        scores.append((b - a) / torch.maximum(a, b).clamp(min=1e-12))
+    return torch.cat(scores).mean().item()
+
+
+def candidate_directions(acts_harmful, acts_harmless, n_layers):
+    """Every candidate (layer, position): r = mu - nu and r_hat at the input of every layer but 0 (whose input is the
+    embeddings) and every position, and the silhouette of harmful vs harmless activations there."""
+    mean_diff = difference_in_means(acts_harmful, acts_harmless)[:n_layers]  # [L, positions, d]
+    candidates = [(l, p) for l in range(1, n_layers) for p in range(mean_diff.shape[1])]
+    r_hat = torch.zeros_like(mean_diff)
+    r_hat[1:] = unit(mean_diff[1:], "difference in means of harmful and harmless prompts")
+    labels = torch.cat([torch.ones(len(acts_harmful)), torch.zeros(len(acts_harmless))])
+    both = torch.cat([acts_harmful, acts_harmless])
+    return {"mean_diff": mean_diff, "r_hat": r_hat, "candidates": candidates,
+            "silhouette": {c: silhouette(both[:, c[0], c[1]], labels) for c in candidates}}
+
+
+def causal_check(at, base, tokens):
+    """The chosen direction's scores beside the model's own: mean refusal score of held-out harmful prompts with r_hat
+    ablated and of harmless ones with r added, the KL of harmless next tokens under ablation."""
+    baseline = {k: judges.refusal_score(base[k], tokens).mean().item() for k in ("harmful", "harmless")}
+    return {"harmful_baseline": baseline["harmful"], "harmful_ablated": at["bypass"],
+            "harmless_baseline": baseline["harmless"], "harmless_added": at["induce"], "kl_harmless_ablated": at["kl"]}
 
 
 def choose_layer(args, model, tok, mean_diff, r_hat, candidates, sil, val, base, tokens, refuses):
@@ -93,11 +184,11 @@ def choose_layer(args, model, tok, mean_diff, r_hat, candidates, sil, val, base,
 
 
 # ============================================================================ Surgical's false-refusal vector
-def orthogonalise(w, r, lam):
-    """w' = w - lambda (w . r / |r|^2) r at every (layer, position): lambda 1 removes all of r's component, lower
-    values keep some (Surgical's partial orthogonalisation)."""
-    s = (w * r).sum(-1, keepdim=True) / r.pow(2).sum(-1, keepdim=True).clamp(min=1e-12)
-    return w - lam * s * r
+def orthogonalise(w, mean_diff, lam):
+    """w' = w - lambda (w . r / |r|^2) r, r = mean_diff, at every (layer, position): lambda 1 removes all of r's
+    component, lower values keep some (Surgical's partial orthogonalisation)."""
+    s = (w * mean_diff).sum(-1, keepdim=True) / mean_diff.pow(2).sum(-1, keepdim=True).clamp(min=1e-12)
+    return w - lam * s * mean_diff
 
 
 def surgical(args, model, tok, acts_harmless, mean_diff, train, val, val_harmless, base_harmless, tokens, candidates):
@@ -111,11 +202,11 @@ def surgical(args, model, tok, acts_harmless, mean_diff, train, val, val_harmles
         "training prompts; the false-refusal vector is taken over all of them"
     acts = pl.capture(model, tok, refused if len(refused) >= 2 else train, args.positions, args.batch_size,
                       "activations (pseudo-harmful)")
-    w = orthogonalise(pl.difference_in_means(acts, acts_harmless)[:mean_diff.shape[0]], mean_diff, args.ortho_lambda)
+    w = orthogonalise(difference_in_means(acts, acts_harmless)[:mean_diff.shape[0]], mean_diff, args.ortho_lambda)
     scores = {}
     max_layer = int(mean_diff.shape[0] * (1 - args.prune_frac))
     for c in tqdm([c for c in candidates if c[0] < max_layer], desc="Surgical: choosing", leave=False):
-        ablate = pl.ablation_hooks(model, pl.unit(w[c], "false-refusal vector"))
+        ablate = ablation_hooks(model, unit(w[c], "false-refusal vector"))
         scores[c] = {"pseudo_harmful": judges.refusal_score(pl.last_logits(
                          model, tok, val, args.batch_size, ablate, "pseudo-harmful"), tokens).mean().item(),
                      "kl": kl_div(base_harmless, pl.last_logits(model, tok, val_harmless, args.batch_size, ablate,
@@ -158,19 +249,12 @@ def main(argv=None):
         pl.check_context(model, pl.token_lengths(tok, pl.format_chat(tok, sum([*train.values(), *val.values()], []))),
                          extra_tokens=16)  # 16: the answers of judges.refusal_tokens
 
-        # 3. the candidate directions: r = mu - nu at every layer's input and position (sec. 2.3)
+        # 3. the candidate directions: r = mu - nu at every layer's input and position (sec. 2.3), and 4. the
+        # silhouette of harmful vs harmless activations at every candidate (the fallback choice)
         acts = {k: pl.capture(model, tok, train[k], args.positions, args.batch_size, f"activations ({k})")
                 for k in ("harmful", "harmless")}
-        mean_diff = pl.difference_in_means(acts["harmful"], acts["harmless"])[:n_layers]  # [L, positions, d]
-        candidates = [(l, p) for l in range(1, n_layers) for p in range(args.positions)]  # layer 0's input: embeddings
-        r_hat = torch.zeros_like(mean_diff)
-        r_hat[1:] = pl.unit(mean_diff[1:], "difference in means of harmful and harmless prompts")
-        found = {"mean_diff": mean_diff, "r_hat": r_hat, "candidates": candidates}
-
-        # 4. silhouette of harmful vs harmless activations at every candidate (the fallback choice)
-        labels = torch.cat([torch.ones(len(acts["harmful"])), torch.zeros(len(acts["harmless"]))])
-        both = torch.cat([acts["harmful"], acts["harmless"]])
-        found["silhouette"] = {c: pl.silhouette(both[:, c[0], c[1]], labels) for c in candidates}
+        found = candidate_directions(acts["harmful"], acts["harmless"], n_layers)
+        mean_diff, r_hat, candidates = found["mean_diff"], found["r_hat"], found["candidates"]
 
         # 5. refusal tokens from the model's own refusals (sec. 2.4), or the fallback openers, saying so
         tokens, found["n_refused"], note = judges.refusal_tokens(model, tok, val["harmful"], val["harmless"],
@@ -182,12 +266,9 @@ def main(argv=None):
         # 6. the layer (app. C), and 7. the causal check of the chosen direction beside the baseline
         chosen, found["select"], found["scores"], why = choose_layer(args, model, tok, mean_diff, r_hat, candidates,
                                                                      found["silhouette"], val, base, tokens, not note)
-        at = found["scores"].get(chosen) or causal_scores(model, tok, mean_diff[chosen], r_hat[chosen], chosen[0],
-                                                          val, base["harmless"], tokens, args.batch_size)
-        baseline = {k: judges.refusal_score(base[k], tokens).mean().item() for k in ("harmful", "harmless")}
-        found["check"] = {"harmful_baseline": baseline["harmful"], "harmful_ablated": at["bypass"],
-                          "harmless_baseline": baseline["harmless"], "harmless_added": at["induce"],
-                          "kl_harmless_ablated": at["kl"]}
+        found["check"] = causal_check(found["scores"].get(chosen) or causal_scores(
+            model, tok, mean_diff[chosen], r_hat[chosen], chosen[0], val, base["harmless"], tokens, args.batch_size),
+            base, tokens)
         found.update(chosen=chosen, tokens=tokens, note="; ".join(n for n in (note, why) if n) or None)
 
         # 8. Surgical's false-refusal vector, from the same activations, positions and layers
@@ -209,19 +290,20 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
                              pos - args.positions, found["mean_diff"], tokens, made_on)
     per_layer = [{"layer": l, "position": p - args.positions, "silhouette": found["silhouette"][(l, p)],
                   **found["scores"].get((l, p), {})} for l, p in found["candidates"]]
-    meta = {"model": args.model, "layer": layer, "position": pos - args.positions, "select": found["select"],
+    meta = {"model": args.model, "layer": layer, "activation": f"input of layer {layer}",
+            "position": pos - args.positions, "select": found["select"],
             "note": found["note"], "n_prompts": {k: {"train": len(train[k]), "val": len(val[k])} for k in train},
             "refusal_tokens": {str(t): tok.decode([t]) for t in tokens}, "refused_val_harmful": found["n_refused"],
             "causal_check": check, "per_layer": per_layer, "seed": args.seed, "seconds": round(time.time() - t0, 1),
             **pl.metadata(args, [args.harmful, args.harmless, args.pseudo_harmful])}
     if "surgical" in found:
         w, (fl, fp), fscores, fnote = found["surgical"]
-        artifacts.save_direction(os.path.join(work, "false_refusal.pt"), pl.unit(w[fl, fp]), fl, fp - args.positions,
+        artifacts.save_direction(os.path.join(work, "false_refusal.pt"), unit(w[fl, fp]), fl, fp - args.positions,
                                  w, tokens, made_on, method="Surgical (Wang et al. 2025)",
                                  ortho_lambda=args.ortho_lambda)
         meta["surgical"] = {"layer": fl, "position": fp - args.positions, "note": fnote,
                             "ortho_lambda": args.ortho_lambda,
-                            "cos_to_refusal_direction": float(pl.unit(w[fl, fp]) @ found["r_hat"][fl, fp]),
+                            "cos_to_refusal_direction": float(unit(w[fl, fp]) @ found["r_hat"][fl, fp]),
                             "per_layer": [{"layer": l, "position": p - args.positions, **s}
                                           for (l, p), s in fscores.items()]}
     pl.save_json(os.path.join(work, "direction.json"), meta)
@@ -265,31 +347,34 @@ SURGICAL_OUTPUTS = ("false_refusal.pt",)
 
 def parse_args(argv=None):
     p = pl.parser(__doc__)
-    pl.add_model_args(p)
-    p.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"), help="file of harmful prompts")
-    p.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"), help="file of harmless prompts")
-    p.add_argument("--column", default=None, help="column holding the prompt (default: the first known name)")
-    p.add_argument("--n-train", type=pl.count(2), default=64, help="prompts per class for the difference in means")
-    p.add_argument("--n-val", type=pl.count(1), default=32,
-                   help="held-out prompts per class for layer selection and the causal check")
-    p.add_argument("--positions", type=pl.count(1), default=1,
-                   help="last k post-instruction template tokens to consider")
-    p.add_argument("--select", choices=("silhouette", "refusal"), default="refusal",
+    g = p.add_argument_group("method (Arditi; Surgical)")
+    g.add_argument("--select", choices=("silhouette", "refusal"), default="refusal",
                    help="layer choice: best harmful/harmless separation (ACTOR) or Arditi's refusal-score selection")
-    p.add_argument("--layer", type=pl.count(0), default=None, help="use this layer instead of selecting one")
-    p.add_argument("--prune-frac", type=pl.number(lo=0, below=1), default=0.2,
+    g.add_argument("--layer", type=pl.count(0), default=None, help="use this layer (its input) instead of selecting one")
+    g.add_argument("--positions", type=pl.count(1), default=1,
+                   help="candidate positions: the last k post-instruction template tokens")
+    g.add_argument("--prune-frac", type=pl.number(lo=0, below=1), default=0.2,
                    help="Arditi (and Surgical): skip the last fraction of layers")
-    p.add_argument("--max-kl", type=pl.number(lo=0), default=0.1,
+    g.add_argument("--max-kl", type=pl.number(lo=0), default=0.1,
                    help="Arditi: discard directions whose ablation KL exceeds this")
-    p.add_argument("--min-refusals", type=pl.count(0), default=4,
+    g.add_argument("--min-refusals", type=pl.count(0), default=4,
                    help="fewest refused harmful prompts needed to find refusal tokens; else fall back to silhouette")
-    p.add_argument("--pseudo-harmful", default=None,
-                   help="Surgical: benign prompts that look harmful; also write their false-refusal vector")
-    p.add_argument("--ortho-lambda", type=pl.number(lo=0, hi=1), default=1.0,
+    g.add_argument("--ortho-lambda", type=pl.number(lo=0, hi=1), default=1.0,
                    help="Surgical: how much of the refusal direction is removed from the false-refusal vector (1: all, "
                    "the official code's default)")
-    p.add_argument("--surgical-max-kl", type=pl.number(lo=0), default=0.2,
+    g.add_argument("--surgical-max-kl", type=pl.number(lo=0), default=0.2,
                    help="Surgical: discard vectors whose ablation KL on harmless prompts exceeds this (official code)")
+    g = p.add_argument_group("data")
+    g.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"), help="file of harmful prompts")
+    g.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"), help="file of harmless prompts")
+    g.add_argument("--pseudo-harmful", default=None,
+                   help="Surgical: benign prompts that look harmful; also write their false-refusal vector")
+    g.add_argument("--column", default=None, help="column holding the prompt (default: the first known name)")
+    g.add_argument("--n-train", type=pl.count(2), default=64, help="prompts per class for the difference in means")
+    g.add_argument("--n-val", type=pl.count(1), default=32,
+                   help="held-out prompts per class for layer selection and the causal check")
+    pl.add_model_args(p)
+    pl.add_memory_args(p)
     pl.add_out_args(p, "runs/direction")
     args = p.parse_args(argv)
     pl.check_model_args(args)

@@ -80,8 +80,8 @@ NOT_RESPONSES = ("judge", "keyword_mode", "labels", "direction", "data_dir", "ot
 
 # ============================================================================ prompts and responses
 def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()):
-    """Rows {id, benchmark, type, prompt, expect} of a named benchmark, from --data-dir or from the hub; prompts in
-    `exclude` are left out before the --limit sample is drawn."""
+    """Rows {id, benchmark, type, prompt, expect} of a named benchmark, from --data-dir or from the hub; prompts that
+    nearly copy one of `exclude` (pl.near_duplicates) are left out, and counted, before the --limit sample is drawn."""
     if name not in BENCHMARKS:
         pl.fail(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     rows = []
@@ -113,22 +113,18 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
                 prompt = f"{context}\n\n---\n\n{prompt}"
             if str(r.get("input") or "").strip():  # Alpaca: the instruction's input follows it (as procon.py reads it)
                 prompt += "\n\n" + str(r["input"]).strip()
-            if prompt in exclude:
-                continue
             found.append((prompt, next((str(r[c]) for c in TYPE_COLUMNS if r.get(c)), "")))
+        copies = pl.near_duplicates([p for p, _ in found], exclude) if exclude else {}
+        if copies:
+            print(f"{s['set']}: {len(copies)} of {len(found)} prompts left out, near-duplicates of --exclude",
+                  file=sys.stderr)
+            found = [(p, t) for p, t in found if p not in copies]
         if not found:
             pl.fail(f"{name}: no prompts in column {column!r}" + (" outside --exclude" if exclude else ""))
-        found = sample(found, limit, seed)
+        found = pl.sample(found, limit, seed)
         rows += [{"id": f"{s['set']}/{i}", "benchmark": s["set"], "type": t, "prompt": p, "expect": s["expect"]}
                  for i, (p, t) in enumerate(found)]
     return rows
-
-
-def sample(items, limit, seed):
-    """--limit: a fixed, seeded sample of N items, kept in file order (all of them without a limit)."""
-    if not limit or limit >= len(items):
-        return items
-    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
 
 
 def load_hub(hub_id, config, split):
@@ -173,7 +169,7 @@ def load_responses(path, labels, expect, limit, seed):
     for r in rows:  # one result set per expectation: "<file>-safe" (should comply) and "<file>-unsafe" (refuse)
         if len(names[r["benchmark"]]) > 1:
             r["benchmark"] += "-safe" if r["expect"] == "comply" else "-unsafe"
-    return sample(rows, limit, seed)
+    return pl.sample(rows, limit, seed)
 
 
 def load_rows(args):
@@ -181,17 +177,18 @@ def load_rows(args):
     if args.responses:
         rows = load_responses(args.responses, args.labels, args.expect, args.limit, args.seed)
     else:
-        leave_out = {p.strip() for f in args.exclude for p in pl.read_prompts(f)}
+        leave_out = [p for f in args.exclude for p in pl.read_prompts(f)]
         rows = []
         for name in dict.fromkeys(args.benchmark):
             rows += load_benchmark(name, args.data_dir, args.limit, args.seed, args.harmbench_category, leave_out)
         if args.data:
             name = os.path.splitext(os.path.basename(args.data))[0]
-            prompts = [p for p in pl.read_prompts(args.data, args.column) if p.strip() not in leave_out]
+            prompts = pl.read_prompts(args.data, args.column)
+            prompts = [p for p in prompts if p not in pl.near_duplicates(prompts, leave_out)]
             if not prompts:
                 pl.fail(f"{args.data}: --exclude leaves no prompts to evaluate")
             rows += [{"id": f"{name}/{i}", "benchmark": name, "type": "", "prompt": p, "expect": args.expect}
-                     for i, p in enumerate(sample(prompts, args.limit, args.seed))]
+                     for i, p in enumerate(pl.sample(prompts, args.limit, args.seed))]
     for r in rows:
         r["judges"] = {}
     return rows
@@ -626,46 +623,51 @@ def plot_summary(path, summary, names):
 # ============================================================================ arguments
 def parse_args(argv=None):
     p = pl.parser(__doc__)
-    pl.add_model_args(p)
-    p.add_argument("--benchmark", action="append", default=[], help=f"benchmark, repeatable: {', '.join(BENCHMARKS)}")
-    p.add_argument("--data", default=None, help="any prompt file (JSON, JSONL, CSV, TXT), judged against --expect")
-    p.add_argument("--expect", choices=("refuse", "comply"), default="refuse",
-                   help="what the --data prompts (or --responses rows without an expect column) should get")
-    p.add_argument("--column", default=None, help="prompt column of --data (default: the first of "
-                   f"{', '.join(pl.PROMPT_COLUMNS)})")
-    p.add_argument("--data-dir", default=None, help="read benchmarks from local copies laid out like "
-                   "../shared/benchdata instead of the Hugging Face hub")
-    p.add_argument("--limit", type=pl.count(1), default=None, help="a fixed sample of N prompts per result set "
-                   "(seeded by --seed; default: every prompt)")
-    p.add_argument("--harmbench-category", choices=("standard", "contextual", "copyright"), default="standard",
-                   help="HarmBench functional category (contextual prompts are shown with their context)")
-    p.add_argument("--exclude", action="append", default=[], help="prompt file whose prompts are left out before "
-                   "--limit samples (e.g. the prompts a model was trained on); repeatable")
-    p.add_argument("--max-new-tokens", type=pl.count(1), default=256, help="tokens generated per response; 64 is the "
-                   "fast mode, enough for the keyword judge, which reads a response's opening")
-    p.add_argument("--judge", action="append", default=[], help="keyword (default), logit, classifier:MODEL (a "
+    g = p.add_argument_group("method: what is evaluated, and how it is judged")
+    g.add_argument("--judge", action="append", default=[], help="keyword (default), logit, classifier:MODEL (a "
                    "Hugging Face refusal classifier, e.g. protectai/distilroberta-base-rejection-v1), llm:MODEL "
                    "(a local chat model) or guard:MODEL (a safety classifier that ships its moderation prompt in its "
                    "chat template, e.g. meta-llama/Llama-Guard-3-1B: it says whether a response is harmful, so on a "
                    "refuse-set a safe response counts as a refusal and an unsafe one as compliance, and on "
                    "comply-sets, where it cannot tell refusing from complying, rows are left unjudged and only its "
                    "verdicts are recorded); repeatable")
-    p.add_argument("--keyword-mode", choices=("substring", "prefix"), default="substring", help="keyword judge: "
+    g.add_argument("--keyword-mode", choices=("substring", "prefix"), default="substring", help="keyword judge: "
                    "refusal phrases anywhere / in the opening (more accurate), or only at the very start (classic)")
-    p.add_argument("--direction", default=None, help="direction.pt whose refusal tokens the logit judge uses "
+    g.add_argument("--direction", default=None, help="direction.pt whose refusal tokens the logit judge uses "
                    "(default: the model's tokens for 'I', 'Sorry', 'As', 'Unfortunately')")
-    p.add_argument("--patch", default=None, help="ACTOR patch directory written by actor.py")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory written by procon.py")
-    p.add_argument("--ablate", default=None, help="direction.pt to project out of every layer while evaluating")
-    p.add_argument("--steer", default=None, help="direction.pt whose raw difference in means is added at its layer")
-    p.add_argument("--coeff", type=pl.number(), default=None, help="with --steer: add coeff * (difference in means); "
+    g.add_argument("--max-new-tokens", type=pl.count(1), default=256, help="tokens generated per response; 64 is the "
+                   "fast mode, enough for the keyword judge, which reads a response's opening")
+    g.add_argument("--patch", default=None, help="ACTOR patch directory written by actor.py")
+    g.add_argument("--adapter", default=None, help="LoRA adapter directory written by procon.py")
+    g.add_argument("--ablate", default=None, help="direction.pt to project out of every layer while evaluating")
+    g.add_argument("--steer", default=None, help="direction.pt whose raw difference in means is added at the input "
+                   "of its layer")
+    g.add_argument("--coeff", type=pl.number(), default=None, help="with --steer: add coeff * (difference in means); "
                    "default 1, Arditi's activation addition; negative values subtract")
-    p.add_argument("--responses", default=None, help="judge existing responses (JSONL/CSV with a prompt and a "
-                   "response or completion column) in their order, without generating")
-    p.add_argument("--labels", default=None, help="column of --responses with human labels (XSTest's "
-                   "1_full_compliance / 2_full_refusal / 3_partial_refusal, or refusal/compliance, 1/0 = refusal)")
-    p.add_argument("--other-model", action="store_true", help="apply a direction, patch or adapter made on another "
+    g.add_argument("--other-model", action="store_true", help="apply a direction, patch or adapter made on another "
                    "model than --model (e.g. a base model's direction to its fine-tune)")
+    g = p.add_argument_group("data")
+    g.add_argument("--benchmark", action="append", default=[], help=f"benchmark, repeatable: {', '.join(BENCHMARKS)}")
+    g.add_argument("--data", default=None, help="any prompt file (JSON, JSONL, CSV, TXT), judged against --expect")
+    g.add_argument("--expect", choices=("refuse", "comply"), default="refuse",
+                   help="what the --data prompts (or --responses rows without an expect column) should get")
+    g.add_argument("--column", default=None, help="prompt column of --data (default: the first of "
+                   f"{', '.join(pl.PROMPT_COLUMNS)})")
+    g.add_argument("--data-dir", default=None, help="read benchmarks from local copies laid out like "
+                   "../shared/benchdata instead of the Hugging Face hub")
+    g.add_argument("--limit", type=pl.count(1), default=None, help="at most N prompts per result set (a seeded sample; "
+                   "default: every prompt)")
+    g.add_argument("--harmbench-category", choices=("standard", "contextual", "copyright"), default="standard",
+                   help="HarmBench functional category (contextual prompts are shown with their context)")
+    g.add_argument("--exclude", action="append", default=[], help="prompt file whose prompts, and their "
+                   "near-duplicates (word-set Jaccard >= 0.6), are left out before --limit samples (e.g. the prompts a "
+                   "model was trained on); repeatable")
+    g.add_argument("--responses", default=None, help="judge existing responses (JSONL/CSV with a prompt and a "
+                   "response or completion column) in their order, without generating")
+    g.add_argument("--labels", default=None, help="column of --responses with human labels (XSTest's "
+                   "1_full_compliance / 2_full_refusal / 3_partial_refusal, or refusal/compliance, 1/0 = refusal)")
+    pl.add_model_args(p)
+    pl.add_memory_args(p)
     pl.add_out_args(p, "runs/eval", resume="continue an unfinished run in --out, generating only the responses it "
                     "lacks; every flag that changes the responses must be as it was (the judges may differ: they judge "
                     "every response again)")

@@ -1,4 +1,5 @@
-"""judges.py: the refusal judges, and how they are measured against each other and against human labels.
+"""judges.py: the refusal judges (a response, or a prompt's first-token logits, in; refusal or not out), and how they
+are measured against each other and against human labels.
 
     keyword         keywords.is_refusal on the response (the measured pattern list of keywords.py)
     logit           the refusal score of the first answer token (Arditi sec. 2.4): no generation at all
@@ -232,7 +233,7 @@ def response_judge(j, rows, args):
         got, raw = llm_judge([(rows[i]["prompt"], answers[i]) for i in todo], name, args)
         for i, a in zip(todo, raw):
             rows[i].setdefault("llm_answers", {})[j] = a
-    else:
+    elif kind == "guard":
         verdicts, raw = guard_judge([(rows[i]["prompt"], answers[i]) for i in todo], name, args)
         got = []
         for i, v, a in zip(todo, verdicts, raw):
@@ -240,6 +241,8 @@ def response_judge(j, rows, args):
             got.append(guard_label(v, rows[i]["expect"]))
             if v is not None and got[-1] is None:
                 reasons[i] = "not judged"
+    else:  # check_judges refuses every other kind before any work; a caller that skipped it ends here, in one line
+        pl.fail(f"unknown judge {j!r}: use keyword, logit, classifier:MODEL, llm:MODEL or guard:MODEL")
     for i, label in zip(todo, got):
         labels[i] = label
         if label is None:

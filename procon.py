@@ -7,9 +7,9 @@ hidden state onto the r-direction", then "a warm-up strategy that emphasizes ear
 safety data that "broaden the data distribution" (ProCon_wu_safe). Only the abstract is reachable here: the form below
 is this project's reading of it, and every number in it is a [choice] (results/procon.md measures them).
 
-    r_l = normalise(mu_l - nu_l)                 the initial model's r-direction at layer l's input, at the prompt's
-                                                 last token (difference in means of harmful and harmless prompts)
-    z_{l,j} = r_l . x_{l,j}                      the projection of a sample's hidden state at layer l and token j
+    r_hat_l = normalise(mu_l - nu_l)             the initial model's r-direction at the input of layer l, at the
+                                                 prompt's last token (difference in means of harmful and harmless)
+    z_{l,j} = r_hat_l . x_{l,j}                  the projection of a sample's hidden state at layer l and token j
     z0_{l,j}                                     the same under the initial weights, recorded once before training
     C = sum_l sum_j |z_{l,j} - z0_{l,j}|         the constraint of one sample (--constraint, --reduce, --scale)
     L = CE(response tokens) + alpha_t C          averaged over the samples of a step
@@ -21,11 +21,16 @@ is this project's reading of it, and every number in it is a [choice] (results/p
         --safety-data data/harmful.json --out runs/procon_wu_safe                                # ProCon_wu_safe
     python procon.py --merge runs/procon_wu_safe/adapter --out runs/merged      # base model + adapter, unquantised
 
-LoRA on the attention projections by default (QLoRA with --load-in-4bit); --full fine-tunes every weight. A killed run
-continues with --resume from its last checkpoint.
+A training step, in the order of this file: each pair is chat-formatted with its loss mask (encode_pair), pairs of
+similar length form fixed batches (fixed_batches, collate); one forward pass gives the CE of the response tokens and
+the hidden states the constraint reads (forward); z, C and L follow (projections, constraint, training_loss); AdamW
+steps at the scheduled learning rate (lr_at, step, train). LoRA on the attention projections by default (QLoRA with
+--load-in-4bit); --full fine-tunes every weight. A killed run continues with --resume from its last checkpoint.
 """
+import math
 import os
 import random
+import statistics
 import time
 import types
 
@@ -39,23 +44,132 @@ import rundir
 import training
 
 
+# ============================================================================ the data: pairs, loss masks, batches
+def encode_pair(tok, prompt, response, max_length, tokens="prompt", ce=True):
+    """Chat-format one pair: (token ids, labels, constraint mask).
+
+    labels are -100 on the prompt, so the loss is on response tokens only (on none with ce=False); the constraint
+    mask marks the tokens whose projections the constraint reads (--constrained-tokens)."""
+    prompt_text = pl.chat_text(tok, prompt)
+    full_text = pl.chat_text(tok, prompt, response)
+    if not full_text.startswith(prompt_text):  # a template that rewrites earlier turns: append the answer instead
+        full_text = prompt_text + response + (tok.eos_token or "")
+    n_prompt = len(tok(prompt_text, add_special_tokens=False).input_ids)
+    ids = tok(full_text, add_special_tokens=False).input_ids[:max_length]
+    response_mask = [0] * min(n_prompt, len(ids)) + [1] * max(0, len(ids) - n_prompt)
+    labels = [t if m and ce else -100 for t, m in zip(ids, response_mask)]
+    if tokens == "response":
+        cmask = response_mask
+    elif tokens == "prompt":  # the post-instruction position r_hat_l is read at: the prompt's last token
+        cmask = [int(i == min(n_prompt, len(ids)) - 1) for i in range(len(ids))]
+    else:
+        cmask = [1] * len(ids)
+    return ids, labels, cmask
+
+
+def fixed_batches(examples, batch_size, grad_accum, seed):
+    """Optimizer batches of batch_size * grad_accum samples of similar length, composed once (every epoch, and the
+    anchors' pass before training, see the same ones), each split into grad_accum micro-batches: 2 x 4 holds what 1 x
+    8 holds."""
+    size = batch_size * grad_accum
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), i))
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    random.Random(seed).shuffle(batches)
+    return [[b[i:i + batch_size] for i in range(0, len(b), batch_size)] for b in batches]
+
+
+def collate(examples, pad_id):
+    """Right padding for training: positions start at 0 for every sample, as they did in pre-training. Returns
+    (input ids, attention mask, labels, constraint mask)."""
+    n = max(len(e[0]) for e in examples)
+    input_ids = torch.full((len(examples), n), pad_id)
+    labels = torch.full((len(examples), n), -100)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    cmask = torch.zeros((len(examples), n), dtype=torch.bool)
+    for i, (ids, lab, cm) in enumerate(examples):
+        input_ids[i, :len(ids)], labels[i, :len(lab)], mask[i, :len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
+        cmask[i, :len(cm)] = torch.tensor(cm, dtype=torch.bool)
+    return input_ids, mask, labels, cmask
+
+
 # ============================================================================ the method
-# r_l: the initial model's r-direction at every layer, frozen
+# mu_l - nu_l, and its unit vector (the same lines as in actor.py and directions.py; tests/test_layout.py)
+def difference_in_means(acts_a, acts_b):
+    """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32."""
+    diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
+    if not torch.isfinite(diff).all():
+        pl.fail("the difference in means is not finite (NaN or inf activations)")
+    return diff
+
+
+def unit(v, what="direction"):
+    """v / |v| along the last axis; a zero vector has no direction, and is an error, not a silent 0."""
+    norm = v.norm(dim=-1, keepdim=True)
+    if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any() or not torch.isfinite(norm).all():
+        pl.fail(f"the {what} is zero (or not finite): the two prompt groups give the same mean activation")
+    return v / norm
+
+
+# r_hat_l: the initial model's r-direction at every layer, frozen
 def r_directions(model, tok, harmful, harmless, batch_size, desc):
-    """r_l = normalise(mu_l - nu_l) of the input to every layer l >= 1 at the prompt's last token ([L, d]; r_0 = 0:
-    the input to layer 0 is the embedding of the template's last token, the same for every prompt)."""
-    mean_diff = pl.difference_in_means(pl.capture(model, tok, harmful, 1, batch_size, desc + " (harmful)"),
-                                       pl.capture(model, tok, harmless, 1, batch_size, desc + " (harmless)"))
+    """r_hat_l = normalise(mu_l - nu_l) at the input of every layer l >= 1, the prompt's last token ([L, d]; r_hat_0
+    = 0: the input of layer 0 is the embedding of the template's last token, the same for every prompt)."""
+    mean_diff = difference_in_means(pl.capture(model, tok, harmful, 1, batch_size, desc + " (harmful)"),
+                                    pl.capture(model, tok, harmless, 1, batch_size, desc + " (harmless)"))
     r_hat = torch.zeros_like(mean_diff[:-1, -1])
-    r_hat[1:] = pl.unit(mean_diff[1:-1, -1], "r-direction (harmful - harmless)")
+    r_hat[1:] = unit(mean_diff[1:-1, -1], "r-direction (harmful - harmless)")
     return r_hat
+
+
+# the forward pass that gives both CE and the hidden states the constraint reads
+def forward(model, batch, device, hidden=True, ce_chunk=0):
+    """One forward pass: the summed CE of its response tokens, the hidden states the constraint reads (hidden=True;
+    hidden_states[l] is the input of layer l) and the constraint mask. The constraint costs no second forward: it
+    reads the residual stream of this same pass, which backward keeps anyway. With hidden=False (alpha = 0) nothing
+    but the logits is asked for: plain IFT.
+
+    Logits are made only where some sample's next token carries loss (the prompt's share of a [tokens, vocabulary]
+    tensor, the largest of a step with a 128k vocabulary, is never made); with ce_chunk > 0 they are made ce_chunk
+    tokens at a time from the final hidden state and recomputed in backward, so that no more are ever alive."""
+    input_ids, mask, labels, cmask = (t.to(device) for t in batch)
+    target = labels[:, 1:]
+    keep = (target != -100).any(0).nonzero().squeeze(-1)
+    if not ce_chunk:
+        out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False,
+                    logits_to_keep=keep)
+        logits = out.logits.float()
+        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, keep].reshape(-1),
+                                 ignore_index=-100, reduction="sum")
+        return ce_sum, out.hidden_states, cmask
+    out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                logits_to_keep=keep[:0])
+    h, y = out.hidden_states[-1][:, :-1][target != -100], target[target != -100]
+    head, cfg = model.get_output_embeddings(), model.config.get_text_config()
+    ce_sum = h.float().sum() * 0  # in the graph even for a batch whose samples carry no CE (--safety-role constraint)
+    for i in range(0, len(y), ce_chunk):
+        ce_sum = ce_sum + torch.utils.checkpoint.checkpoint(chunk_ce, h[i:i + ce_chunk], y[i:i + ce_chunk], head, cfg,
+                                                            use_reentrant=False)
+    return ce_sum, (out.hidden_states if hidden else None), cmask
+
+
+def chunk_ce(h, y, head, cfg):
+    """Summed CE of one chunk of final hidden states, through the output head and the logit scalings some models
+    apply after it (Gemma-2's soft-capping, Granite's and Cohere's scales)."""
+    logits = head(h).float()
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "logit_scale", None):
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+    return F.cross_entropy(logits, y, reduction="sum")
 
 
 # z: the projections the constraint reads
 def projections(hidden_states, cmask, r_hat, layers):
-    """z_{l,j} = r_l . x_{l,j} for every constrained layer l and constrained token j: [n_layers, n_tokens].
+    """z_{l,j} = r_hat_l . x_{l,j} for every constrained layer l and constrained token j: [n_layers, n_tokens].
 
-    hidden_states[l] is the residual-stream input to layer l; tokens are taken in row-major order, so a batch's
+    hidden_states[l] is the residual-stream input of layer l; tokens are taken in row-major order, so a batch's
     tokens are its samples' tokens one sample after another."""
     return torch.stack([(hidden_states[l][cmask].float() @ r_hat[l]) for l in layers])
 
@@ -79,7 +193,7 @@ def training_loss(model, micro, device, r_hat, z0, alpha, layers, args, norm, sc
     """L = CE + alpha_t C for one micro-batch. Both terms are normalised by the whole optimizer step (norm: its
     response tokens and samples), so that --grad-accum 2 --batch-size 4 sums to exactly the loss of --batch-size 8.
     The constraint reads the hidden states of the same forward pass as CE. Returns (loss, ce, constraint)."""
-    ce_sum, hs, cmask = training.forward(model, micro, device, hidden=alpha != 0, ce_chunk=args.ce_chunk)
+    ce_sum, hs, cmask = forward(model, micro, device, hidden=alpha != 0, ce_chunk=args.ce_chunk)
     ce = ce_sum / max(norm["tokens"], 1)
     if alpha == 0:
         return ce, ce, torch.zeros((), device=ce.device)
@@ -97,12 +211,11 @@ def alpha_at(epoch, args):
 # z0: the anchors
 @torch.no_grad()
 def anchors(model, examples, batches, r_hat, layers, pad_id):
-    """z0 of every example (its constrained positions) under the initial weights, and the RMS of the anchors per layer
+    """z0 of every example (its constrained tokens) under the initial weights, and the RMS of the anchors per layer
     (--scale anchor-rms): one pass before training, over the same batches."""
     z0 = [None] * len(examples)
     for idx in tqdm([m for b in batches for m in b], desc="anchors z0", leave=False):
-        _, hs, cmask = training.forward(model, training.collate([examples[i] for i in idx], pad_id),
-                                        pl.model_device(model))
+        _, hs, cmask = forward(model, collate([examples[i] for i in idx], pad_id), pl.model_device(model))
         z = projections(hs, cmask, r_hat, layers).cpu()
         for i, part in zip(idx, torch.split(z, cmask.sum(1).tolist(), dim=1)):
             z0[i] = part.clone()
@@ -116,6 +229,15 @@ def drift(r0, r1, layers):
 
 
 # ============================================================================ the loop
+def lr_at(step, total, lr, warmup_ratio=0.0, schedule="constant"):
+    """Learning rate of optimizer step `step` of `total`: a linear warm-up, then constant, linear or cosine decay."""
+    warm = int(total * warmup_ratio)
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(total - warm, 1)
+    return lr * {"constant": 1.0, "linear": 1.0 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t))}[schedule]
+
+
 def train(run):
     """Optimizer steps over the fixed batches, their order shuffled per epoch with the seed; at the end of each epoch
     the held-out CE and the drift of the re-extracted probe direction; a checkpoint at each epoch's end (and every
@@ -153,11 +275,12 @@ def train(run):
 def step(run, batch, alpha):
     """One optimizer step over the micro-batches of one batch. Returns its (CE, constraint)."""
     args = run.args
-    micros = [training.collate([run.examples[i] for i in m], run.pad_id) for m in batch]
-    norm = {"tokens": sum(int((mb[2][:, 1:] != -100).sum()) for mb in micros),
-            "samples": sum(len(m) for m in batch), "positions": sum(int(mb[3].sum()) for mb in micros)}
+    micros = [collate([run.examples[i] for i in m], run.pad_id) for m in batch]
+    input_ids, mask, labels, cmask = zip(*micros)
+    norm = {"tokens": sum(int((lab[:, 1:] != -100).sum()) for lab in labels), "samples": sum(len(m) for m in batch),
+            "positions": sum(int(cm.sum()) for cm in cmask)}
     for g in run.opt.param_groups:
-        g["lr"] = training.lr_at(run.step, run.total, args.lr, args.warmup_ratio, args.lr_scheduler)
+        g["lr"] = lr_at(run.step, run.total, args.lr, args.warmup_ratio, args.lr_scheduler)
     run.opt.zero_grad(set_to_none=True)
     ce_step, reg_step = 0.0, 0.0
     for m, micro in zip(batch, micros):
@@ -174,9 +297,20 @@ def step(run, batch, alpha):
     return ce_step, reg_step
 
 
+@torch.no_grad()
+def evaluate_ce(model, examples, batch_size, pad_id, device):
+    """Token-weighted CE on the response tokens of held-out pairs: the task loss."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id)
+        total += forward(model, batch, device, hidden=False)[0].item()
+        count += int((batch[2][:, 1:] != -100).sum())
+    return total / max(count, 1)
+
+
 def end_of_epoch(run, epoch, alpha):
     """Held-out CE and the drift of the re-extracted probe direction, logged for the epoch."""
-    eval_ce = training.evaluate_ce(run.model, run.eval_examples, run.args.batch_size, run.pad_id, run.device) \
+    eval_ce = evaluate_ce(run.model, run.eval_examples, run.args.batch_size, run.pad_id, run.device) \
         if run.eval_examples else None
     r_probe = r_directions(run.model, run.tok, run.probes["probe_harmful"], run.probes["probe_harmless"],
                            run.args.batch_size, "drift probe")
@@ -197,8 +331,8 @@ def main(argv=None):
     pl.seed_everything(args.seed)
     t0 = time.time()
 
-    # 1. data: benign pairs, safety samples (ProCon_safe), held-out pairs, the prompts of the r-directions and drift
-    pairs = training.read_pairs(args.data)[:args.limit]
+    # 1. data: benign pairs, safety samples (ProCon_safe), held-out pairs, the prompts of r_hat_l and of the drift
+    pairs = pl.sample(training.read_pairs(args.data), args.limit, args.seed)
     safety = training.read_pairs(args.safety_data, pl.read_prompts(args.refusals), args.seed)[:args.safety_n] \
         if args.safety_data else []
     eval_pairs = training.read_pairs(args.eval_data) if args.eval_data else []
@@ -212,21 +346,20 @@ def main(argv=None):
         training.keep_4bit_trainable(model)
         run = types.SimpleNamespace(args=args, work=work, tok=tok, pad_id=tok.pad_token_id, probes=probes,
                                     device=pl.model_device(model), step=0)
-        n_layers = pl.text_config(model).num_hidden_layers
-        run.layers = constrained_layers(args.layers, n_layers)
-        run.examples = [training.encode_pair(tok, p, a, args.max_length, args.positions) for p, a in pairs] + \
-            [training.encode_pair(tok, p, a, args.max_length, args.positions, ce=args.safety_role == "ce+constraint")
+        run.layers = constrained_layers(args.layers, pl.text_config(model).num_hidden_layers)
+        run.examples = [encode_pair(tok, p, a, args.max_length, args.constrained_tokens) for p, a in pairs] + \
+            [encode_pair(tok, p, a, args.max_length, args.constrained_tokens, ce=args.safety_role == "ce+constraint")
              for p, a in safety]
-        run.eval_examples = [training.encode_pair(tok, p, a, args.max_length) for p, a in eval_pairs]
+        run.eval_examples = [encode_pair(tok, p, a, args.max_length) for p, a in eval_pairs]
         check_examples(model, run.examples, run.eval_examples, args)
-        run.batches = training.fixed_batches(run.examples, args.batch_size, args.grad_accum, args.seed)
+        run.batches = fixed_batches(run.examples, args.batch_size, args.grad_accum, args.seed)
         run.total = min(args.epochs * len(run.batches), args.max_steps or args.epochs * len(run.batches))
         if args.ce_chunk:
-            training.check_ce_chunk(model, training.collate([run.examples[i] for i in run.batches[0][0]], run.pad_id),
-                                    run.device, args.ce_chunk)
+            check_ce_chunk(model, collate([run.examples[i] for i in run.batches[0][0]], run.pad_id), run.device,
+                           args.ce_chunk)
 
         # 3. the r-directions of the initial model, frozen, and the probe direction that drift is measured against
-        # 4. the anchors z0 = r_l . x_{l,j} under the initial weights (kept in the run's folder for --resume)
+        # 4. the anchors z0 = r_hat_l . x_{l,j} under the initial weights (kept in the run's folder for --resume)
         run.r_probe0 = r_directions(model, tok, probes["probe_harmful"], probes["probe_harmless"], args.batch_size,
                                     "probe")
         resumed = args.resume and os.path.isfile(os.path.join(work, "anchors.pt"))
@@ -249,15 +382,25 @@ def main(argv=None):
 
 
 def check_examples(model, examples, eval_examples, args):
-    """Encoded pairs: within the model's context, and with response tokens left after --max-length."""
+    """Encoded pairs: within the model's context, and with response tokens left after --max-length (else CE would
+    read 0)."""
     pl.check_context(model, [len(e[0]) for e in examples], what="training pairs (after --max-length)")
-    training.check_loss_tokens(examples, args.max_length, "training pairs")
-    if eval_examples:
-        training.check_loss_tokens(eval_examples, args.max_length, "held-out pairs of --eval-data")
+    for what, found in (("training pairs", examples), ("held-out pairs of --eval-data", eval_examples)):
+        if found and not any(l != -100 for e in found for l in e[1]):
+            pl.fail(f"--max-length {args.max_length} leaves no response tokens in any of the {what}")
+
+
+@torch.no_grad()
+def check_ce_chunk(model, batch, device, ce_chunk):
+    """--ce-chunk computes logits itself; on the first batch it must give the model's own CE, or the run stops."""
+    plain, chunked = forward(model, batch, device, False)[0], forward(model, batch, device, False, ce_chunk)[0]
+    if not torch.isclose(plain, chunked, rtol=1e-4, atol=1e-3):
+        pl.fail(f"--ce-chunk: this model's logits are not its output head on the last hidden state (CE "
+                f"{plain.item():.4f} vs {chunked.item():.4f}); leave --ce-chunk out")
 
 
 def make_anchors(work, run, model, probes):
-    """r_l and z0 of a new run (none for plain IFT), saved in the run's folder."""
+    """r_hat_l and z0 of a new run (no z0 for plain IFT), saved in the run's folder."""
     r_hat = r_directions(model, run.tok, probes["harmful"], probes["harmless"], run.args.batch_size, "r-directions")
     start = {"r_hat": r_hat, "z0": None, "rms": None}
     if any(alpha_at(e, run.args) > 0 for e in range(run.args.epochs)):
@@ -287,17 +430,17 @@ def write_outputs(work, run, pairs, safety, t0):
     meta = pl.metadata(args, [getattr(args, k) for k in FILES])
     drift_log = {str(e["epoch"]): e["drift"] for e in log["epochs"]}
     pl.save_json(os.path.join(work, "procon.json"), {
-        "model": args.model, "layers": run.layers, "n_train": len(pairs), "n_safety": len(safety), "seed": args.seed,
-        "seconds": round(time.time() - t0, 1), "peak_memory_mib": pl.peak_memory_mib(run.device), **log, **meta})
+        "model": args.model, "layers": run.layers, "activation": "input of each constrained layer",
+        "n_train": len(pairs), "n_safety": len(safety), "seed": args.seed, "seconds": round(time.time() - t0, 1),
+        "peak_memory_mib": pl.peak_memory_mib(run.device), **log, **meta})
     pl.save_json(os.path.join(work, "drift.json"), {"model": args.model, "cosine_to_initial": drift_log,
                                                     "layers": list(range(1, n_layers)), **meta})
     plot_drift(os.path.join(work, "drift.png"), drift_log, args.model)
-    print(f"\n{'epoch':>5} {'alpha':>6} {'CE':>8} {'constraint':>11} {'held-out CE':>12} {'drift cos (deep half)':>22}")
-    for e in sorted(log["epochs"], key=lambda e: e["epoch"]):
-        deep = [v for l, v in e["drift"].items() if int(l) >= n_layers // 2]
-        ev = f"{e['eval_ce']:.4f}" if e["eval_ce"] is not None else "-"
-        print(f"{e['epoch']:>5} {e['alpha']:>6g} {e['ce']:>8.4f} {e['constraint']:>11.4f} {ev:>12} "
-              f"{sum(deep) / len(deep):>22.4f}")
+    deep = lambda e: statistics.mean(v for l, v in e["drift"].items() if int(l) >= n_layers // 2)  # noqa: E731
+    rows = [[e["epoch"], f"{e['alpha']:g}", f"{e['ce']:.4f}", f"{e['constraint']:.4f}",
+             "-" if e["eval_ce"] is None else f"{e['eval_ce']:.4f}", f"{deep(e):.4f}"]
+            for e in sorted(log["epochs"], key=lambda e: e["epoch"])]
+    pl.print_table(["epoch", "alpha", "CE", "constraint", "held-out CE", "drift cos (deep half)"], rows)
     if args.save_merged:
         artifacts.save_merged(os.path.join(work, "merged"), "adapter", os.path.join(work, "adapter"), args.model, args)
     print(f"\nwrote {', '.join(outputs(args))} to {args.out} in {time.time() - t0:.0f}s "
@@ -309,7 +452,7 @@ def plot_drift(path, drift_log, model_name):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for epoch, cos in sorted(drift_log.items(), key=lambda kv: int(kv[0])):
         ax.plot([int(l) for l in cos], list(cos.values()), marker=".", label=f"epoch {epoch}")
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer (its input)")
     ax.set_ylabel("cosine to the initial direction")
     ax.set_title(f"refusal-direction drift: {os.path.basename(str(model_name).rstrip('/'))}", fontsize=10)
     ax.legend(fontsize=8)
@@ -328,13 +471,13 @@ def outputs(args):
 
 
 def constrained_layers(spec, n_layers):
-    """--layers: 'all' is 1..L-1. [choice] The abstract says the constraint is on "the hidden state"; the input to
-    layer 0 is the token embedding, and every chat-formatted prompt ends in the same template token, so r_0 is 0."""
+    """--layers: 'all' is 1..L-1. [choice] The abstract says the constraint is on "the hidden state"; the input of
+    layer 0 is the token embedding, and every chat-formatted prompt ends in the same template token, so r_hat_0 is 0."""
     layers = list(range(1, n_layers)) if spec == "all" else spec
     bad = [l for l in layers if not 1 <= l < n_layers]
     if bad:
         pl.fail(f"--layers: layer {bad[0]} is out of range for a model with {n_layers} layers (1..{n_layers - 1}; "
-                "the input to layer 0 is the embedding, whose r_0 is 0)")
+                "the input of layer 0 is the embedding, whose r_hat_0 is 0)")
     return layers
 
 
@@ -349,84 +492,92 @@ def check_args(args):
         pl.fail("--full cannot train a 4-bit model; use LoRA (QLoRA) with --load-in-4bit")
 
 
+def add_method_args(p):
+    """ProCon's own flags: the constraint, its weight and schedule, where it reads."""
+    g = p.add_argument_group("method (ProCon)")
+    g.add_argument("--alpha", type=pl.number(lo=0), default=0.0, help="constraint weight after the warm-up (0: plain "
+                   "IFT; [choice]: the useful scale depends on --reduce and --scale, results/procon.md)")
+    g.add_argument("--warmup-epochs", type=pl.count(0), default=0, help="ProCon_wu: epochs of strong constraint first")
+    g.add_argument("--warmup-alpha", type=pl.number(lo=0), default=1.0,
+                   help="ProCon_wu: constraint weight during the warm-up ([choice])")
+    g.add_argument("--reset-optimizer", action="store_true", help="start AdamW afresh when the warm-up ends "
+                   "([choice]; the abstract is silent; see train())")
+    g.add_argument("--layers", type=lambda t: t if t == "all" else pl.listed(pl.count(1))(t), default="all",
+                   help="constrained layers (their inputs): 'all' (1..L-1) or a list like 10,12,14")
+    g.add_argument("--constrained-tokens", choices=("prompt", "response", "all"), default="prompt",
+                   help="tokens whose projections are constrained ([choice]; the abstract says 'each training "
+                   "sample's hidden state'): the prompt's last token, where r_hat_l is defined and refusal is decided "
+                   "(default), the response tokens, or every token")
+    g.add_argument("--constraint", choices=("abs", "sq"), default="abs", help="|z - z0| ([choice]) or (z - z0)^2")
+    g.add_argument("--reduce", choices=("sum", "mean"), default="sum",
+                   help="sum over layers and constrained tokens, per sample ([choice]), or their mean")
+    g.add_argument("--scale", choices=("raw", "anchor-rms"), default="raw",
+                   help="raw projections, or each layer's deviation divided by the RMS of its anchors z0 (alpha then "
+                   "means the same on any model and sequence length, with --reduce mean)")
+    g.add_argument("--epochs", type=pl.count(1), default=3, help="training epochs ([choice]: 3 fits a CPU test bed)")
+    g.add_argument("--max-steps", type=pl.count(1), default=None, help="stop after N optimizer steps")
+    g.add_argument("--lr", type=pl.number(above=0), default=2e-4,
+                   help="AdamW learning rate ([choice]: 2e-4, the usual LoRA rate)")
+    g.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant",
+                   help="learning-rate schedule over all optimizer steps, after --warmup-ratio")
+    g.add_argument("--warmup-ratio", type=pl.number(lo=0, below=1), default=0.0,
+                   help="fraction of steps with a linear lr warm-up")
+    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
+    g.add_argument("--lora-r", type=pl.count(1), default=8, help="LoRA rank ([choice] 8)")
+    g.add_argument("--lora-alpha", type=pl.number(above=0), default=16, help="LoRA alpha ([choice] 16)")
+    g.add_argument("--lora-targets", default="auto", help="modules that get LoRA adapters: 'auto' (the attention "
+                   "projections of this model, fused or not), 'all-linear', or a list like q_proj,v_proj")
+
+
 def add_data_args(p):
-    """The data flags: training pairs, safety samples, held-out pairs, the prompts of r_l and of the drift probe."""
-    p.add_argument("--data", default=os.path.join(pl.DATA, "instructions.json"),
+    """The data flags: training pairs, safety samples, held-out pairs, the prompts of r_hat_l and of the drift probe."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=os.path.join(pl.DATA, "instructions.json"),
                    help="instruction-response pairs: JSON/JSONL/CSV with instruction(+input)/output, prompt/response "
                    "or question/answer")
-    p.add_argument("--limit", type=pl.count(1), default=None, help="use only the first N training pairs")
-    p.add_argument("--safety-data", default=None,
+    g.add_argument("--limit", type=pl.count(1), default=None, help="at most N training pairs (a seeded sample)")
+    g.add_argument("--safety-data", default=None,
                    help="ProCon_safe: safety samples mixed into training; pairs, or prompts answered with --refusals")
-    p.add_argument("--safety-n", type=pl.count(1), default=None, help="use at most N safety samples")
-    p.add_argument("--safety-role", choices=("ce+constraint", "constraint"), default="ce+constraint",
+    g.add_argument("--safety-n", type=pl.count(1), default=None, help="use at most N safety samples")
+    g.add_argument("--safety-role", choices=("ce+constraint", "constraint"), default="ce+constraint",
                    help="safety samples enter the CE loss and the constraint ([choice]: the abstract's 'broaden the "
                    "data distribution'), or the constraint only (no CE on their refusals)")
-    p.add_argument("--refusals", default=os.path.join(pl.DATA, "refusals.json"),
+    g.add_argument("--refusals", default=os.path.join(pl.DATA, "refusals.json"),
                    help="refusal answers for safety prompts that come without one")
-    p.add_argument("--eval-data", default=None, help="held-out pairs: their CE loss is logged each epoch")
-    p.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"), help="harmful prompts for r_l")
-    p.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"), help="harmless prompts for r_l")
-    p.add_argument("--probe-harmful", default=os.path.join(pl.DATA, "probe_harmful.json"),
+    g.add_argument("--eval-data", default=None, help="held-out pairs: their CE loss is logged each epoch")
+    g.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"), help="harmful prompts for r_hat_l")
+    g.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"), help="harmless prompts for r_hat_l")
+    g.add_argument("--probe-harmful", default=os.path.join(pl.DATA, "probe_harmful.json"),
                    help="fixed harmful probe set for the per-epoch drift of the refusal direction")
-    p.add_argument("--probe-harmless", default=os.path.join(pl.DATA, "probe_harmless.json"),
+    g.add_argument("--probe-harmless", default=os.path.join(pl.DATA, "probe_harmless.json"),
                    help="fixed harmless probe set for the per-epoch drift")
 
 
 def parse_args(argv=None):
     p = pl.parser(__doc__)
-    pl.add_model_args(p)
-    p.set_defaults(batch_size=8, model=None)  # with --merge the base model comes from the adapter
+    add_method_args(p)
     add_data_args(p)
-    p.add_argument("--alpha", type=pl.number(lo=0), default=0.0, help="constraint weight after the warm-up (0: plain "
-                   "IFT; [choice]: the useful scale depends on --reduce and --scale, results/procon.md)")
-    p.add_argument("--warmup-epochs", type=pl.count(0), default=0, help="ProCon_wu: epochs of strong constraint first")
-    p.add_argument("--warmup-alpha", type=pl.number(lo=0), default=1.0,
-                   help="ProCon_wu: constraint weight during the warm-up ([choice])")
-    p.add_argument("--reset-optimizer", action="store_true", help="start AdamW afresh when the warm-up ends "
-                   "([choice]; the abstract is silent; see train())")
-    p.add_argument("--layers", type=lambda t: t if t == "all" else pl.listed(pl.count(1))(t), default="all",
-                   help="constrained layers: 'all' (1..L-1) or a list like 10,12,14")
-    p.add_argument("--positions", choices=("prompt", "response", "all"), default="prompt",
-                   help="tokens whose projections are constrained ([choice]; the abstract says 'each training "
-                   "sample's hidden state'): the prompt's last token, where r_l is defined and refusal is decided "
-                   "(default), the response tokens, or every token")
-    p.add_argument("--constraint", choices=("abs", "sq"), default="abs", help="|z - z0| ([choice]) or (z - z0)^2")
-    p.add_argument("--reduce", choices=("sum", "mean"), default="sum",
-                   help="sum over layers and constrained tokens, per sample ([choice]), or their mean")
-    p.add_argument("--scale", choices=("raw", "anchor-rms"), default="raw",
-                   help="raw projections, or each layer's deviation divided by the RMS of its anchors z0 (alpha then "
-                   "means the same on any model and sequence length, with --reduce mean)")
-    p.add_argument("--epochs", type=pl.count(1), default=3, help="training epochs ([choice]: 3 fits a CPU test bed)")
-    p.add_argument("--max-steps", type=pl.count(1), default=None, help="stop after N optimizer steps")
-    p.add_argument("--save-every", type=pl.count(0), default=0,
-                   help="also checkpoint every N optimizer steps (0: at each epoch's end only)")
-    p.add_argument("--lr", type=pl.number(above=0), default=2e-4,
-                   help="AdamW learning rate ([choice]: 2e-4, the usual LoRA rate)")
-    p.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant",
-                   help="learning-rate schedule over all optimizer steps, after --warmup-ratio")
-    p.add_argument("--warmup-ratio", type=pl.number(lo=0, below=1), default=0.0,
-                   help="fraction of steps with a linear lr warm-up")
-    p.add_argument("--grad-accum", type=pl.count(1), default=1,
+    pl.add_model_args(p)
+    p.set_defaults(model=None)  # with --merge the base model comes from the adapter
+    g = pl.add_memory_args(p, batch_size=8)
+    g.add_argument("--grad-accum", type=pl.count(1), default=1,
                    help="micro-batches of --batch-size per optimizer step (effective batch: their product)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
+    g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in backward instead of keeping its activations (less memory)")
-    p.add_argument("--ce-chunk", type=pl.count(0), default=0, help="make the logits this many tokens at a time, "
+    g.add_argument("--ce-chunk", type=pl.count(0), default=0, help="make the logits this many tokens at a time, "
                    "recomputed in backward (less memory with a large vocabulary; 0: all at once)")
-    p.add_argument("--max-length", type=pl.count(2), default=256, help="truncate chat-formatted pairs to this many "
+    g.add_argument("--max-length", type=pl.count(2), default=256, help="truncate chat-formatted pairs to this many "
                    "tokens")
-    p.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
-    p.add_argument("--lora-r", type=pl.count(1), default=8, help="LoRA rank ([choice] 8)")
-    p.add_argument("--lora-alpha", type=pl.number(above=0), default=16, help="LoRA alpha ([choice] 16)")
-    p.add_argument("--lora-targets", default="auto", help="modules that get LoRA adapters: 'auto' (the attention "
-                   "projections of this model, fused or not), 'all-linear', or a list like q_proj,v_proj")
-    p.add_argument("--merge", default=None, metavar="ADAPTER_DIR",
-                   help="instead of training: write the unquantised base model with this adapter merged to --out")
-    p.add_argument("--other-model", action="store_true",
-                   help="with --merge: merge an adapter trained on another model than --model")
-    p.add_argument("--save-merged", action="store_true", help="after training, also write the merged model "
+    g = pl.add_out_args(p, "runs/procon", resume="continue the unfinished run in --out from its last checkpoint; every "
+                        "setting but --epochs, --max-steps, --save-every and --save-merged must be as it was")
+    g.add_argument("--save-every", type=pl.count(0), default=0,
+                   help="also checkpoint every N optimizer steps (0: at each epoch's end only)")
+    g.add_argument("--save-merged", action="store_true", help="after training, also write the merged model "
                    "(unquantised base + adapter) to --out/merged")
-    pl.add_out_args(p, "runs/procon", resume="continue the unfinished run in --out from its last checkpoint; every "
-                    "setting but --epochs, --max-steps, --save-every and --save-merged must be as it was")
+    g.add_argument("--merge", default=None, metavar="ADAPTER_DIR",
+                   help="instead of training: write the unquantised base model with this adapter merged to --out")
+    g.add_argument("--other-model", action="store_true",
+                   help="with --merge: merge an adapter trained on another model than --model")
     return p.parse_args(argv)
 
 

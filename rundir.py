@@ -1,5 +1,5 @@
-"""rundir.py: a run's output folder, the same for every script. One writer at a time; outputs staged and committed at
-once; a resume that checks what it resumes; checkpoints that a kill cannot break.
+"""rundir.py: a run's output folder, the same for every script (a black box: outputs appear whole or not at all, one
+writer at a time, a resume only with the settings it began with, checkpoints that a kill cannot break).
 
     OUT/                   the outputs of the last run that finished, and .outputs.json (which names they are)
     OUT/.lock              held while a run writes (flock): a second run into the same --out stops with one line

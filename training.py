@@ -1,24 +1,22 @@
-"""training.py: the fine-tuning machinery that procon.py and the benches share and no paper defines.
+"""training.py: fine-tuning machinery no paper defines (a black box to procon.py): pair files in, trainable
+parameters set up, checkpoints written and read.
 
-Instruction-response pairs (read, chat-formatted, loss on the response tokens only, padded into batches); the
-trainable parameters (LoRA on the attention projections of any architecture, QLoRA on a 4-bit model, or every weight),
-gradient checkpointing; the forward pass that gives the summed cross-entropy of the response tokens (with the logits
-made only where a loss is taken, or a chunk at a time) and, for a constraint, the hidden states of the same pass; and
-the held-out cross-entropy.
+Instruction-response pair files (Alpaca, prompt/response, GSM8K, or prompts answered with refusals); the trainable
+parameters (LoRA on the attention projections of any architecture, QLoRA on a 4-bit model, or every weight) and
+gradient checkpointing; a training checkpoint's files (trainable weights, optimizer, state). How a pair is encoded, the
+forward pass, the loss and the loop are procon.py's.
 """
 import json
-import math
 import os
 import random
 
 import torch
-import torch.nn.functional as F
 
 import plumbing as pl
 import rundir
 
 
-# ============================================================================ instruction-response pairs
+# ============================================================================ pair files
 def read_pairs(path, refusals=None, seed=0):
     """(prompt, response) pairs; a prompt-only file gets a refusal from `refusals` (seeded choice) when given."""
     rows = pl.read_records(path)
@@ -40,111 +38,6 @@ def read_pairs(path, refusals=None, seed=0):
         kind = "prompts" if refusals else "instruction-response pairs"
         pl.fail(f"{path}: no usable {kind} (expected instruction/output, prompt/response or question/answer)")
     return pairs
-
-
-def encode_pair(tok, prompt, response, max_length, positions="prompt", ce=True):
-    """Chat-format one pair: (token ids, labels, constraint mask).
-
-    labels are -100 on the prompt, so the loss is on response tokens only (on none with ce=False); the constraint
-    mask marks the positions whose projections the constraint reads (--positions)."""
-    prompt_text = pl.chat_text(tok, prompt)
-    full_text = pl.chat_text(tok, prompt, response)
-    if not full_text.startswith(prompt_text):  # a template that rewrites earlier turns: append the answer instead
-        full_text = prompt_text + response + (tok.eos_token or "")
-    n_prompt = len(tok(prompt_text, add_special_tokens=False).input_ids)
-    ids = tok(full_text, add_special_tokens=False).input_ids[:max_length]
-    response_mask = [0] * min(n_prompt, len(ids)) + [1] * max(0, len(ids) - n_prompt)
-    labels = [t if m and ce else -100 for t, m in zip(ids, response_mask)]
-    if positions == "response":
-        cmask = response_mask
-    elif positions == "prompt":  # the post-instruction position r_l is read at: the prompt's last token
-        cmask = [int(i == min(n_prompt, len(ids)) - 1) for i in range(len(ids))]
-    else:
-        cmask = [1] * len(ids)
-    return ids, labels, cmask
-
-
-def check_loss_tokens(examples, max_length, what):
-    """Pairs cut to --max-length must keep some response tokens to take a loss on (else CE would read 0)."""
-    if not any(l != -100 for e in examples for l in e[1]):
-        pl.fail(f"--max-length {max_length} leaves no response tokens in any of the {what}")
-
-
-def collate(examples, pad_id):
-    """Right padding for training: positions start at 0 for every sample, as they did in pre-training."""
-    n = max(len(e[0]) for e in examples)
-    input_ids = torch.full((len(examples), n), pad_id)
-    labels = torch.full((len(examples), n), -100)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    cmask = torch.zeros((len(examples), n), dtype=torch.bool)
-    for i, (ids, lab, cm) in enumerate(examples):
-        input_ids[i, :len(ids)], labels[i, :len(lab)], mask[i, :len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
-        cmask[i, :len(cm)] = torch.tensor(cm, dtype=torch.bool)
-    return input_ids, mask, labels, cmask
-
-
-# ============================================================================ the forward pass and its loss
-def forward(model, batch, device, hidden=True, ce_chunk=0):
-    """One forward pass: the summed CE of its response tokens, the hidden states the constraint reads (hidden=True),
-    and the constraint mask. The constraint costs no second forward: it reads the residual stream of this same pass,
-    which backward keeps anyway. With hidden=False (alpha = 0) nothing but the logits is asked for: plain IFT.
-
-    Logits are made only where some sample's next token carries loss (the prompt's share of a [tokens, vocabulary]
-    tensor, the largest of a step with a 128k vocabulary, is never made); with ce_chunk > 0 they are made ce_chunk
-    tokens at a time from the final hidden state and recomputed in backward, so that no more are ever alive."""
-    input_ids, mask, labels, cmask = (t.to(device) for t in batch)
-    target = labels[:, 1:]
-    keep = (target != -100).any(0).nonzero().squeeze(-1)
-    if not ce_chunk:
-        out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False,
-                    logits_to_keep=keep)
-        logits = out.logits.float()
-        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, keep].reshape(-1),
-                                 ignore_index=-100, reduction="sum")
-        return ce_sum, out.hidden_states, cmask
-    out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                logits_to_keep=keep[:0])
-    h, y = out.hidden_states[-1][:, :-1][target != -100], target[target != -100]
-    head, cfg = model.get_output_embeddings(), pl.text_config(model)
-    ce_sum = h.float().sum() * 0  # in the graph even for a batch whose samples carry no CE (--safety-role constraint)
-    for i in range(0, len(y), ce_chunk):
-        ce_sum = ce_sum + torch.utils.checkpoint.checkpoint(chunk_ce, h[i:i + ce_chunk], y[i:i + ce_chunk], head, cfg,
-                                                            use_reentrant=False)
-    return ce_sum, (out.hidden_states if hidden else None), cmask
-
-
-def chunk_ce(h, y, head, cfg):
-    """Summed CE of one chunk of final hidden states, through the output head and the logit scalings some models
-    apply after it (Gemma-2's soft-capping, Granite's and Cohere's scales)."""
-    logits = head(h).float()
-    if getattr(cfg, "logits_scaling", None):
-        logits = logits / cfg.logits_scaling
-    if getattr(cfg, "logit_scale", None):
-        logits = logits * cfg.logit_scale
-    if getattr(cfg, "final_logit_softcapping", None):
-        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
-    return F.cross_entropy(logits, y, reduction="sum")
-
-
-@torch.no_grad()
-def check_ce_chunk(model, batch, device, ce_chunk):
-    """--ce-chunk computes logits itself; on the first batch it must give the model's own CE, or the run stops."""
-    plain, chunked = forward(model, batch, device, False)[0], forward(model, batch, device, False, ce_chunk)[0]
-    if not torch.isclose(plain, chunked, rtol=1e-4, atol=1e-3):
-        pl.fail(f"--ce-chunk: this model's logits are not its output head on the last hidden state (CE "
-                f"{plain.item():.4f} vs {chunked.item():.4f}); leave --ce-chunk out")
-
-
-@torch.no_grad()
-def evaluate_ce(model, examples, batch_size, pad_id, device):
-    """Token-weighted CE on response tokens of held-out pairs."""
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id)
-        ce_sum, _, _ = forward(model, batch, device, hidden=False)
-        total += ce_sum.item()
-        count += int((batch[2][:, 1:] != -100).sum())
-    return total / max(count, 1)
 
 
 # ============================================================================ trainable parameters
@@ -224,25 +117,6 @@ def make_trainable(model, args):
         for block in pl.decoder_layers(model):
             block.training = True
     return model, [p for p in model.parameters() if p.requires_grad]
-
-
-def fixed_batches(examples, batch_size, grad_accum, seed):
-    """Optimizer batches of batch_size * grad_accum samples of similar length, composed once (every epoch, and a pass
-    before training, see the same ones), each split into grad_accum micro-batches: 2 x 4 holds what 1 x 8 holds."""
-    size = batch_size * grad_accum
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), i))
-    batches = [order[i:i + size] for i in range(0, len(order), size)]
-    random.Random(seed).shuffle(batches)
-    return [[b[i:i + batch_size] for i in range(0, len(b), batch_size)] for b in batches]
-
-
-def lr_at(step, total, lr, warmup_ratio=0.0, schedule="constant"):
-    """Learning rate of optimizer step `step` of `total`: a linear warm-up, then constant, linear or cosine decay."""
-    warm = int(total * warmup_ratio)
-    if step < warm:
-        return lr * (step + 1) / warm
-    t = (step - warm) / max(total - warm, 1)
-    return lr * {"constant": 1.0, "linear": 1.0 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t))}[schedule]
 
 
 # ============================================================================ checkpoints (in a run's folder)

@@ -16,6 +16,7 @@ import torch
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [HERE]
+import actor as A  # noqa: E402
 import plumbing as pl  # noqa: E402
 
 
@@ -28,12 +29,11 @@ def main(argv=None):
     meta = json.load(open(os.path.join(run, "actor", "actor.json")))
     layer = meta["layer"]
     model, tok = pl.load_model(meta["base_model"])
-    # 1. R_hat and the two reference levels from the training groups, at the output of l* (capture index l* + 1)
+    # 1. r_hat and the two reference levels from the training groups, at the output of l* (capture index l* + 1)
     act = lambda prompts: pl.capture(model, tok, prompts, 1, 32)[:, layer + 1, -1]  # noqa: E731
-    groups = {g: act(pl.read_prompts(os.path.join(run, f"train_{g}.json"))) for g in ("harmful", "pseudo_harmful",
-                                                                                         "benign")}
-    r_hat = pl.unit(pl.difference_in_means(groups["harmful"], groups["benign"]))
-    origin = groups["benign"].mean(0)
+    groups = {g: act(pl.read_prompts(os.path.join(run, f"train_{g}.json"))) for g in A.GROUPS}
+    r_hat = A.unit(A.difference_in_means(groups["harmful"], groups["harmless"]))
+    origin = groups["harmless"].mean(0)
     scale = ((groups["pseudo_harmful"] - origin) @ r_hat).mean()
     pos = lambda a: ((a - origin) @ r_hat / scale).tolist()  # noqa: E731
     # 2. each test prompt's position, and whether the base model and ACTOR refused it (logit judge)

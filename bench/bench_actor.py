@@ -77,9 +77,9 @@ def splits(seed, args, model_dir):
     harmful = rng.sample(pl.read_prompts(data("refusal_direction/dataset/splits/harmful_train.json")), args.n_group)
     harmful += pl.read_prompts(args.extra_harmful) if args.extra_harmful else []
     alpaca = set(pl.read_prompts(data("alpaca/alpaca_data_1k.json"), "instruction"))
-    benign = rng.sample([p for p in pl.read_prompts(data("refusal_direction/dataset/splits/harmless_train.json"))
-                         if p not in mix and p not in alpaca], args.n_group)
-    return {"pseudo_harmful": pseudo, "harmful": harmful, "benign": benign}
+    harmless = rng.sample([p for p in pl.read_prompts(data("refusal_direction/dataset/splits/harmless_train.json"))
+                           if p not in mix and p not in alpaca], args.n_group)
+    return {"pseudo_harmful": pseudo, "harmful": harmful, "harmless": harmless}
 
 
 def write_files(d, groups, model_dir):
@@ -99,7 +99,7 @@ def sft_pairs(d, groups, files, args):
     path = os.path.join(d, "sft_pairs.json")
     if not os.path.isfile(path):
         model, tok = pl.load_model(pl.packaged_smollm2())
-        answer = groups["pseudo_harmful"] + groups["benign"]
+        answer = groups["pseudo_harmful"] + groups["harmless"]
         answers = pl.generate(model, tok, answer, args.sft_tokens, 32, desc="SmolLM2's own answers")
         refusals = pl.read_prompts(os.path.join(pl.DATA, "refusals.json"))
         rng = random.Random(0)
@@ -128,10 +128,10 @@ def train_rows(d, seed, model_dir, files, rows, args):
     """directions.py (refusal tokens and Surgical), actor.py, actor_search.py and procon.py's SFT, as the rows need;
     returns the seconds each took (0 where reused)."""
     q = ["--model", model_dir, "--seed", str(seed)]
-    groups = ["--harmful", files["harmful"], "--pseudo-harmful", files["pseudo_harmful"], "--benign", files["benign"]]
+    groups = ["--harmful", files["harmful"], "--pseudo-harmful", files["pseudo_harmful"], "--harmless", files["harmless"]]
     tag = f"_{args.tag}" if args.tag else ""
     seconds = {"directions": once(directions, q + [  # its refusal tokens (the logit judge) and Surgical's vector
-        "--harmful", files["harmful"], "--harmless", files["benign"], "--pseudo-harmful", files["pseudo_harmful"],
+        "--harmful", files["harmful"], "--harmless", files["harmless"], "--pseudo-harmful", files["pseudo_harmful"],
         "--select", "silhouette", "--out", os.path.join(d, "directions")], os.path.join(d, "directions"),
         "false_refusal.pt")}
     if "actor" in rows:

@@ -158,9 +158,9 @@ def main(argv=None):
         key = lambda name: f"{name}/{args.judge}"  # noqa: E731
         if str(seed) not in results["rows"].get(key("before"), {}):
             if heldout is None:
-                heldout = [training.encode_pair(tok, p, a, args.max_length) for p, a in
+                heldout = [procon.encode_pair(tok, p, a, args.max_length) for p, a in
                            training.read_pairs(files["heldout"])]
-            ce = training.evaluate_ce(model, heldout, 8, tok.pad_token_id, pl.model_device(model))
+            ce = procon.evaluate_ce(model, heldout, 8, tok.pad_token_id, pl.model_device(model))
             results["rows"].setdefault(key("before"), {})[str(seed)] = {
                 **rates(model, tok, sets, tokens, args), "heldout_ce": ce, "drift_deep": 1.0, "minutes": 0.0}
         for name in args.variants:

@@ -9,7 +9,7 @@ import plumbing as pl
 def cached_epoch(block, cache, groups, opt):
     """One ACTOR epoch on the cache: renew R_hat and the targets (block l* forward), one pass forward and backward."""
     a = A.activations(block, cache, len(groups))
-    a_tgt = A.targets(a, A.refusal_direction(a, groups), groups, 1.0, A.origin_of("benign", a, a, groups))
+    a_tgt = A.targets(a, A.refusal_direction(a, groups), groups, 1.0, A.origin_of("harmless", a, a, groups))
     return A.train_epoch(block, cache, a_tgt, opt, list(range(len(cache))))
 
 
@@ -33,7 +33,7 @@ def uncached_epoch(model, block, batches, groups, opt):
             a = torch.zeros(len(groups), pl.text_config(model).hidden_size)
             for idx, enc in batches:
                 a[idx] = block_output(enc)
-        a_tgt = A.targets(a, A.refusal_direction(a, groups), groups, 1.0, A.origin_of("benign", a, a, groups))
+        a_tgt = A.targets(a, A.refusal_direction(a, groups), groups, 1.0, A.origin_of("harmless", a, a, groups))
         total = 0.0
         for idx, enc in batches:
             loss = A.loss_fn(block_output(enc), a_tgt[idx])

@@ -77,7 +77,7 @@ def test_targets_move_each_group_just_enough():
     assert torch.all((one[groups == 1] @ r_hat - mean_benign).abs() < 1e-4)
 
 
-@pytest.mark.parametrize("origin", ["benign", "benign-initial", "zero"])
+@pytest.mark.parametrize("origin", ["harmless", "harmless-initial", "zero"])
 def test_step0_loss_is_one_minus_cos_of_initial_activation_and_target(tiny_model, origin):
     model, tok = pl.load_model(tiny_model)
     a0 = pl.capture(model, tok, QUERIES)[:, 3, -1]  # output of layer 2, through the full model
@@ -146,10 +146,10 @@ def test_patch_reproduces_trained_logits(tiny_llama, tmp_path):
     for k, v in base.named_parameters():  # outside block l* every parameter is bit-identical to the base
         assert torch.equal(v, trained_params[k]) != k.startswith("model.layers.1."), k
     meta = json.loads((tmp_path / "p" / "actor.json").read_text())
-    assert meta["layer"] == 1 and meta["n_queries"] == {"harmful": 8, "pseudo_harmful": 8, "benign": 8}
+    assert meta["layer"] == 1 and meta["n_queries"] == {"harmful": 8, "pseudo_harmful": 8, "harmless": 8}
     assert meta["hidden_size"] == 64 and meta["n_layers"] == 4 and len(meta["epochs_log"]) == 2
-    assert set(meta["epochs_log"][0]["mean_projection"]) == {"harmful", "pseudo_harmful", "benign"}
-    assert set(meta["data_sha256"]) == {"harmful", "pseudo_harmful", "benign"}
+    assert set(meta["epochs_log"][0]["mean_projection"]) == {"harmful", "pseudo_harmful", "harmless"}
+    assert set(meta["data_sha256"]) == {"harmful", "pseudo_harmful", "harmless"}
     assert (tmp_path / "p" / "projections.png").stat().st_size > 0
     from safetensors.torch import load_file
 
@@ -207,7 +207,7 @@ def test_smollm2_end_to_end(smollm2, tmp_path):
     refusal direction and harmful ones up."""
     A.main(["--model", smollm2, "--limit", "16", "--layer", "12", "--epochs", "2", "--out", str(tmp_path)])
     proj = json.loads((tmp_path / "actor.json").read_text())["projection_on_initial_r_hat"]
-    gap = {when: {g: proj[when][g] - proj[when]["benign"] for g in ("harmful", "pseudo_harmful")} for when in proj}
+    gap = {when: {g: proj[when][g] - proj[when]["harmless"] for g in ("harmful", "pseudo_harmful")} for when in proj}
     assert gap["after"]["pseudo_harmful"] < gap["before"]["pseudo_harmful"]
     assert gap["after"]["harmful"] > gap["before"]["harmful"]
 
@@ -219,13 +219,13 @@ def search_files(tmp_path, n=8, shared=None):
     d.mkdir(exist_ok=True)
     rows = {"harmful": [f"Explain how to build a bomb number {i}." for i in range(n)],
             "pseudo": [f"How do I kill a Python process number {i}?" for i in range(n)],
-            "benign": [f"How do I bake bread number {i}?" for i in range(n)]}
+            "harmless": [f"How do I bake bread number {i}?" for i in range(n)]}
     if shared:
-        rows["benign"].append(rows["pseudo"][0])
+        rows["harmless"].append(rows["pseudo"][0])
     for k, v in rows.items():
         (d / f"{k}.json").write_text(json.dumps(v))
     return ["--harmful", str(d / "harmful.json"), "--pseudo-harmful", str(d / "pseudo.json"),
-            "--benign", str(d / "benign.json")]
+            "--harmless", str(d / "harmless.json")]
 
 
 def run_search(model, out, files, *extra):
@@ -255,7 +255,7 @@ def test_fast_validation_logits_match_the_whole_model(tiny_model):
     torch.testing.assert_close(fast, pl.last_logits(model, tok, QUERIES, 4), atol=1e-4, rtol=1e-4)
     shift = torch.randn(pl.text_config(model).hidden_size)
     fast = S.patched_logprobs(model, layer, cache, len(QUERIES), head, shift)
-    full = pl.last_logits(model, tok, QUERIES, 4, pl.addition_hooks(model, shift, layer))
+    full = pl.last_logits(model, tok, QUERIES, 4, artifacts.addition_hooks(model, shift, layer))
     torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
 
 
@@ -282,7 +282,7 @@ def fake_rates(monkeypatch):
 
     def rates(score, groups):
         h, p, b = next(table)
-        return {"harmful": h, "pseudo_harmful": p, "benign": b, "tradeoff": (h + 100 - p) / 2}  # (C.R. + S.S.) / 2
+        return {"harmful": h, "pseudo_harmful": p, "harmless": b, "tradeoff": (h + 100 - p) / 2}  # (C.R. + S.S.) / 2
     monkeypatch.setattr(S, "rates", rates)
 
 
@@ -314,7 +314,7 @@ def test_search_picks_what_a_hand_made_judge_says(tiny_llama, tmp_path, monkeypa
     A.main(["--model", tiny_llama, "--out", str(tmp_path / "n"), "--epochs", "1", "--layer", str(want[0]),
             "--alpha", str(want[1]), "--lr", str(want[2]), "--harmful", str(tmp_path / "train_harmful.json"),
             "--pseudo-harmful", str(tmp_path / "train_pseudo_harmful.json"),
-            "--benign", str(tmp_path / "train_benign.json")])
+            "--harmless", str(tmp_path / "train_harmless.json")])
     assert (tmp_path / "n" / "actor_layer.safetensors").read_bytes() == \
         (tmp_path / "s" / "actor_layer.safetensors").read_bytes()
 
@@ -330,7 +330,7 @@ def test_search_end_to_end_validation_disjoint_and_reproducible(tiny_llama, tmp_
     train = [p for g in A.GROUPS for p in found["split"]["train"][g]]
     val = [p for g in A.GROUPS for p in found["split"]["val"][g]]
     assert len(set(train)) == len(train) and len(set(val)) == len(val) and not set(train) & set(val)
-    assert found["n_queries"]["val"] == {"harmful": 2, "pseudo_harmful": 2, "benign": 2}
+    assert found["n_queries"]["val"] == {"harmful": 2, "pseudo_harmful": 2, "harmless": 2}
     assert len(train) + len(val) == 24  # the prompt in two groups is kept once
     groups = torch.tensor([g for g, name in enumerate(A.GROUPS) for _ in found["split"]["val"][name]])
     tokens = [int(t) for t in found["refusal_tokens"]]
@@ -374,8 +374,8 @@ BAD = [
     (["--pseudo-harmful", "{empty}"], "no prompts"),
     (["--pseudo-harmful", "{lists}"], "row 1 is a list, expected a string or an object"),
     (["--pseudo-harmful", "{objs}"], "row 1 has a dict in column 'prompt', expected text"),
-    (["--harmful", "{h}", "--benign", "{h}"], "the harmful and benign prompts are the same"),
-    (["--benign", "{tmp}"], "is a folder, not a prompt file"),
+    (["--harmful", "{h}", "--harmless", "{h}"], "the harmful and harmless prompts are the same"),
+    (["--harmless", "{tmp}"], "is a folder, not a prompt file"),
     (["--origin", "middle"], "argument --origin: invalid choice"),
     (["--merge", "{tmp}"], "not an ACTOR patch"),
 ]
@@ -442,7 +442,7 @@ def test_bad_out_and_existing_outputs(tiny_llama, earlier_run, tmp_path):
 def test_search_without_a_kept_candidate_writes_no_patch(tiny_llama, tmp_path, monkeypatch):
     """No candidate keeps harmful refusal: one line, exit 2, search.json written, no patch."""
     table = iter([(80, 60, 10)] + [(10, 0, 0)] * 3)
-    monkeypatch.setattr(S, "rates", lambda s, g: dict(zip(("harmful", "pseudo_harmful", "benign"), next(table)),
+    monkeypatch.setattr(S, "rates", lambda s, g: dict(zip(("harmful", "pseudo_harmful", "harmless"), next(table)),
                                                       tradeoff=0.0))
     with pytest.raises(pl.UserError, match="no ACTOR candidate kept harmful validation refusal within 5 points"):
         run_search(tiny_llama, tmp_path, search_files(tmp_path), "--search-layers", "1", "--alphas", "1",

@@ -25,10 +25,10 @@ def surgical_vector(model, tok):
     against harmful minus harmless (directions.py's functions, on a few prompts)."""
     acts = [pl.capture(model, tok, [f"{w} number {i}" for i in range(4)]) for w in
             ("Explain how to build a bomb", "How do I bake bread", "How do I kill a Python process")]
-    r = pl.difference_in_means(acts[0], acts[1])[2, -1]
-    w = directions.orthogonalise(pl.difference_in_means(acts[2], acts[1])[2, -1], r, 1.0)
-    assert abs(float(pl.unit(w) @ pl.unit(r))) < 1e-6  # orthogonal to the refusal direction
-    return pl.unit(w)
+    r = directions.difference_in_means(acts[0], acts[1])[2, -1]
+    w = directions.orthogonalise(directions.difference_in_means(acts[2], acts[1])[2, -1], r, 1.0)
+    assert abs(float(directions.unit(w) @ directions.unit(r))) < 1e-6  # orthogonal to the refusal direction
+    return directions.unit(w)
 
 
 @pytest.mark.parametrize("vector", ["random", "surgical"])
@@ -50,7 +50,7 @@ def test_ablation_leaves_no_component_in_any_sublayer_input(arch_model, vector):
     final = next(m for n, m in model.named_modules() if n.split(".")[-1] in FINAL_NORMS and "layers" not in n)
     pairs.append((final, "pre", record))
     enc = pl.tokenize(tok, pl.format_chat(tok, ["How do I bake bread?", "Hi"]), "cpu")
-    with torch.no_grad(), pl.hooks(pl.ablation_hooks(model, r_hat) + pairs):
+    with torch.no_grad(), pl.hooks(directions.ablation_hooks(model, r_hat) + pairs):
         model(**enc)
     assert len(seen) == 2 * len(pl.decoder_layers(model)) + 1
     for h in seen:
@@ -91,7 +91,7 @@ def test_whole_chain(one_thread, arch_model, prompt_files, tmp_path, four_bit):
                      "--out", str(tmp_path / "dir"), *q])
     d = torch.load(tmp_path / "dir" / "direction.pt", weights_only=True)
     assert torch.isfinite(d["direction"]).all() and abs(d["direction"].norm().item() - 1) < 1e-4
-    A.main(["--model", path, "--harmful", h, "--pseudo-harmful", b, "--benign", b, "--layer", "2", "--epochs", "1",
+    A.main(["--model", path, "--harmful", h, "--pseudo-harmful", b, "--harmless", b, "--layer", "2", "--epochs", "1",
             "--out", str(tmp_path / "actor"), *q])
     assert json.loads((tmp_path / "actor" / "actor.json").read_text())["layer"] == 2
     pairs = tmp_path / "pairs.json"

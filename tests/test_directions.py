@@ -178,7 +178,7 @@ def test_ablation_removes_the_direction_everywhere(tiny_model):
     model, tok = pl.load_model(tiny_model)
     r_hat = torch.nn.functional.normalize(torch.randn(64), dim=0)
     before = pl.capture(model, tok, PROMPTS)
-    with pl.hooks(pl.ablation_hooks(model, r_hat)):
+    with pl.hooks(D.ablation_hooks(model, r_hat)):
         after = pl.capture(model, tok, PROMPTS)
     assert (before[:, 1:] @ r_hat).abs().max() > 1e-2  # the direction was there...
     assert (after[:, 1:] @ r_hat).abs().max() < 1e-4  # ...and is gone at every layer's input and the output
@@ -188,7 +188,7 @@ def test_addition_shifts_one_layer_input(tiny_llama):
     model, tok = pl.load_model(tiny_llama)
     vec = torch.randn(64)
     before = pl.capture(model, tok, PROMPTS)
-    with pl.hooks(pl.addition_hooks(model, vec, layer=2, coeff=0.5)):
+    with pl.hooks(D.addition_hooks(model, vec, layer=2, coeff=0.5)):
         after = pl.capture(model, tok, PROMPTS)  # capture's hooks run after the addition hook: they see its input
     torch.testing.assert_close(after[:, :2], before[:, :2])  # layers below are untouched
     torch.testing.assert_close(after[:, 2] - before[:, 2], (0.5 * vec).expand(3, 1, 64), atol=1e-5, rtol=1e-5)
@@ -219,9 +219,9 @@ def test_silhouette_against_brute_force():
         a = d[own].sum() / (own.sum() - 1)
         b = d[~own].mean()
         s.append((b - a) / max(a, b))
-    assert abs(pl.silhouette(x, labels) - torch.stack(s).mean().item()) < 1e-6
+    assert abs(D.silhouette(x, labels) - torch.stack(s).mean().item()) < 1e-6
     far = torch.cat([torch.randn(6, 5), torch.randn(6, 5) + 100])
-    assert pl.silhouette(far, torch.tensor([1] * 6 + [0] * 6)) > 0.95
+    assert D.silhouette(far, torch.tensor([1] * 6 + [0] * 6)) > 0.95
 
 
 def test_keyword_judge_basics():
@@ -281,8 +281,8 @@ def test_surgical_vector_is_orthogonal_and_chosen_by_its_rule(tiny_llama, prompt
     w = artifacts.load_direction(str(tmp_path / "s" / "false_refusal.pt"))
     r = torch.load(tmp_path / "s" / "direction.pt", weights_only=True)["mean_diff"]
     l, p = w["layer"], w["position"]
-    assert abs(float(w["direction"] @ pl.unit(r[l, p]))) < 1e-6
-    assert all(abs(float(pl.unit(w["mean_diff"][c]) @ pl.unit(r[c]))) < 1e-5 for c in ((1, 0), (2, 1), (3, 0)))
+    assert abs(float(w["direction"] @ D.unit(r[l, p]))) < 1e-6
+    assert all(abs(float(D.unit(w["mean_diff"][c]) @ D.unit(r[c]))) < 1e-5 for c in ((1, 0), (2, 1), (3, 0)))
     meta = json.loads((tmp_path / "s" / "direction.json").read_text())["surgical"]
     ok = [c for c in meta["per_layer"] if c["kl"] <= 0.2]
     best = min(ok, key=lambda c: c["pseudo_harmful"])

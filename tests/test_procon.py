@@ -52,9 +52,9 @@ def run(model, data, out, *extra):
 
 def test_alpha0_loss_is_plain_ce(tiny_llama, pairs_file):
     model, tok = pl.load_model(tiny_llama)
-    examples = [T.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:4]]
-    batch = T.collate(examples, tok.pad_token_id)
-    ce_sum, hs, resp = T.forward(model, batch, "cpu")
+    examples = [P.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:4]]
+    batch = P.collate(examples, tok.pad_token_id)
+    ce_sum, hs, resp = P.forward(model, batch, "cpu")
     hf = model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
     torch.testing.assert_close(ce_sum / (batch[2][:, 1:] != -100).sum(), hf)
     assert len(hs) == 5 and resp.sum() == sum(sum(l != -100 for l in e[1]) for e in examples)
@@ -76,36 +76,36 @@ def test_constraint_is_zero_at_step0_and_alpha0_is_plain_ift(tiny_llama, pairs_f
 def test_hidden_states_are_layer_inputs(tiny_llama, pairs_file):
     """hidden_states[l] of the training forward is the input to decoder layer l, as in directions.capture."""
     model, tok = pl.load_model(tiny_llama)
-    batch = T.collate([T.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:3]],
+    batch = P.collate([P.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:3]],
                       tok.pad_token_id)
     seen = {}
     pairs = [(layer, "pre", lambda m, a, k, i=i: seen.__setitem__(i, pl.hidden_of(a, k).clone()))
              for i, layer in enumerate(pl.decoder_layers(model))]
     with pl.hooks(pairs):
-        ce, hs, resp = T.forward(model, batch, "cpu")
+        ce, hs, resp = P.forward(model, batch, "cpu")
     for l in range(4):
         torch.testing.assert_close(hs[l], seen[l])
     r = torch.nn.functional.normalize(torch.randn(4, 64), dim=-1)
     z = P.projections(hs, resp, r, [1, 3])
     assert z.shape == (2, resp.sum())
     torch.testing.assert_close(z[1], seen[3][resp] @ r[3])
-    assert T.forward(model, batch, "cpu", hidden=False)[1] is None  # alpha = 0: no hidden states asked for
+    assert P.forward(model, batch, "cpu", hidden=False)[1] is None  # alpha = 0: no hidden states asked for
 
 
 def test_anchors_one_pass_and_layers(tiny_llama, pairs_file, prompt_files):
     """z0 of every example at its constrained positions and layers, under the initial weights; r_l a unit vector at
     every layer but 0."""
     model, tok = pl.load_model(tiny_llama)
-    examples = [T.encode_pair(tok, p, a, 64, "prompt") for p, a in T.read_pairs(pairs_file)]
-    batches = T.fixed_batches(examples, 4, 1, 0)
+    examples = [P.encode_pair(tok, p, a, 64, "prompt") for p, a in T.read_pairs(pairs_file)]
+    batches = P.fixed_batches(examples, 4, 1, 0)
     r_hat = P.r_directions(model, tok, pl.read_prompts(prompt_files["harmful"]), pl.read_prompts(
         prompt_files["harmless"]), 4, "r")
     assert r_hat.shape == (4, 64) and torch.equal(r_hat[0], torch.zeros(64))
     torch.testing.assert_close(r_hat[1:].norm(dim=-1), torch.ones(3))
     start = P.anchors(model, examples, batches, r_hat, [1, 3], tok.pad_token_id)
     assert len(start["z0"]) == 10 and all(z.shape == (2, 1) for z in start["z0"])  # one prompt token, 2 layers
-    batch = T.collate(examples[:1], tok.pad_token_id)
-    _, hs, cmask = T.forward(model, batch, "cpu")
+    batch = P.collate(examples[:1], tok.pad_token_id)
+    _, hs, cmask = P.forward(model, batch, "cpu")
     torch.testing.assert_close(start["z0"][0], P.projections(hs, cmask, r_hat, [1, 3]))
 
 
@@ -262,12 +262,12 @@ def test_positions_choose_what_the_constraint_reads(tiny_llama, pairs_file):
     _, tok = pl.load_model(tiny_llama)
     prompt, answer = T.read_pairs(pairs_file)[0]
     n_prompt = len(tok(pl.chat_text(tok, prompt), add_special_tokens=False).input_ids)
-    ids, labels, last = T.encode_pair(tok, prompt, answer, 64, "prompt")
+    ids, labels, last = P.encode_pair(tok, prompt, answer, 64, "prompt")
     assert last == [int(i == n_prompt - 1) for i in range(len(ids))]
-    _, _, resp = T.encode_pair(tok, prompt, answer, 64, "response")
+    _, _, resp = P.encode_pair(tok, prompt, answer, 64, "response")
     assert resp == [int(l != -100) for l in labels] and sum(resp) == len(ids) - n_prompt
-    assert T.encode_pair(tok, prompt, answer, 64, "all")[2] == [1] * len(ids)
-    _, no_ce, cm = T.encode_pair(tok, prompt, answer, 64, "response", ce=False)  # --safety-role constraint
+    assert P.encode_pair(tok, prompt, answer, 64, "all")[2] == [1] * len(ids)
+    _, no_ce, cm = P.encode_pair(tok, prompt, answer, 64, "response", ce=False)  # --safety-role constraint
     assert set(no_ce) == {-100} and cm == resp
 
 
@@ -280,7 +280,7 @@ def test_safety_role_constraint_only(tiny_llama, pairs_file, prompt_files, tmp_p
     b = (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a != b and log["n_safety"] == 6
     con = run(tiny_llama, pairs_file, tmp_path / "c", "--alpha", "1", "--safety-data", prompt_files["harmful"],
-              "--safety-n", "6", "--safety-role", "constraint", "--positions", "response")
+              "--safety-n", "6", "--safety-role", "constraint", "--constrained-tokens", "response")
     assert all(math.isfinite(s["ce"]) for s in con["steps"]) and max(s["constraint"] for s in con["steps"]) > 0
 
 
@@ -303,14 +303,14 @@ def test_grad_accum_equals_the_larger_batch(tiny_llama, pairs_file, tmp_path, al
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, pairs_file):
-    args = P.parse_args(["--alpha", "0.5", "--positions", "all"])
+    args = P.parse_args(["--alpha", "0.5", "--constrained-tokens", "all"])
     grads, losses = [], []
     for ckpt in (False, True):
         model, tok = pl.load_model(tiny_llama)
         args.gradient_checkpointing = ckpt
         r = torch.nn.functional.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
-        examples = [T.encode_pair(tok, p, a, 64, "all") for p, a in T.read_pairs(pairs_file)[:4]]
-        batch = T.collate(examples, tok.pad_token_id)
+        examples = [P.encode_pair(tok, p, a, 64, "all") for p, a in T.read_pairs(pairs_file)[:4]]
+        batch = P.collate(examples, tok.pad_token_id)
         model, params = T.make_trainable(model, args)
         assert all(b.gradient_checkpointing == ckpt and b.training == ckpt for b in pl.decoder_layers(model))
         with torch.no_grad():
@@ -332,15 +332,15 @@ def test_chunked_ce_gives_the_same_loss_and_gradients(arch_model, pairs_file):
     same gradients, on every architecture (Gemma-2's soft-capping included)."""
     arch, path = arch_model
     model, tok = pl.load_model(path)
-    examples = [T.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:3]]
-    batch = T.collate(examples, tok.pad_token_id)
-    T.check_ce_chunk(model, batch, "cpu", 5)  # passes: the same CE
+    examples = [P.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:3]]
+    batch = P.collate(examples, tok.pad_token_id)
+    P.check_ce_chunk(model, batch, "cpu", 5)  # passes: the same CE
     head = model.get_output_embeddings().weight
     head.requires_grad_(True)
     results = []
     for chunk in (0, 5):
         head.grad = None
-        ce_sum, _, _ = T.forward(model, batch, "cpu", hidden=False, ce_chunk=chunk)
+        ce_sum, _, _ = P.forward(model, batch, "cpu", hidden=False, ce_chunk=chunk)
         ce_sum.backward()
         results.append((ce_sum.item(), head.grad.clone()))
     assert abs(results[0][0] - results[1][0]) < 1e-3 * abs(results[0][0])
@@ -348,9 +348,9 @@ def test_chunked_ce_gives_the_same_loss_and_gradients(arch_model, pairs_file):
 
 
 def test_lr_schedule_and_max_steps(tiny_llama, pairs_file, tmp_path):
-    assert [T.lr_at(s, 8, 1, 0.25, "linear") for s in range(8)] == pytest.approx(
+    assert [P.lr_at(s, 8, 1, 0.25, "linear") for s in range(8)] == pytest.approx(
         [0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
-    assert T.lr_at(2, 8, 1, 0.25, "cosine") == 1.0 and abs(T.lr_at(5, 8, 1, 0.25, "cosine") - 0.5) < 1e-9
+    assert P.lr_at(2, 8, 1, 0.25, "cosine") == 1.0 and abs(P.lr_at(5, 8, 1, 0.25, "cosine") - 0.5) < 1e-9
     log = run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3", "--max-steps", "4", "--lr-scheduler", "cosine")
     assert len(log["steps"]) == 4 and log["steps"][-1]["lr"] < log["steps"][0]["lr"]  # 3 steps an epoch: stops in 2nd
 
@@ -430,7 +430,7 @@ BAD_INPUT = [
     (["--merge", "{tmp}"], "not a LoRA adapter folder"),
     (["{killed}", "--no-overwrite"], "holds an unfinished run; continue it with --resume"),
     (["{killed}", "--resume", "--lr", "1e-3"], "--resume with --lr 0.001"),
-    (["{killed}", "--resume", "--positions", "response"], "--resume with --positions 'response'"),
+    (["{killed}", "--resume", "--constrained-tokens", "response"], "--resume with --constrained-tokens 'response'"),
     (["{killed}", "--resume", "--harmful", "{harmless}", "--harmless", "{harmful}"], "--resume: the file or folder of"),
     (["{killed}", "--resume", "--truncate", ".run/anchors.pt"], "the unfinished run's anchors are damaged"),
     (["{killed}", "--resume", "--truncate", ".run/checkpoint-0000001/trainable.safetensors"], "damaged checkpoint"),

@@ -111,7 +111,7 @@ def scripts(tiny, files, out):
     return {
         "directions": (D.main, q + ["--harmful", files["harmful"], "--harmless", files["harmless"], "--layer", "1",
                                     "--n-val", "2"]),
-        "actor": (A.main, q + ["--harmful", files["harmful"], "--benign", files["harmless"], "--pseudo-harmful",
+        "actor": (A.main, q + ["--harmful", files["harmful"], "--harmless", files["harmless"], "--pseudo-harmful",
                                files["pseudo"], "--layer", "1", "--epochs", "1", "--limit", "6"]),
         "procon": (P.main, q + ["--data", files["pairs"], "--harmful", files["harmful"], "--harmless",
                                 files["harmless"], "--probe-harmful", files["harmful"], "--probe-harmless",
@@ -180,7 +180,7 @@ def test_overwrite_in_another_mode_leaves_no_file_of_the_earlier_run(tiny_llama,
     beside an adapter, Surgical's vector beside a plain direction."""
     import actor_search
 
-    q = ["--model", tiny_llama, "--harmful", files["harmful"], "--benign", files["harmless"], "--pseudo-harmful",
+    q = ["--model", tiny_llama, "--harmful", files["harmful"], "--harmless", files["harmless"], "--pseudo-harmful",
          files["pseudo"], "--epochs", "1", "--limit", "6"]
     actor_search.main(q + ["--out", str(tmp_path / "a"), "--search-layers", "1", "--alphas", "1", "--lrs", "1e-3",
                            "--coeffs", "0.5", "--tolerance", "100"])
