@@ -308,7 +308,8 @@ def main(argv=None):
 
         # 5. outputs: the trained block, its metadata, the picture of what ACTOR did
         meta = {"base_model": args.model, **artifacts.record(args.model, model.config), "layer": layer,
-                "activation": f"output of layer {layer}", "layer_choice": "silhouette" if sil else "fixed", "silhouette": sil, "epochs_log": history,
+                "activation": f"output of layer {layer}", "layer_choice": "silhouette" if sil else "fixed",
+                "silhouette": sil, "epochs_log": history,
                 **{k: getattr(args, k) for k in ("alpha", "origin", "lr", "epochs", "renew", "train", "batches",
                                                   "batch_size", "load_in_4bit", "seed")},
                 "block_dtype": str(next(block.parameters()).dtype), "cache_mib": round(cache_mib, 2),

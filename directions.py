@@ -350,7 +350,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("method (Arditi; Surgical)")
     g.add_argument("--select", choices=("silhouette", "refusal"), default="refusal",
                    help="layer choice: best harmful/harmless separation (ACTOR) or Arditi's refusal-score selection")
-    g.add_argument("--layer", type=pl.count(0), default=None, help="use this layer (its input) instead of selecting one")
+    g.add_argument("--layer", type=pl.count(0), default=None, help="use this layer (its input) instead of choosing one")
     g.add_argument("--positions", type=pl.count(1), default=1,
                    help="candidate positions: the last k post-instruction template tokens")
     g.add_argument("--prune-frac", type=pl.number(lo=0, below=1), default=0.2,

@@ -296,12 +296,9 @@ def generate_responses(model, tok, rows, done, path, args, hook_pairs):
 def logit_judge(rows, model, tok, hook_pairs, args):
     """The refusal score of each prompt's first response token (no generation), thresholded at 0, p > 1/2; the
     refusal tokens of --direction (found from the model's own refusals), else the fallback openers."""
-    tokens = judges.fallback_refusal_tokens(tok)
-    found = artifacts.load_direction(args.direction).get("refusal_tokens") if args.direction else None
-    if found is not None and len(found):
-        tokens = [int(t) for t in found]
-    logprobs = pl.last_logits(model, tok, [r["prompt"] for r in rows], args.batch_size, hook_pairs, "logit judge")
-    for r, s in zip(rows, judges.refusal_score(logprobs, tokens).tolist()):
+    tokens = judges.logit_tokens(tok, args.direction)
+    scores = judges.logit_scores(model, tok, [r["prompt"] for r in rows], tokens, args.batch_size, hook_pairs)
+    for r, s in zip(rows, scores.tolist()):
         r["logit_score"] = round(s, 4)
         r["judges"]["logit"] = s > 0
     return {"logit_refusal_tokens": {str(t): tok.decode([t]) for t in tokens}}

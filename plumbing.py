@@ -248,13 +248,18 @@ def provenance():
     return dict(_CODE)
 
 
+def flat(items):
+    """A list with the lists inside it spliced in (flags given more than once)."""
+    return [x for item in items for x in (item if isinstance(item, (list, tuple)) else [item])]
+
+
 def metadata(args, data_files=()):
-    """What every output carries beside it: the command, its arguments, the data hashes, library versions and the
-    code's commit."""
+    """What every output carries beside it: the command, its arguments, the data hashes (files, or lists of them),
+    library versions and the code's commit."""
     return {
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "args": dict(vars(args)),
-        "data": {p: sha256(p) for p in data_files if p and os.path.isfile(p)},
+        "data": {p: sha256(p) for p in flat(data_files) if p and os.path.isfile(p)},
         "versions": versions(),
         "code": provenance(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -287,6 +292,18 @@ def save_figure(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
+
+
+def line_plot(path, series, xlabel, ylabel, title):
+    """A figure of lines, one per {label: (xs, ys)}, written to path."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker=".", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def print_table(header, rows):

@@ -13,7 +13,7 @@ is this project's reading of it, and every number in it is a [choice] (results/p
     z0_{l,j}                                     the same under the initial weights, recorded once before training
     C = sum_l sum_j |z_{l,j} - z0_{l,j}|         the constraint of one sample (--constraint, --reduce, --scale)
     L = CE(response tokens) + alpha_t C          averaged over the samples of a step
-    alpha_t = warm-up alpha for the first --warmup-epochs epochs, then alpha          (ProCon_wu; ProCon_s: no warm-up)
+    alpha_t = warm-up alpha for the first --warmup-steps steps, then alpha            (ProCon_wu; ProCon_s: no warm-up)
 
     python procon.py --data data/instructions.json --alpha 0 --out runs/ift                     # plain IFT
     python procon.py --data data/instructions.json --alpha 0.01 --out runs/procon_s              # ProCon_s
@@ -21,11 +21,9 @@ is this project's reading of it, and every number in it is a [choice] (results/p
         --safety-data data/harmful.json --out runs/procon_wu_safe                                # ProCon_wu_safe
     python procon.py --merge runs/procon_wu_safe/adapter --out runs/merged      # base model + adapter, unquantised
 
-A training step, in the order of this file: each pair is chat-formatted with its loss mask (encode_pair), pairs of
-similar length form fixed batches (fixed_batches, collate); one forward pass gives the CE of the response tokens and
-the hidden states the constraint reads (forward); z, C and L follow (projections, constraint, training_loss); AdamW
-steps at the scheduled learning rate (lr_at, step, train). LoRA on the attention projections by default (QLoRA with
---load-in-4bit); --full fine-tunes every weight. A killed run continues with --resume from its last checkpoint.
+A step, in this file's order: pairs encoded with their loss masks, in fixed batches; one forward pass gives the CE and
+the hidden states the constraint reads; z, C, L; AdamW at the scheduled rate. LoRA on the attention projections by
+default (QLoRA with --load-in-4bit; --full: every weight). A killed run continues with --resume.
 """
 import math
 import os
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import artifacts
+import judges
 import plumbing as pl
 import rundir
 import training
@@ -203,9 +202,10 @@ def training_loss(model, micro, device, r_hat, z0, alpha, layers, args, norm, sc
 
 
 # alpha_t: the warm-up schedule
-def alpha_at(epoch, args):
-    """ProCon_wu: --warmup-alpha for the first --warmup-epochs epochs, then --alpha (0: plain IFT)."""
-    return args.warmup_alpha if epoch < args.warmup_epochs else args.alpha
+def alpha_at(step, args, warm):
+    """ProCon_wu: --warmup-alpha for the first `warm` steps (--warmup-steps, or --warmup-epochs' steps), then --alpha
+    (0: plain IFT)."""
+    return args.warmup_alpha if step < warm else args.alpha
 
 
 # z0: the anchors
@@ -228,6 +228,13 @@ def drift(r0, r1, layers):
     return {l: F.cosine_similarity(r0[l], r1[l], dim=0).item() for l in layers}
 
 
+# the refusal the fine-tuning keeps: the logit judge (Arditi's refusal score of the first answer token above 0)
+def refusal_rates(model, tok, sets, tokens, batch_size):
+    """The share of each --eval-refusal file's prompts that the model, as it is now, refuses."""
+    return {name: (judges.logit_scores(model, tok, prompts, tokens, batch_size, desc=f"refusal ({name})") > 0)
+            .float().mean().item() for name, prompts in sets.items()}
+
+
 # ============================================================================ the loop
 def lr_at(step, total, lr, warmup_ratio=0.0, schedule="constant"):
     """Learning rate of optimizer step `step` of `total`: a linear warm-up, then constant, linear or cosine decay."""
@@ -239,37 +246,35 @@ def lr_at(step, total, lr, warmup_ratio=0.0, schedule="constant"):
 
 
 def train(run):
-    """Optimizer steps over the fixed batches, their order shuffled per epoch with the seed; at the end of each epoch
-    the held-out CE and the drift of the re-extracted probe direction; a checkpoint at each epoch's end (and every
-    --save-every steps). `run` holds the model, the optimizer, the data, the anchors and the log; run.step counts the
-    steps done (a resumed run starts after its checkpoint's). [choice] The model stays in eval mode (dropout off; the
-    abstract does not say): with the same weights and the same batch, z = z0 exactly at step 0."""
+    """Optimizer steps over the fixed batches, their order shuffled per epoch with the seed; an evaluation point
+    (held-out CE, drift, refusal) before the first step and every --eval-every steps, and at each epoch's end, with a
+    checkpoint (and every --save-every steps). `run` holds the model, the optimizer, the data, the anchors and the log;
+    run.step counts the steps done (a resumed run starts after its checkpoint's). [choice] The model stays in eval mode
+    (dropout off; the abstract does not say): with the same weights and the same batch, z = z0 exactly at step 0."""
     args, per_epoch, total = run.args, len(run.batches), run.total
+    if args.eval_every and run.step == 0:
+        evaluation(run)
     while run.step < total:
         epoch, at = divmod(run.step, per_epoch)
-        alpha = alpha_at(epoch, args)
-        if args.reset_optimizer and at == 0 and epoch == args.warmup_epochs > 0:
-            # [choice] One AdamW runs throughout by default. Its second moments (beta2 = 0.999: a memory of ~1000
-            # steps) still hold the warm-up's far larger gradients and shrink every CE step after it; on short runs
-            # that stalls learning (results/procon.md). --reset-optimizer starts it afresh when the warm-up ends.
-            run.opt = torch.optim.AdamW(run.params, lr=args.lr, weight_decay=0.0)
         order = list(range(per_epoch))
         random.Random(args.seed * 1000 + epoch).shuffle(order)  # batch order per epoch: resumable, reproducible
-        bar = tqdm(order[at:min(per_epoch, total - epoch * per_epoch)], desc=f"epoch {epoch + 1}/{args.epochs} "
-                   f"alpha={alpha:g}")
+        bar = tqdm(order[at:min(per_epoch, total - epoch * per_epoch)], desc=f"epoch {epoch + 1}/{args.epochs}")
         for b in bar:
+            alpha = alpha_at(run.step, args, run.warm)
+            if args.reset_optimizer and run.step == run.warm > 0:
+                # [choice] One AdamW runs throughout by default. Its second moments (beta2 = 0.999: a memory of ~1000
+                # steps) still hold the warm-up's far larger gradients and shrink every CE step after it; on short
+                # runs that stalls learning (results/procon.md). --reset-optimizer starts it afresh after the warm-up.
+                run.opt = torch.optim.AdamW(run.params, lr=args.lr, weight_decay=0.0)
             ce, reg = step(run, run.batches[b], alpha)
             run.log["steps"].append({"epoch": epoch + 1, "ce": ce, "constraint": reg, "alpha": alpha,
                                      "lr": run.opt.param_groups[0]["lr"]})
-            bar.set_postfix(ce=f"{ce:.3f}", con=f"{reg:.3f}")
-            if run.step % per_epoch == 0:
-                end_of_epoch(run, epoch, alpha)
+            bar.set_postfix(alpha=f"{alpha:g}", ce=f"{ce:.3f}", con=f"{reg:.3f}")
+            if run.step % per_epoch == 0 or run.step == total or args.eval_every and run.step % args.eval_every == 0:
+                evaluation(run)  # at each epoch's end, after the last step and every --eval-every steps
             if run.step % per_epoch == 0 or (args.save_every and run.step % args.save_every == 0):
                 rundir.save_checkpoint(run.work, run.step, lambda folder: training.save_checkpoint(
                     folder, run.model, run.opt, run.step, {"log": run.log}))
-    last = run.step // per_epoch
-    if run.step % per_epoch and not any(e["epoch"] == last + 1 for e in run.log["epochs"]):
-        end_of_epoch(run, last, alpha_at(last, args))  # --max-steps ended the run inside an epoch
 
 
 def step(run, batch, alpha):
@@ -308,17 +313,21 @@ def evaluate_ce(model, examples, batch_size, pad_id, device):
     return total / max(count, 1)
 
 
-def end_of_epoch(run, epoch, alpha):
-    """Held-out CE and the drift of the re-extracted probe direction, logged for the epoch."""
+def evaluation(run):
+    """The evaluation point of the current step (made once, logged): held-out CE, the drift of the re-extracted probe
+    direction and the refusal rate of every --eval-refusal file."""
+    done = [e for e in run.log["evals"] if e["step"] == run.step]
+    if done:
+        return done[0]
+    t = time.time()
     eval_ce = evaluate_ce(run.model, run.eval_examples, run.args.batch_size, run.pad_id, run.device) \
         if run.eval_examples else None
     r_probe = r_directions(run.model, run.tok, run.probes["probe_harmful"], run.probes["probe_harmless"],
                            run.args.batch_size, "drift probe")
-    steps = [s for s in run.log["steps"] if s["epoch"] == epoch + 1]
-    run.log["epochs"] = [e for e in run.log["epochs"] if e["epoch"] != epoch + 1] + [{
-        "epoch": epoch + 1, "alpha": alpha, "steps": len(steps), "ce": sum(s["ce"] for s in steps) / len(steps),
-        "constraint": sum(s["constraint"] for s in steps) / len(steps), "eval_ce": eval_ce,
-        "drift": drift(run.r_probe0, r_probe, range(1, len(r_probe)))}]
+    point = {"step": run.step, "eval_ce": eval_ce, "drift": drift(run.r_probe0, r_probe, range(1, len(r_probe))),
+             "refusal": refusal_rates(run.model, run.tok, run.refusal_sets, run.refusal_tokens, run.args.batch_size)}
+    run.log["evals"].append({**point, "seconds": round(time.time() - t, 1)})
+    return point
 
 
 # ============================================================================ main
@@ -337,6 +346,7 @@ def main(argv=None):
         if args.safety_data else []
     eval_pairs = training.read_pairs(args.eval_data) if args.eval_data else []
     probes = {k: pl.read_prompts(getattr(args, k)) for k in ("harmful", "harmless", "probe_harmful", "probe_harmless")}
+    refusal_sets = {os.path.splitext(os.path.basename(f))[0]: pl.read_prompts(f) for f in args.eval_refusal}
     pl.check_groups({"harmful": probes["harmful"], "harmless": probes["harmless"]})
     pl.check_groups({"probe harmful": probes["probe_harmful"], "probe harmless": probes["probe_harmless"]})
     settings = rundir.settings(args, FILES, ("epochs", "max_steps", "save_every", "save_merged"))
@@ -345,7 +355,8 @@ def main(argv=None):
         model, tok = pl.load(args)
         training.keep_4bit_trainable(model)
         run = types.SimpleNamespace(args=args, work=work, tok=tok, pad_id=tok.pad_token_id, probes=probes,
-                                    device=pl.model_device(model), step=0)
+                                    device=pl.model_device(model), step=0, refusal_sets=refusal_sets)
+        run.refusal_tokens = judges.logit_tokens(tok, args.direction)
         run.layers = constrained_layers(args.layers, pl.text_config(model).num_hidden_layers)
         run.examples = [encode_pair(tok, p, a, args.max_length, args.constrained_tokens) for p, a in pairs] + \
             [encode_pair(tok, p, a, args.max_length, args.constrained_tokens, ce=args.safety_role == "ce+constraint")
@@ -354,26 +365,26 @@ def main(argv=None):
         check_examples(model, run.examples, run.eval_examples, args)
         run.batches = fixed_batches(run.examples, args.batch_size, args.grad_accum, args.seed)
         run.total = min(args.epochs * len(run.batches), args.max_steps or args.epochs * len(run.batches))
+        run.warm = args.warmup_steps or args.warmup_epochs * len(run.batches)
         if args.ce_chunk:
-            check_ce_chunk(model, collate([run.examples[i] for i in run.batches[0][0]], run.pad_id), run.device,
-                           args.ce_chunk)
+            first = collate([run.examples[i] for i in run.batches[0][0]], run.pad_id)
+            training.check_ce_chunk(forward, model, first, run.device, args.ce_chunk)
 
         # 3. the r-directions of the initial model, frozen, and the probe direction that drift is measured against
         # 4. the anchors z0 = r_hat_l . x_{l,j} under the initial weights (kept in the run's folder for --resume)
         run.r_probe0 = r_directions(model, tok, probes["probe_harmful"], probes["probe_harmless"], args.batch_size,
                                     "probe")
-        resumed = args.resume and os.path.isfile(os.path.join(work, "anchors.pt"))
-        start = load_anchors(work, run) if resumed else make_anchors(work, run, model, probes)
+        start = anchors_of_run(work, run, model, probes)
         run.r_hat, run.z0 = start["r_hat"].to(run.device), start["z0"]
         run.scale = start["rms"].to(run.device) if args.scale == "anchor-rms" and start["rms"] is not None else None
 
         # 5. trainable parameters (LoRA or all), AdamW, and the last checkpoint when resuming
         run.model, run.params = training.make_trainable(model, args)
         run.opt = torch.optim.AdamW(run.params, lr=args.lr, weight_decay=0.0)
-        run.log = {"steps": [], "epochs": []}
+        run.log = {"steps": [], "evals": []}
         state = training.restore(work, run.model, run.opt) if args.resume else None
         if state:
-            run.step, run.log = state["step"], state["log"]
+            run.step, run.log = state["step"], {"evals": [], **state["log"]}
             print(f"resuming after step {run.step}")
 
         # 6. the loop, then 7. the outputs: the adapter or full model, the log, the drift, the merged model if asked
@@ -390,36 +401,23 @@ def check_examples(model, examples, eval_examples, args):
             pl.fail(f"--max-length {args.max_length} leaves no response tokens in any of the {what}")
 
 
-@torch.no_grad()
-def check_ce_chunk(model, batch, device, ce_chunk):
-    """--ce-chunk computes logits itself; on the first batch it must give the model's own CE, or the run stops."""
-    plain, chunked = forward(model, batch, device, False)[0], forward(model, batch, device, False, ce_chunk)[0]
-    if not torch.isclose(plain, chunked, rtol=1e-4, atol=1e-3):
-        pl.fail(f"--ce-chunk: this model's logits are not its output head on the last hidden state (CE "
-                f"{plain.item():.4f} vs {chunked.item():.4f}); leave --ce-chunk out")
-
-
-def make_anchors(work, run, model, probes):
-    """r_hat_l and z0 of a new run (no z0 for plain IFT), saved in the run's folder."""
+def anchors_of_run(work, run, model, probes):
+    """r_hat_l and z0 of a new run (no z0 without a constraint), saved in the run's folder; a resumed run's, read."""
+    start = training.resumed(work, "anchors.pt", run.args.out) if run.args.resume else None
+    if start is not None:
+        return start
     r_hat = r_directions(model, run.tok, probes["harmful"], probes["harmless"], run.args.batch_size, "r-directions")
     start = {"r_hat": r_hat, "z0": None, "rms": None}
-    if any(alpha_at(e, run.args) > 0 for e in range(run.args.epochs)):
+    if run.args.alpha > 0 or (run.warm and run.args.warmup_alpha > 0):
         start.update(anchors(model, run.examples, run.batches, r_hat.to(run.device), run.layers, run.pad_id))
     pl.save_torch(os.path.join(work, "anchors.pt"), start)
     return start
 
 
-def load_anchors(work, run):
-    try:
-        return torch.load(os.path.join(work, "anchors.pt"), weights_only=True)
-    except Exception as e:
-        pl.fail(f"{run.args.out}: the unfinished run's anchors are damaged ({type(e).__name__}); start again with "
-                "--overwrite")
-
-
 # ============================================================================ outputs
 def write_outputs(work, run, pairs, safety, t0):
-    """The adapter (or full model), procon.json, drift.json and drift.png; the merged model with --save-merged."""
+    """The adapter (or full model), procon.json (the log: steps, epochs, evaluation points), drift.json and drift.png;
+    the merged model with --save-merged; the summary table of the evaluation points."""
     args, log = run.args, run.log
     name = "model" if args.full else "adapter"
     training.trainable_state(run.model, run.step)  # finite, or nothing is written
@@ -428,40 +426,43 @@ def write_outputs(work, run, pairs, safety, t0):
         run.tok.save_pretrained(os.path.join(work, name))
     n_layers = pl.text_config(run.model).num_hidden_layers
     meta = pl.metadata(args, [getattr(args, k) for k in FILES])
+    log["epochs"] = epoch_summaries(log, len(run.batches))
     drift_log = {str(e["epoch"]): e["drift"] for e in log["epochs"]}
     pl.save_json(os.path.join(work, "procon.json"), {
         "model": args.model, "layers": run.layers, "activation": "input of each constrained layer",
-        "n_train": len(pairs), "n_safety": len(safety), "seed": args.seed, "seconds": round(time.time() - t0, 1),
-        "peak_memory_mib": pl.peak_memory_mib(run.device), **log, **meta})
+        "n_train": len(pairs), "n_safety": len(safety), "seed": args.seed, "refusal_tokens": run.refusal_tokens,
+        "seconds": round(time.time() - t0, 1), "peak_memory_mib": pl.peak_memory_mib(run.device), **log, **meta})
     pl.save_json(os.path.join(work, "drift.json"), {"model": args.model, "cosine_to_initial": drift_log,
                                                     "layers": list(range(1, n_layers)), **meta})
-    plot_drift(os.path.join(work, "drift.png"), drift_log, args.model)
+    pl.line_plot(os.path.join(work, "drift.png"), {f"epoch {e}": ([int(l) for l in c], list(c.values())) for e, c in
+                                                   drift_log.items()}, "layer (its input)", "cosine to the initial "
+                 "direction", f"refusal-direction drift: {os.path.basename(str(args.model).rstrip('/'))}")
     deep = lambda e: statistics.mean(v for l, v in e["drift"].items() if int(l) >= n_layers // 2)  # noqa: E731
-    rows = [[e["epoch"], f"{e['alpha']:g}", f"{e['ce']:.4f}", f"{e['constraint']:.4f}",
-             "-" if e["eval_ce"] is None else f"{e['eval_ce']:.4f}", f"{deep(e):.4f}"]
-            for e in sorted(log["epochs"], key=lambda e: e["epoch"])]
-    pl.print_table(["epoch", "alpha", "CE", "constraint", "held-out CE", "drift cos (deep half)"], rows)
+    rows = [[e["step"], "-" if e["eval_ce"] is None else f"{e['eval_ce']:.4f}", f"{deep(e):.4f}",
+             *[f"{100 * v:.1f}" for v in e["refusal"].values()]] for e in sorted(log["evals"], key=lambda e: e["step"])]
+    pl.print_table(["step", "held-out CE", "drift cos (deep half)", *[f"% refused: {k}" for k in run.refusal_sets]],
+                   rows)
     if args.save_merged:
         artifacts.save_merged(os.path.join(work, "merged"), "adapter", os.path.join(work, "adapter"), args.model, args)
     print(f"\nwrote {', '.join(outputs(args))} to {args.out} in {time.time() - t0:.0f}s "
           f"(peak memory {pl.peak_memory_mib(run.device):.0f} MiB)")
 
 
-def plot_drift(path, drift_log, model_name):
-    plt = pl.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for epoch, cos in sorted(drift_log.items(), key=lambda kv: int(kv[0])):
-        ax.plot([int(l) for l in cos], list(cos.values()), marker=".", label=f"epoch {epoch}")
-    ax.set_xlabel("layer (its input)")
-    ax.set_ylabel("cosine to the initial direction")
-    ax.set_title(f"refusal-direction drift: {os.path.basename(str(model_name).rstrip('/'))}", fontsize=10)
-    ax.legend(fontsize=8)
-    pl.save_figure(fig, path)
+def epoch_summaries(log, per_epoch):
+    """Each epoch's mean CE and constraint, its last alpha, and the evaluation point at its end."""
+    out = []
+    for epoch in sorted({s["epoch"] for s in log["steps"]}):
+        steps = [s for s in log["steps"] if s["epoch"] == epoch]
+        point = next(e for e in log["evals"] if e["step"] == (epoch - 1) * per_epoch + len(steps))
+        out.append({"epoch": epoch, "alpha": steps[-1]["alpha"], "steps": len(steps), "ce": statistics.mean(
+            s["ce"] for s in steps), "constraint": statistics.mean(s["constraint"] for s in steps),
+            **{k: point[k] for k in ("eval_ce", "drift", "refusal")}})
+    return out
 
 
 # ============================================================================ arguments
-FILES = ("data", "safety_data", "refusals", "eval_data", "harmful", "harmless", "probe_harmful", "probe_harmless",
-         "chat_template")  # resume compares their contents
+FILES = ("data", "safety_data", "refusals", "eval_data", "eval_refusal", "direction", "harmful", "harmless",
+         "probe_harmful", "probe_harmless", "chat_template")  # resume compares their contents
 KNOWN = ("procon.json", "drift.json", "drift.png", "adapter", "model", "merged", "checkpoint", "anchors.pt")
 
 
@@ -486,6 +487,8 @@ def check_args(args):
     pl.check_model_args(args)
     if args.warmup_epochs > args.epochs:
         pl.fail(f"--warmup-epochs {args.warmup_epochs}: must be at most --epochs {args.epochs}")
+    if args.warmup_epochs and args.warmup_steps:
+        pl.fail("--warmup-epochs and --warmup-steps both set the warm-up's length; pass one of them")
     if args.full and args.save_merged:
         pl.fail("--save-merged merges a LoRA adapter; --full already writes the whole model to --out/model")
     if args.full and args.load_in_4bit:
@@ -498,6 +501,8 @@ def add_method_args(p):
     g.add_argument("--alpha", type=pl.number(lo=0), default=0.0, help="constraint weight after the warm-up (0: plain "
                    "IFT; [choice]: the useful scale depends on --reduce and --scale, results/procon.md)")
     g.add_argument("--warmup-epochs", type=pl.count(0), default=0, help="ProCon_wu: epochs of strong constraint first")
+    g.add_argument("--warmup-steps", type=pl.count(0), default=0,
+                   help="ProCon_wu: optimizer steps of strong constraint first (instead of --warmup-epochs)")
     g.add_argument("--warmup-alpha", type=pl.number(lo=0), default=1.0,
                    help="ProCon_wu: constraint weight during the warm-up ([choice])")
     g.add_argument("--reset-optimizer", action="store_true", help="start AdamW afresh when the warm-up ends "
@@ -522,11 +527,7 @@ def add_method_args(p):
                    help="learning-rate schedule over all optimizer steps, after --warmup-ratio")
     g.add_argument("--warmup-ratio", type=pl.number(lo=0, below=1), default=0.0,
                    help="fraction of steps with a linear lr warm-up")
-    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
-    g.add_argument("--lora-r", type=pl.count(1), default=8, help="LoRA rank ([choice] 8)")
-    g.add_argument("--lora-alpha", type=pl.number(above=0), default=16, help="LoRA alpha ([choice] 16)")
-    g.add_argument("--lora-targets", default="auto", help="modules that get LoRA adapters: 'auto' (the attention "
-                   "projections of this model, fused or not), 'all-linear', or a list like q_proj,v_proj")
+    return g
 
 
 def add_data_args(p):
@@ -544,7 +545,14 @@ def add_data_args(p):
                    "data distribution'), or the constraint only (no CE on their refusals)")
     g.add_argument("--refusals", default=os.path.join(pl.DATA, "refusals.json"),
                    help="refusal answers for safety prompts that come without one")
-    g.add_argument("--eval-data", default=None, help="held-out pairs: their CE loss is logged each epoch")
+    g.add_argument("--eval-data", default=None, help="held-out pairs: their CE is logged at every evaluation point")
+    g.add_argument("--eval-refusal", action="append", default=[], help="prompt file whose refusal rate (the logit "
+                   "judge: the first answer token's refusal score above 0) is logged at every evaluation point; "
+                   "repeatable")
+    g.add_argument("--direction", default=None, help="direction.pt (directions.py) whose refusal tokens the logit "
+                   "judge reads (default: the model's tokens for 'I', 'Sorry', 'As', 'Unfortunately')")
+    g.add_argument("--eval-every", type=pl.count(0), default=0, help="an evaluation point (held-out CE, drift, "
+                   "refusal) before training and every N optimizer steps, besides each epoch's end (0: epochs only)")
     g.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"), help="harmful prompts for r_hat_l")
     g.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"), help="harmless prompts for r_hat_l")
     g.add_argument("--probe-harmful", default=os.path.join(pl.DATA, "probe_harmful.json"),
@@ -555,15 +563,14 @@ def add_data_args(p):
 
 def parse_args(argv=None):
     p = pl.parser(__doc__)
-    add_method_args(p)
+    method = add_method_args(p)
     add_data_args(p)
     pl.add_model_args(p)
     p.set_defaults(model=None)  # with --merge the base model comes from the adapter
     g = pl.add_memory_args(p, batch_size=8)
+    training.add_trainable_args(method, g)
     g.add_argument("--grad-accum", type=pl.count(1), default=1,
                    help="micro-batches of --batch-size per optimizer step (effective batch: their product)")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each layer in backward instead of keeping its activations (less memory)")
     g.add_argument("--ce-chunk", type=pl.count(0), default=0, help="make the logits this many tokens at a time, "
                    "recomputed in backward (less memory with a large vocabulary; 0: all at once)")
     g.add_argument("--max-length", type=pl.count(2), default=256, help="truncate chat-formatted pairs to this many "

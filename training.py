@@ -86,6 +86,28 @@ def lora_targets(model, spec):
     return wanted
 
 
+def add_trainable_args(g, memory):
+    """The flags of make_trainable: --full or LoRA (its rank, alpha and target modules) in group g, gradient
+    checkpointing in the memory group."""
+    memory.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each layer in backward instead of keeping its activations (less memory)")
+    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
+    g.add_argument("--lora-r", type=pl.count(1), default=8, help="LoRA rank ([choice] 8)")
+    g.add_argument("--lora-alpha", type=pl.number(above=0), default=16, help="LoRA alpha ([choice] 16)")
+    g.add_argument("--lora-targets", default="auto", help="modules that get LoRA adapters: 'auto' (the attention "
+                   "projections of this model, fused or not), 'all-linear', or a list like q_proj,v_proj")
+
+
+@torch.no_grad()
+def check_ce_chunk(forward, model, batch, device, ce_chunk):
+    """--ce-chunk computes logits itself (forward(..., ce_chunk)); on the first batch it must give the model's own CE,
+    or the run stops."""
+    plain, chunked = forward(model, batch, device, False)[0], forward(model, batch, device, False, ce_chunk)[0]
+    if not torch.isclose(plain, chunked, rtol=1e-4, atol=1e-3):
+        pl.fail(f"--ce-chunk: this model's logits are not its output head on the last hidden state (CE "
+                f"{plain.item():.4f} vs {chunked.item():.4f}); leave --ce-chunk out")
+
+
 def keep_4bit_trainable(model):
     """bitsandbytes repacks 4-bit weights for a faster CPU kernel on their first no-grad forward; that kernel adds a
     projection's bias in place, which autograd refuses (Qwen2, Phi: biased q/k/v). Training keeps the plain layout."""
@@ -135,6 +157,17 @@ def save_checkpoint(folder, model, opt, step, state):
     save_file(trainable_state(model, step), os.path.join(folder, "trainable.safetensors"))
     torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
     pl.save_json(os.path.join(folder, "state.json"), {"step": step, **state})
+
+
+def resumed(work, name, out):
+    """A torch file an unfinished run saved in its work folder (read on --resume), or None where there is none."""
+    path = os.path.join(work, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        pl.fail(f"{out}: the unfinished run's {name} is damaged ({type(e).__name__}); start again with --overwrite")
 
 
 def restore(work, model, opt):

@@ -140,7 +140,7 @@ def last_checkpoint(out):
 
 def test_warmup_schedule(tiny_llama, pairs_file, tmp_path, monkeypatch):
     args = P.parse_args(["--alpha", "0.1", "--warmup-epochs", "2", "--warmup-alpha", "2"])
-    assert [P.alpha_at(e, args) for e in range(4)] == [2, 2, 0.1, 0.1]
+    assert [P.alpha_at(s, args, 4) for s in range(8)] == [2, 2, 2, 2, 0.1, 0.1, 0.1, 0.1]  # 2 epochs of 2 steps
     log = run(tiny_llama, pairs_file, tmp_path / "a", "--epochs", "3", "--warmup-epochs", "1", "--warmup-alpha", "1")
     assert [e["alpha"] for e in log["epochs"]] == [1.0, 0.0, 0.0]
     drift = json.loads((tmp_path / "a" / "drift.json").read_text())["cosine_to_initial"]
@@ -156,6 +156,27 @@ def test_warmup_schedule(tiny_llama, pairs_file, tmp_path, monkeypatch):
             run(tiny_llama, pairs_file, tmp_path / name, "--epochs", "3", "--warmup-epochs", "1", "--warmup-alpha",
                 "1", *extra)
         assert steps(tmp_path / name) == want
+    # a warm-up of 4 steps, inside the second epoch: alpha per step, and AdamW restarted after step 4 (5 steps left)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama, pairs_file, tmp_path / "d", "--epochs", "3", "--warmup-steps", "4", "--warmup-alpha", "1",
+            "--reset-optimizer")
+    assert steps(tmp_path / "d") == {5}
+    state = json.loads(open(os.path.join(last_checkpoint(tmp_path / "d"), "state.json")).read())
+    assert [s["alpha"] for s in state["log"]["steps"]] == [1.0] * 4 + [0.0] * 5
+
+
+def test_evaluation_points(tiny_llama, pairs_file, prompt_files, tmp_path):
+    """--eval-every: held-out CE, drift and the logit judge's refusal rate of each --eval-refusal file before training,
+    every N steps and at each epoch's end, each once; the epochs' summaries carry their end's point."""
+    log = run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3", "--eval-every", "2", "--eval-data", pairs_file,
+              "--eval-refusal", prompt_files["harmful"], "--eval-refusal", prompt_files["harmless"])
+    assert [e["step"] for e in log["evals"]] == [0, 2, 3, 4, 6]  # 3 steps an epoch, 2 epochs
+    assert all(set(e["refusal"]) == {"harmful", "harmless"} and 0 <= e["refusal"]["harmful"] <= 1 and
+               e["eval_ce"] > 0 and len(e["drift"]) == 3 for e in log["evals"])
+    assert all(abs(c - 1) < 1e-5 for c in log["evals"][0]["drift"].values())  # before training: the same direction
+    assert [(e["epoch"], e["eval_ce"]) for e in log["epochs"]] == [(1, log["evals"][2]["eval_ce"]),
+                                                                   (2, log["evals"][4]["eval_ce"])]
+    assert log["evals"][0]["eval_ce"] != log["evals"][-1]["eval_ce"]  # training moved the task loss
 
 
 def test_lora_changes_only_adapters(tiny_llama, pairs_file, tmp_path):
@@ -334,7 +355,7 @@ def test_chunked_ce_gives_the_same_loss_and_gradients(arch_model, pairs_file):
     model, tok = pl.load_model(path)
     examples = [P.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:3]]
     batch = P.collate(examples, tok.pad_token_id)
-    P.check_ce_chunk(model, batch, "cpu", 5)  # passes: the same CE
+    T.check_ce_chunk(P.forward, model, batch, "cpu", 5)  # passes: the same CE
     head = model.get_output_embeddings().weight
     head.requires_grad_(True)
     results = []
@@ -432,7 +453,7 @@ BAD_INPUT = [
     (["{killed}", "--resume", "--lr", "1e-3"], "--resume with --lr 0.001"),
     (["{killed}", "--resume", "--constrained-tokens", "response"], "--resume with --constrained-tokens 'response'"),
     (["{killed}", "--resume", "--harmful", "{harmless}", "--harmless", "{harmful}"], "--resume: the file or folder of"),
-    (["{killed}", "--resume", "--truncate", ".run/anchors.pt"], "the unfinished run's anchors are damaged"),
+    (["{killed}", "--resume", "--truncate", ".run/anchors.pt"], "the unfinished run's anchors.pt is damaged"),
     (["{killed}", "--resume", "--truncate", ".run/checkpoint-0000001/trainable.safetensors"], "damaged checkpoint"),
     (["{killed}", "--resume", "--truncate", ".run/checkpoint-0000001/optimizer.pt"], "damaged checkpoint"),
 ]
