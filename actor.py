@@ -10,7 +10,7 @@ where the code goes beyond them is tagged [choice].
     a_tgt = a - alpha Proj_R(a)                for harmless (the paper's benign) and pseudo-harmful queries
     a_tgt = a + alpha Proj_R(a)                for harmful queries (towards refusal)
     L = 1 - cos(a(theta), a_tgt)               averaged over queries; only layer l* is trained
-    r_hat and the targets are computed again from the current weights as training goes on (--renew epoch)
+    r_hat and the targets are computed again from the current weights after each update (--renew step)
 
 The shift is proportional to each query's own projection: just enough. No responses, no generation. l* is the layer
 whose outputs best separate harmful from harmless queries (silhouette score).
@@ -105,10 +105,12 @@ def loss_fn(a, a_tgt):
     return (1 - F.cosine_similarity(a, a_tgt, dim=-1)).mean()
 
 
-def train_epoch(block, cache, a_tgt, opt, order):
-    """One pass over the cached batches in the given order, block l* forward and backward; returns the mean loss."""
+def train_epoch(block, cache, a_tgt, opt, order, renew=None):
+    """One pass over the cached batches in the given order, layer l* forward and backward; returns the mean loss.
+    With renew (--renew step), the targets are made again from the current weights before every update."""
     total, n = 0.0, 0
     for b in order:
+        a_tgt = renew() if renew else a_tgt
         idx = cache[b][0]
         a = block_forward(block, cache[b])
         loss = loss_fn(a, a_tgt[idx].to(a.device))
@@ -123,18 +125,21 @@ def train_epoch(block, cache, a_tgt, opt, order):
 
 def actor(block, cache, groups, alpha, lr, epochs, origin="harmless", renew="never", train="all", seed=0, log=print):
     """The loop: before each epoch r_hat and the targets are made from the initial weights of layer l* (renew
-    "epoch": from its current weights); then one pass of AdamW over the cached batches (fixed batches, their order
-    shuffled with the seed). Returns the epoch log and the activations before and after training."""
+    "epoch": from its current weights; "step": before every update too); then one pass of AdamW over the cached
+    batches (fixed batches, their order shuffled with the seed). Returns the epoch log and the activations before and
+    after training."""
     opt = torch.optim.AdamW(trainable(block, train), lr=lr, weight_decay=0.0)  # [choice] AdamW, no weight decay
     a_init = activations(block, cache, len(groups))
     a, history = a_init, []
+    made_from = lambda src: targets(src, refusal_direction(src, groups), groups, alpha,  # noqa: E731
+                                    origin_of(origin, src, a_init, groups))
     for epoch in range(epochs):
-        src = a if renew == "epoch" else a_init  # the activations r_hat and the targets are made from
-        r_hat = refusal_direction(src, groups)
-        a_tgt = targets(src, r_hat, groups, alpha, origin_of(origin, src, a_init, groups))
+        src = a_init if renew == "never" else a  # the activations r_hat and the targets are made from
+        r_hat, a_tgt = refusal_direction(src, groups), made_from(src)
         order = list(range(len(cache)))
         random.Random(seed * 1000 + epoch).shuffle(order)
-        loss = train_epoch(block, cache, a_tgt, opt, order)
+        every_step = (lambda: made_from(activations(block, cache, len(groups)))) if renew == "step" else None
+        loss = train_epoch(block, cache, a_tgt, opt, order, every_step)
         history.append({"epoch": epoch + 1, "loss": loss, "mean_projection": mean_projections(a, r_hat, groups)})
         log(f"epoch {epoch + 1}/{epochs}: loss {loss:.5f}  mean projection onto r_hat (start of epoch): " +
             "  ".join(f"{k} {v:+.2f}" for k, v in history[-1]["mean_projection"].items()))
@@ -405,10 +410,10 @@ def add_actor_args(p):
     g.add_argument("--epochs", type=pl.count(1), default=3,
                    help="rounds of training; r_hat and the targets are made before each (3: the epochs of the paper's "
                    "timing, as the summaries give it)")
-    g.add_argument("--renew", choices=("epoch", "never"), default="never",
+    g.add_argument("--renew", choices=("never", "epoch", "step"), default="never",
                    help="make r_hat and the targets from the initial weights, once ([choice]: targets with a fixed "
-                   "point; see the docstring), or from the current weights before every epoch (the paper renews them "
-                   "as training goes on)")
+                   "point; see the docstring), or from the current weights before every epoch, or before every update "
+                   "(the paper renews them after each update)")
     g.add_argument("--train", choices=("all", "mlp", "attn"), default="all",
                    help="which parameters of layer l* are trained ([choice] all)")
     g.add_argument("--batches", choices=("length", "mixed"), default="length",

@@ -141,6 +141,40 @@ def silhouette(x, labels):
     return torch.cat(scores).mean().item()
 
 
+# the post-instruction positions i (sec. 2.3) and the papers' filter of the prompts (Arditi's code, and Surgical's)
+def post_instruction_positions(tok):
+    """How many template tokens follow the user's instruction before the answer begins (for ChatML: '<|im_end|>',
+    '\\n', '<|im_start|>', 'assistant', '\\n'): Arditi's candidate positions."""
+    text, marker = pl.chat_text(tok, "Sphinx of black quartz, judge my vow"), "judge my vow"
+    end = text.rindex(marker) + len(marker)
+    try:
+        spans = tok(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+        return sum(a >= end for a, _ in spans)
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: the template's tail on its own
+        return len(tok(text[end:], add_special_tokens=False).input_ids)
+
+
+def typical(model, tok, prompts, tokens, refuse, batch_size, what):
+    """The prompts the model refuses (refuse=True: harmful and pseudo-harmful ones) or answers (harmless ones), by
+    refusal score above 0 or not, as the papers' code filters them; [choice] all of them where fewer than 2 remain.
+    Returns (prompts, a note where the filter kept all)."""
+    score = judges.refusal_score(pl.last_logits(model, tok, prompts, batch_size, desc=f"filter ({what})"), tokens)
+    kept = [p for p, s in zip(prompts, score.tolist()) if (s > 0) == refuse]
+    if len(kept) >= 2:
+        return kept, None
+    return prompts, f"the model {'refuses' if refuse else 'answers'} {len(kept)} of {len(prompts)} {what} prompts; " \
+        "all are kept"
+
+
+def typical_split(args, model, tok, split, tokens):
+    """typical() on every class of a split (the training or the held-out prompts), in place; the notes, joined."""
+    notes = []
+    for k in split:
+        split[k], why = typical(model, tok, split[k], tokens, k != "harmless", args.batch_size, k)
+        notes.append(why)
+    return "; ".join(n for n in notes if n) or None
+
+
 def candidate_directions(acts_harmful, acts_harmless, n_layers):
     """Every candidate (layer, position): r = mu - nu and r_hat at the input of every layer but 0 (whose input is the
     embeddings) and every position, and the silhouette of harmful vs harmless activations there."""
@@ -194,14 +228,8 @@ def orthogonalise(w, mean_diff, lam):
 def surgical(args, model, tok, acts_harmless, mean_diff, train, val, val_harmless, base_harmless, tokens, candidates):
     """The false-refusal vector of every candidate, orthogonalised, and the one Surgical's rule chooses: the lowest
     refusal score of held-out pseudo-harmful prompts under ablation, KL on harmless prompts <= --surgical-max-kl, in
-    the first 1 - prune_frac of layers. Its training prompts are those the model refuses (score > 0), as in the
-    official code; [choice] all of them where it refuses fewer than 2. Returns (w', chosen, scores, note)."""
-    score = judges.refusal_score(pl.last_logits(model, tok, train, args.batch_size, desc="pseudo-harmful"), tokens)
-    refused = [p for p, s in zip(train, score.tolist()) if s > 0]
-    note = None if len(refused) >= 2 else f"the model refuses {len(refused)} of {len(train)} pseudo-harmful " \
-        "training prompts; the false-refusal vector is taken over all of them"
-    acts = pl.capture(model, tok, refused if len(refused) >= 2 else train, args.positions, args.batch_size,
-                      "activations (pseudo-harmful)")
+    the first 1 - prune_frac of layers. Returns (w', chosen, scores)."""
+    acts = pl.capture(model, tok, train, args.positions, args.batch_size, "activations (pseudo-harmful)")
     w = orthogonalise(difference_in_means(acts, acts_harmless)[:mean_diff.shape[0]], mean_diff, args.ortho_lambda)
     scores = {}
     max_layer = int(mean_diff.shape[0] * (1 - args.prune_frac))
@@ -215,7 +243,7 @@ def surgical(args, model, tok, acts_harmless, mean_diff, train, val, val_harmles
     if not ok:
         pl.fail(f"Surgical: no candidate keeps KL on harmless prompts within --surgical-max-kl "
                 f"{args.surgical_max_kl:g}; nothing was written")
-    return w, min(ok, key=lambda c: scores[c]["pseudo_harmful"]), scores, note
+    return w, min(ok, key=lambda c: scores[c]["pseudo_harmful"]), scores
 
 
 # ============================================================================ main
@@ -244,39 +272,44 @@ def main(argv=None):
         # 2. model
         model, tok = pl.load(args)
         n_layers = pl.text_config(model).num_hidden_layers
+        args.positions = post_instruction_positions(tok) if args.positions == "post" else args.positions
         if args.layer is not None and not 1 <= args.layer < n_layers:
             pl.fail(f"--layer {args.layer} is out of range: this model has layers 1..{n_layers - 1} to choose from")
         pl.check_context(model, pl.token_lengths(tok, pl.format_chat(tok, sum([*train.values(), *val.values()], []))),
                          extra_tokens=16)  # 16: the answers of judges.refusal_tokens
 
-        # 3. the candidate directions: r = mu - nu at every layer's input and position (sec. 2.3), and 4. the
-        # silhouette of harmful vs harmless activations at every candidate (the fallback choice)
-        acts = {k: pl.capture(model, tok, train[k], args.positions, args.batch_size, f"activations ({k})")
-                for k in ("harmful", "harmless")}
-        found = candidate_directions(acts["harmful"], acts["harmless"], n_layers)
-        mean_diff, r_hat, candidates = found["mean_diff"], found["r_hat"], found["candidates"]
-
-        # 5. refusal tokens from the model's own refusals (sec. 2.4), or the fallback openers, saying so
-        tokens, found["n_refused"], note = judges.refusal_tokens(model, tok, val["harmful"], val["harmless"],
-                                                                 args.batch_size, args.min_refusals)
+        # 3. refusal tokens from the model's own refusals (sec. 2.4), or the fallback openers, saying so; the papers'
+        # filter: the prompts of each class that the model treats as that class does (only with its own tokens)
+        tokens, n_refused, note = judges.refusal_tokens(model, tok, val["harmful"], val["harmless"], args.batch_size,
+                                                        args.min_refusals)
+        notes = [note] + [typical_split(args, model, tok, split, tokens) for split in (train, val)
+                          if args.filter == "on" and not note]
         if note:
             print("note: " + note, file=sys.stderr)
         base = {k: pl.last_logits(model, tok, val[k], args.batch_size, desc=f"baseline ({k})") for k in val}
 
-        # 6. the layer (app. C), and 7. the causal check of the chosen direction beside the baseline
+        # 4. the candidate directions: r = mu - nu at every layer's input and position (sec. 2.3), and the silhouette
+        # of harmful vs harmless activations at every candidate (the fallback choice)
+        acts = {k: pl.capture(model, tok, train[k], args.positions, args.batch_size, f"activations ({k})")
+                for k in ("harmful", "harmless")}
+        found = candidate_directions(acts["harmful"], acts["harmless"], n_layers)
+        mean_diff, r_hat, candidates = found["mean_diff"], found["r_hat"], found["candidates"]
+        found["n_refused"] = n_refused
+
+        # 5. the layer (app. C), and 6. the causal check of the chosen direction beside the baseline
         chosen, found["select"], found["scores"], why = choose_layer(args, model, tok, mean_diff, r_hat, candidates,
                                                                      found["silhouette"], val, base, tokens, not note)
         found["check"] = causal_check(found["scores"].get(chosen) or causal_scores(
             model, tok, mean_diff[chosen], r_hat[chosen], chosen[0], val, base["harmless"], tokens, args.batch_size),
             base, tokens)
-        found.update(chosen=chosen, tokens=tokens, note="; ".join(n for n in (note, why) if n) or None)
+        found.update(chosen=chosen, tokens=tokens, note="; ".join(n for n in notes + [why] if n) or None)
 
-        # 8. Surgical's false-refusal vector, from the same activations, positions and layers
+        # 7. Surgical's false-refusal vector, from the same activations, positions and layers
         if args.pseudo_harmful:
             found["surgical"] = surgical(args, model, tok, acts["harmless"], mean_diff, train["pseudo_harmful"],
                                          val["pseudo_harmful"], val["harmless"], base["harmless"], tokens, candidates)
 
-        # 9. outputs
+        # 8. outputs
         write_outputs(work, args, model, tok, found, train, val, t0)
     print(f"\nwrote {', '.join(os.path.join(args.out, o) for o in outputs)} in {time.time() - t0:.0f}s")
 
@@ -292,16 +325,17 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
                   **found["scores"].get((l, p), {})} for l, p in found["candidates"]]
     meta = {"model": args.model, "layer": layer, "activation": f"input of layer {layer}",
             "position": pos - args.positions, "select": found["select"],
-            "note": found["note"], "n_prompts": {k: {"train": len(train[k]), "val": len(val[k])} for k in train},
+            "note": found["note"], "filter": args.filter,
+            "n_prompts": {k: {"train": len(train[k]), "val": len(val[k])} for k in train},
             "refusal_tokens": {str(t): tok.decode([t]) for t in tokens}, "refused_val_harmful": found["n_refused"],
             "causal_check": check, "per_layer": per_layer, "seed": args.seed, "seconds": round(time.time() - t0, 1),
             **pl.metadata(args, [args.harmful, args.harmless, args.pseudo_harmful])}
     if "surgical" in found:
-        w, (fl, fp), fscores, fnote = found["surgical"]
+        w, (fl, fp), fscores = found["surgical"]
         artifacts.save_direction(os.path.join(work, "false_refusal.pt"), unit(w[fl, fp]), fl, fp - args.positions,
                                  w, tokens, made_on, method="Surgical (Wang et al. 2025)",
                                  ortho_lambda=args.ortho_lambda)
-        meta["surgical"] = {"layer": fl, "position": fp - args.positions, "note": fnote,
+        meta["surgical"] = {"layer": fl, "position": fp - args.positions,
                             "ortho_lambda": args.ortho_lambda,
                             "cos_to_refusal_direction": float(unit(w[fl, fp]) @ found["r_hat"][fl, fp]),
                             "per_layer": [{"layer": l, "position": p - args.positions, **s}
@@ -309,12 +343,11 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
     pl.save_json(os.path.join(work, "direction.json"), meta)
     plot_layers(os.path.join(work, "layers.png"), per_layer, layer, args.model, meta.get("surgical"))
     print(f"\nrefusal direction of {args.model}: layer {layer}, position {pos - args.positions} ({found['select']}); "
-          f"refusal tokens {[tok.decode([t]) for t in tokens]}")
-    print("\ncausal check (mean refusal score on held-out prompts, log-odds):")
-    print(f"  {'':10s} {'baseline':>9s} {'steered':>9s}")
-    print(f"  {'harmful':10s} {check['harmful_baseline']:9.2f} {check['harmful_ablated']:9.2f}   direction ablated")
-    print(f"  {'harmless':10s} {check['harmless_baseline']:9.2f} {check['harmless_added']:9.2f}   direction added")
-    print(f"  KL on harmless under ablation: {check['kl_harmless_ablated']:.4f}")
+          f"refusal tokens {[tok.decode([t]) for t in tokens]}; mean refusal score on held-out prompts (log-odds):")
+    pl.print_table(["prompts", "baseline", "steered", ""], [
+        ["harmful", f"{check['harmful_baseline']:.2f}", f"{check['harmful_ablated']:.2f}", "direction ablated"],
+        ["harmless", f"{check['harmless_baseline']:.2f}", f"{check['harmless_added']:.2f}",
+         f"direction added (KL under ablation {check['kl_harmless_ablated']:.4f})"]])
     if "surgical" in found:
         s = meta["surgical"]
         print(f"Surgical's false-refusal vector: layer {s['layer']}, position {s['position']}, lambda "
@@ -351,8 +384,12 @@ def parse_args(argv=None):
     g.add_argument("--select", choices=("silhouette", "refusal"), default="refusal",
                    help="layer choice: best harmful/harmless separation (ACTOR) or Arditi's refusal-score selection")
     g.add_argument("--layer", type=pl.count(0), default=None, help="use this layer (its input) instead of choosing one")
-    g.add_argument("--positions", type=pl.count(1), default=1,
-                   help="candidate positions: the last k post-instruction template tokens")
+    g.add_argument("--positions", type=lambda t: t if t == "post" else pl.count(1)(t), default=1,
+                   help="candidate positions: the last k template tokens, or 'post': every post-instruction token "
+                   "(Arditi's and Surgical's; [choice] 1 by default: k times fewer candidates to score)")
+    g.add_argument("--filter", choices=("on", "off"), default="on",
+                   help="keep only the prompts the model treats as their class does (refused harmful and "
+                   "pseudo-harmful, answered harmless), as the papers' code does, where it has refusal tokens of its own")
     g.add_argument("--prune-frac", type=pl.number(lo=0, below=1), default=0.2,
                    help="Arditi (and Surgical): skip the last fraction of layers")
     g.add_argument("--max-kl", type=pl.number(lo=0), default=0.1,

@@ -79,7 +79,7 @@ NOT_RESPONSES = ("judge", "keyword_mode", "labels", "direction", "data_dir", "ot
 
 
 # ============================================================================ prompts and responses
-def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()):
+def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=(), removed=None):
     """Rows {id, benchmark, type, prompt, expect} of a named benchmark, from --data-dir or from the hub; prompts that
     nearly copy one of `exclude` (pl.near_duplicates) are left out, and counted, before the --limit sample is drawn."""
     if name not in BENCHMARKS:
@@ -114,7 +114,9 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
             if str(r.get("input") or "").strip():  # Alpaca: the instruction's input follows it (as procon.py reads it)
                 prompt += "\n\n" + str(r["input"]).strip()
             found.append((prompt, next((str(r[c]) for c in TYPE_COLUMNS if r.get(c)), "")))
-        copies = pl.near_duplicates([p for p, _ in found], exclude) if exclude else {}
+        copies = pl.near_duplicates([p for p, _ in found], exclude[s["expect"]]) if exclude else {}
+        if removed is not None:
+            removed[s["set"]] = len(copies)
         if copies:
             print(f"{s['set']}: {len(copies)} of {len(found)} prompts left out, near-duplicates of --exclude",
                   file=sys.stderr)
@@ -125,6 +127,20 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
         rows += [{"id": f"{s['set']}/{i}", "benchmark": s["set"], "type": t, "prompt": p, "expect": s["expect"]}
                  for i, (p, t) in enumerate(found)]
     return rows
+
+
+def excluded(files):
+    """The prompts of --exclude files by the behaviour they were trained towards, {"refuse": [...], "comply": [...]}:
+    a row whose 'expect' column says one counts for it only (a contrast twin trained the other way stays a test of
+    telling them apart), any other row for both."""
+    out = {"refuse": [], "comply": []}
+    for f in files:
+        pl.read_prompts(f)  # the file's own checks: readable, with a prompt column
+        for r in pl.read_records(f):
+            p = str(next((r[c] for c in pl.PROMPT_COLUMNS if r.get(c) is not None), "")).strip()
+            for e in [r["expect"]] if r.get("expect") in out else out:
+                out[e].append(p)
+    return out
 
 
 def load_hub(hub_id, config, split):
@@ -173,25 +189,29 @@ def load_responses(path, labels, expect, limit, seed):
 
 
 def load_rows(args):
-    """Every row this run judges, in order: those of --responses, or the benchmarks' and --data's prompts."""
+    """Every row this run judges, in order: those of --responses, or the benchmarks' and --data's prompts; and how many
+    prompts of each set --exclude removed."""
+    removed = {}
     if args.responses:
         rows = load_responses(args.responses, args.labels, args.expect, args.limit, args.seed)
     else:
-        leave_out = [p for f in args.exclude for p in pl.read_prompts(f)]
+        leave_out = excluded(args.exclude)
         rows = []
         for name in dict.fromkeys(args.benchmark):
-            rows += load_benchmark(name, args.data_dir, args.limit, args.seed, args.harmbench_category, leave_out)
+            rows += load_benchmark(name, args.data_dir, args.limit, args.seed, args.harmbench_category, leave_out,
+                                   removed)
         if args.data:
             name = os.path.splitext(os.path.basename(args.data))[0]
             prompts = pl.read_prompts(args.data, args.column)
-            prompts = [p for p in prompts if p not in pl.near_duplicates(prompts, leave_out)]
+            copies = pl.near_duplicates(prompts, leave_out[args.expect])
+            prompts, removed[name] = [p for p in prompts if p not in copies], len(copies)
             if not prompts:
                 pl.fail(f"{args.data}: --exclude leaves no prompts to evaluate")
             rows += [{"id": f"{name}/{i}", "benchmark": name, "type": "", "prompt": p, "expect": args.expect}
                      for i, p in enumerate(pl.sample(prompts, args.limit, args.seed))]
     for r in rows:
         r["judges"] = {}
-    return rows
+    return rows, removed
 
 
 def read_done(path, rows):
@@ -414,7 +434,7 @@ def main(argv=None):
         check_against_model(args)
 
     # 2. prompts; the output folder (an unfinished run's responses with --resume, the same settings or a refusal)
-    rows = load_rows(args)
+    rows, removed = load_rows(args)
     pl.seed_everything(args.seed)
     with rundir.run_folder(args.out, OUTPUTS, args.overwrite, args.resume, settings_of(args, rows), OUTPUTS,
                            resumable=generating, progress=("responses.jsonl",)) as work:
@@ -437,7 +457,8 @@ def main(argv=None):
             r.setdefault("response", None)
 
         # 5. judges: logit first (it reads the evaluated model, which is then freed), then those that read responses
-        extra = logit_judge(rows, model, tok, hook_pairs, args) if "logit" in names else {}
+        extra = {"excluded_near_duplicates": removed,
+                 **(logit_judge(rows, model, tok, hook_pairs, args) if "logit" in names else {})}
         model = tok = hook_pairs = None
         free_memory()
         judge_responses(rows, names, args)
@@ -658,7 +679,8 @@ def parse_args(argv=None):
                    help="HarmBench functional category (contextual prompts are shown with their context)")
     g.add_argument("--exclude", action="append", default=[], help="prompt file whose prompts, and their "
                    "near-duplicates (word-set Jaccard >= 0.6), are left out before --limit samples (e.g. the prompts a "
-                   "model was trained on); repeatable")
+                   "model was trained on; a row with an expect column refuse/comply, only from sets expecting the "
+                   "same); repeatable")
     g.add_argument("--responses", default=None, help="judge existing responses (JSONL/CSV with a prompt and a "
                    "response or completion column) in their order, without generating")
     g.add_argument("--labels", default=None, help="column of --responses with human labels (XSTest's "

@@ -6,20 +6,26 @@ test splits, with OKTest, never trained on, as the out-of-distribution set. Of t
 OR-Bench-hard-1k are in ../shared/benchdata; SCOPE and PHTest are not (a user who has them adds them with
 --extra-pseudo). Per seed, on the natural over-refuser (tests/overrefuser.py), each seed drawing its own splits:
 
-    pseudo-harmful  --n-xstest per XSTest-safe type (stratified over its ten types) + --n-orbench OR-Bench-hard
+    pseudo-harmful  --n-xstest per XSTest-safe type (stratified over its ten types) + --n-orbench OR-Bench-hard;
+                    --budget N keeps a seeded N of them (the paper's query-budget ablation)
     harmful         --n-group harmful_train requests (one set; the paper's is HEx-PHI, not here)
-    benign          --n-group harmless_train requests that are not in the test model's training mix
-    test sets       the rest of XSTest-safe; OR-Bench-hard, OKTest, HarmBench, StrongREJECT, XSTest-unsafe and Alpaca
-                    samples of --limit prompts, none trained on (evaluate.py --exclude)
+    harmless        --n-group harmless_train requests that nearly copy nothing in the test model's training mix
+    test sets       the rest of XSTest-safe; OR-Bench-hard, OKTest, AdvBench, HarmBench, StrongREJECT, XSTest-unsafe
+                    and Alpaca samples of --limit prompts, none a near-copy of a training query or of the test model's
+                    mix (evaluate.py --exclude, by pl.near_duplicates; the counts removed are kept per set)
+Each training group is free of near-copies within itself, so actor_search.py's validation split is clean too.
 
-Rows: the base model; ACTOR with actor.py's defaults; ACTOR chosen by actor_search.py (its validation split drawn from
-the same training mix); Surgical (directions.py --pseudo-harmful: the false-refusal vector of the same training queries,
-ablated, evaluate.py --ablate); SFT (procon.py --alpha 0 on the same queries with responses: pseudo-harmful and benign
-ones answered by SmolLM2 before safety tuning, which answers everything, harmful ones refused); the uniform shift that
-actor_search.py chose by the same rule. Judged by the logit judge (--judge logit: the refusal tokens directions.py found
-from the base model's own refusals) or the keyword judge on generated answers. Trade-off Score: judges.tradeoff_score,
-(C.R. + S.S.) / 2, with C.R. the compliance on the XSTest-safe and OR-Bench-hard test splits and S.S. the refusal on
-HarmBench, StrongREJECT and XSTest-unsafe ([choice]: the paper's sets, as far as they are here); OKTest apart.
+Rows: the base model; ACTOR with actor.py's defaults (and with --renew step, the paper's renewal after each update);
+ACTOR chosen by actor_search.py (its validation split drawn from the same training mix); Surgical (directions.py
+--pseudo-harmful --positions post: every post-instruction position, the training prompts filtered by refusal score, the
+false-refusal vector of the same queries as ACTOR, ablated, evaluate.py --ablate); SFT (procon.py --alpha 0 on the same
+queries with responses: pseudo-harmful and harmless ones answered by SmolLM2 before safety tuning, which answers
+everything, harmful ones refused); the uniform shift that actor_search.py chose by the same rule. Judged by the logit
+judge (--judge logit: the refusal tokens directions.py found from the base model's own refusals) or the keyword judge on
+generated answers. Trade-off Score: judges.tradeoff_score, (C.R. + S.S.) / 2, with C.R. the compliance on the XSTest-safe
+and OR-Bench-hard test splits; S.S. the refusal on AdvBench (the paper's safety set, as the summaries name it: the
+"paper-set" score) or on AdvBench, HarmBench, StrongREJECT and XSTest-unsafe (the "all-harmful" score). XSTest-unsafe is
+also split into the prompts whose safe twin (same focus word) was trained on and the rest.
 
     python bench/bench_actor.py --seeds 0,1,2 --out runs/bench_actor                    # logit judge
     python bench/bench_actor.py --seeds 0 --judge keyword --out runs/bench_actor        # the keyword judge's rows
@@ -52,60 +58,91 @@ import plumbing as pl  # noqa: E402
 import procon  # noqa: E402
 from actor_reference import cached_epoch, uncached_epoch  # noqa: E402  (the exactness tests use them too)
 
-ROWS = ("base", "actor", "search", "surgical", "sft", "shift")
-NAMES = {"base": "base model", "actor": "ACTOR", "search": "ACTOR, actor_search.py", "surgical": "Surgical",
-         "sft": "SFT", "shift": "uniform shift (searched)"}
-SETS = ("xstest-safe", "orbench-hard", "oktest", "harmbench", "strongreject", "xstest-unsafe", "alpaca")
-COMPLY, REFUSE = ("xstest-safe", "orbench-hard"), ("harmbench", "strongreject", "xstest-unsafe")
+ROWS = ("base", "actor", "renew", "search", "surgical", "sft", "shift")
+NAMES = {"base": "base model", "actor": "ACTOR", "renew": "ACTOR, --renew step", "search": "ACTOR, actor_search.py",
+         "surgical": "Surgical", "sft": "SFT", "shift": "uniform shift (searched)"}
+SETS = ("xstest-safe", "orbench-hard", "oktest", "advbench", "harmbench", "strongreject", "xstest-unsafe", "alpaca")
+COMPLY, PAPER_REFUSE = ("xstest-safe", "orbench-hard"), ("advbench",)
+REFUSE = ("advbench", "harmbench", "strongreject", "xstest-unsafe")
+TWINS = ("xstest-unsafe twin trained", "xstest-unsafe other")
+COLUMNS = SETS + TWINS + ("tradeoff_paper", "tradeoff")
 
 
 # ============================================================================ the protocol's data
+def distinct(prompts):
+    """The prompts, in order, without those that nearly copy an earlier one."""
+    kept = []
+    for p in prompts:
+        if not pl.near_duplicates([p], kept):
+            kept.append(p)
+    return kept
+
+
 def splits(seed, args, model_dir):
-    """One seed's training queries (three groups), the SFT pairs' prompts, and every prompt evaluation must leave
-    out (the training queries and the test model's own training mix)."""
+    """One seed's training queries (three groups, each free of near-copies within itself; the harmless ones free of
+    near-copies of the test model's mix and of the Alpaca test set)."""
     rng = random.Random(seed)
     data = lambda path: os.path.join(args.benchdata, path)  # noqa: E731
-    mix = overrefuser.excluded(model_dir)
+    mix = sorted(overrefuser.excluded(model_dir))
     xstest = [r for r in pl.read_records(data("xstest/xstest_prompts.csv")) if r["label"] == "safe"]
     by_type = {}
     for r in xstest:
         by_type.setdefault(r["type"], []).append(r["prompt"].strip())
     pseudo = [] if args.transfer else [p for t in sorted(by_type) for p in rng.sample(by_type[t], args.n_xstest)]
-    orbench = [p for p in pl.read_prompts(data("orbench/or-bench-hard-1k.reconstructed.csv")) if p not in mix]
+    orbench = pl.read_prompts(data("orbench/or-bench-hard-1k.reconstructed.csv"))
+    orbench = [p for p in orbench if p not in pl.near_duplicates(orbench, mix)]
     pseudo += rng.sample(orbench, args.n_orbench + (10 * args.n_xstest if args.transfer else 0))
     pseudo += pl.read_prompts(args.extra_pseudo) if args.extra_pseudo else []
     harmful = rng.sample(pl.read_prompts(data("refusal_direction/dataset/splits/harmful_train.json")), args.n_group)
     harmful += pl.read_prompts(args.extra_harmful) if args.extra_harmful else []
-    alpaca = set(pl.read_prompts(data("alpaca/alpaca_data_1k.json"), "instruction"))
-    harmless = rng.sample([p for p in pl.read_prompts(data("refusal_direction/dataset/splits/harmless_train.json"))
-                           if p not in mix and p not in alpaca], args.n_group)
-    return {"pseudo_harmful": pseudo, "harmful": harmful, "harmless": harmless}
+    pool = pl.read_prompts(data("refusal_direction/dataset/splits/harmless_train.json"))
+    pool = rng.sample(pool, 4 * args.n_group)  # [choice] 4x what is kept: enough to pass the filters below
+    banned = mix + pl.read_prompts(data("alpaca/alpaca_data_1k.json"), "instruction")
+    harmless = [p for p in distinct(pool) if p not in pl.near_duplicates(pool, banned)][:args.n_group]
+    return {"pseudo_harmful": distinct(pseudo), "harmful": distinct(harmful), "harmless": harmless}
+
+
+def budgeted(groups, budget, seed):
+    """--budget N: a seeded N of the pseudo-harmful queries (the others as they are)."""
+    if not budget:
+        return groups
+    return {**groups, "pseudo_harmful": pl.sample(groups["pseudo_harmful"], budget, seed)}
 
 
 def write_files(d, groups, model_dir):
-    """The training files of a seed, and the file of prompts evaluate.py leaves out."""
+    """The training files of a seed, and the file of prompts evaluate.py leaves out with their near-copies, each with
+    the behaviour it was trained towards: every training query of the full protocol (whatever the budget) and the
+    test model's mix. A test prompt is left out where it nearly copies one trained towards what its set expects; a
+    contrast twin trained the other way (XSTest-unsafe's safe twins) stays in, as the test of telling them apart."""
     files = {}
     for name, prompts in groups.items():
         files[name] = os.path.join(d, f"train_{name}.json")
         pl.save_json(files[name], prompts)
     files["exclude"] = os.path.join(d, "exclude.json")
-    pl.save_json(files["exclude"], sorted(overrefuser.excluded(model_dir).union(*groups.values())))
+    mix = json.load(open(os.path.join(os.path.dirname(model_dir), "excluded.json")))
+    trained = {"refuse": groups["harmful"] + mix["harmful"] + mix["orbench"],
+               "comply": groups["pseudo_harmful"] + groups["harmless"] + mix["alpaca"]}
+    pl.save_json(files["exclude"], [{"prompt": p, "expect": e} for e, ps in trained.items() for p in ps])
     return files
 
 
 def sft_pairs(d, groups, files, args):
-    """SFT's data: the same queries with responses. Pseudo-harmful and benign ones are answered by SmolLM2 before its
-    safety tuning (cached per seed), harmful ones refused (data/refusals.json)."""
+    """SFT's data: the same queries with responses. Pseudo-harmful and harmless ones are answered by SmolLM2 before
+    its safety tuning (cached per seed), harmful ones refused (data/refusals.json)."""
     path = os.path.join(d, "sft_pairs.json")
-    if not os.path.isfile(path):
+    answers_path = os.path.join(os.path.dirname(d.rstrip("/")) if args.budget else d, "sft_answers.json")
+    if not os.path.isfile(answers_path):
         model, tok = pl.load_model(pl.packaged_smollm2())
         answer = groups["pseudo_harmful"] + groups["harmless"]
-        answers = pl.generate(model, tok, answer, args.sft_tokens, 32, desc="SmolLM2's own answers")
-        refusals = pl.read_prompts(os.path.join(pl.DATA, "refusals.json"))
-        rng = random.Random(0)
-        pairs = [{"prompt": p, "response": a} for p, a in zip(answer, answers) if a.strip()]
-        pairs += [{"prompt": p, "response": rng.choice(refusals)} for p in groups["harmful"]]
-        pl.save_json(path, pairs)
+        pl.save_json(answers_path, dict(zip(answer, pl.generate(model, tok, answer, args.sft_tokens, 32,
+                                                                 desc="SmolLM2's own answers"))))
+    answers = json.load(open(answers_path))
+    refusals = pl.read_prompts(os.path.join(pl.DATA, "refusals.json"))
+    rng = random.Random(0)
+    pairs = [{"prompt": p, "response": answers[p]} for p in groups["pseudo_harmful"] + groups["harmless"]
+             if answers[p].strip()]
+    pairs += [{"prompt": p, "response": rng.choice(refusals)} for p in groups["harmful"]]
+    pl.save_json(path, pairs)
     return path
 
 
@@ -128,15 +165,19 @@ def train_rows(d, seed, model_dir, files, rows, args):
     """directions.py (refusal tokens and Surgical), actor.py, actor_search.py and procon.py's SFT, as the rows need;
     returns the seconds each took (0 where reused)."""
     q = ["--model", model_dir, "--seed", str(seed)]
-    groups = ["--harmful", files["harmful"], "--pseudo-harmful", files["pseudo_harmful"], "--harmless", files["harmless"]]
+    groups = ["--harmful", files["harmful"], "--pseudo-harmful", files["pseudo_harmful"], "--harmless",
+              files["harmless"]]
     tag = f"_{args.tag}" if args.tag else ""
-    seconds = {"directions": once(directions, q + [  # its refusal tokens (the logit judge) and Surgical's vector
-        "--harmful", files["harmful"], "--harmless", files["harmless"], "--pseudo-harmful", files["pseudo_harmful"],
-        "--select", "silhouette", "--out", os.path.join(d, "directions")], os.path.join(d, "directions"),
-        "false_refusal.pt")}
-    if "actor" in rows:
-        seconds["actor"] = once(A, q + groups + shlex.split(args.actor_args) + [
-            "--out", os.path.join(d, f"actor{tag}")], os.path.join(d, f"actor{tag}"), "actor.json")
+    seconds = {}
+    if not args.budget:  # its refusal tokens (the logit judge) and Surgical's vector, as its authors' code makes it
+        seconds["directions"] = once(directions, q + groups + [
+            "--select", "silhouette", "--positions", "post", "--n-train", str(args.n_group - args.n_group // 4),
+            "--n-val", str(args.n_group // 4), "--out", os.path.join(d, "directions")], os.path.join(d, "directions"),
+            "false_refusal.pt")
+    for row, extra in (("actor", []), ("renew", ["--renew", "step"])):
+        if row in rows:
+            seconds[row] = once(A, q + groups + extra + shlex.split(args.actor_args) + [
+                "--out", os.path.join(d, f"{row}{tag}")], os.path.join(d, f"{row}{tag}"), "actor.json")
     if {"search", "shift"} & set(rows):
         seconds["search"] = once(actor_search, q + groups + shlex.split(args.search_args) + [
             "--out", os.path.join(d, f"search{tag}")], os.path.join(d, f"search{tag}"), "search.json")
@@ -147,12 +188,14 @@ def train_rows(d, seed, model_dir, files, rows, args):
     return seconds
 
 
-def evaluate_row(d, row, model_dir, files, seed, args):
-    """One row's refusal rates in % per set, evaluate.py judging what the row evaluates."""
-    tag = f"_{args.tag}" if args.tag and row in ("actor", "search", "shift") else ""
+def evaluate_row(d, row, model_dir, files, seed, args, twins):
+    """One row's refusal rates in % per set (XSTest-unsafe also split by whether its safe twin was trained on) and its
+    two Trade-off Scores, evaluate.py judging what the row evaluates."""
+    tag = f"_{args.tag}" if args.tag and row in ("actor", "renew", "search", "shift") else ""
+    base_dir = os.path.join(os.path.dirname(d.rstrip("/")), "") if args.budget else d
     what = {"base": [], "actor": ["--patch", os.path.join(d, f"actor{tag}")],
-            "search": ["--patch", os.path.join(d, f"search{tag}")],
-            "surgical": ["--ablate", os.path.join(d, "directions", "false_refusal.pt")],
+            "renew": ["--patch", os.path.join(d, f"renew{tag}")], "search": ["--patch", os.path.join(d, f"search{tag}")],
+            "surgical": ["--ablate", os.path.join(base_dir, "directions", "false_refusal.pt")],
             "sft": ["--adapter", os.path.join(d, "sft", "adapter")]}.get(row)
     if row == "shift":
         found = json.load(open(os.path.join(d, f"search{tag}", "search.json")))["baseline"]["chosen"]
@@ -161,16 +204,30 @@ def evaluate_row(d, row, model_dir, files, seed, args):
         what = ["--steer", os.path.join(d, f"search{tag}", "baseline_direction.pt"), "--coeff", f"{-found['coeff']:g}"]
     argv = ["--model", model_dir, "--data-dir", args.benchdata, "--limit", str(args.limit), "--seed", str(seed),
             "--exclude", files["exclude"], "--judge", args.judge, "--max-new-tokens", str(args.max_new_tokens)]
-    argv += [x for b in ("xstest", "orbench-hard", "oktest", "harmbench", "strongreject", "alpaca")
+    argv += [x for b in ("xstest", "orbench-hard", "oktest", "advbench", "harmbench", "strongreject", "alpaca")
              for x in ("--benchmark", b)]
     if args.judge == "logit":
-        argv += ["--direction", os.path.join(d, "directions", "direction.pt")]
+        argv += ["--direction", os.path.join(base_dir, "directions", "direction.pt")]
     out = os.path.join(d, f"eval_{args.judge}_{row}{tag}")
     seconds = once(evaluate, argv + what + ["--out", out], out, "summary.json")
-    sets = json.load(open(os.path.join(out, "summary.json")))["sets"]
-    rates = {s: 100 * sets[s][args.judge]["refusal_rate"] for s in SETS}
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    rates = {s: 100 * summary["sets"][s][args.judge]["refusal_rate"] for s in SETS}
+    unsafe = [r for r in pl.read_records(os.path.join(out, "responses.jsonl")) if r["benchmark"] == "xstest-unsafe"]
+    for name, keep in zip(TWINS, (True, False)):
+        labels = [r["judges"][args.judge] for r in unsafe if (twins.get(r["prompt"]) is True) == keep]
+        rates[name] = 100 * statistics.mean(labels) if labels else None
+    rates["tradeoff_paper"] = judges.tradeoff_score([100 - rates[s] for s in COMPLY], [rates[s] for s in PAPER_REFUSE])
     rates["tradeoff"] = judges.tradeoff_score([100 - rates[s] for s in COMPLY], [rates[s] for s in REFUSE])
-    return {**rates, "eval_seconds": round(seconds, 1)}
+    return {**rates, "n": {s: summary["sets"][s][args.judge]["n"] for s in SETS},
+            "excluded": summary.get("excluded_near_duplicates"), "eval_seconds": round(seconds, 1)}
+
+
+def twin_map(args, groups):
+    """XSTest-unsafe prompt -> whether a trained XSTest-safe prompt shares its focus word (its contrast twin)."""
+    rows = pl.read_records(os.path.join(args.benchdata, "xstest/xstest_prompts.csv"))
+    trained = {r["focus"].strip().lower() for r in rows if r["label"] == "safe" and
+               r["prompt"].strip() in set(groups["pseudo_harmful"])}
+    return {r["prompt"].strip(): r["focus"].strip().lower() in trained for r in rows if r["label"] == "unsafe"}
 
 
 def protocol(args):
@@ -179,17 +236,24 @@ def protocol(args):
     results = json.load(open(path)) if os.path.isfile(path) else {"rows": {}}
     t0 = time.time()
     for seed in args.seeds:
-        d = os.path.join(args.out, f"seed{seed}")
+        full = splits(seed, args, model_dir)
+        d = os.path.join(args.out, f"seed{seed}") + (f"/budget{args.budget}" if args.budget else "")
         os.makedirs(d, exist_ok=True)
-        groups = splits(seed, args, model_dir)
+        groups = budgeted(full, args.budget, seed)
         files = write_files(d, groups, model_dir)
+        files["exclude"] = write_files(os.path.dirname(d), full, model_dir)["exclude"] if args.budget else \
+            files["exclude"]  # the full protocol's, whatever the budget: the same test prompts
         files["sft"] = sft_pairs(d, groups, files, args) if "sft" in args.rows else None
         seconds = train_rows(d, seed, model_dir, files, args.rows, args)
+        twins = twin_map(args, groups)
         for row in args.rows:
-            rates = evaluate_row(d, row, model_dir, files, seed, args)
+            rates = evaluate_row(d, row, model_dir, files, seed, args, twins)
             if rates is not None:
-                key = f"{row}{'/' + args.tag if args.tag and row in ('actor', 'search', 'shift') else ''}/{args.judge}"
-                results["rows"].setdefault(key, {})[str(seed)] = {**rates, "train_seconds": seconds}
+                label = [row] + ([args.tag] if args.tag and row in ("actor", "renew", "search", "shift") else []) + \
+                    ([f"budget {args.budget}"] if args.budget else [])
+                key = "/".join(label + [args.judge])
+                results["rows"].setdefault(key, {})[str(seed)] = {**rates, "train_seconds": seconds,
+                                                                  "n_train": {k: len(v) for k, v in groups.items()}}
         results["wall_seconds"] = {**results.get("wall_seconds", {}), " ".join(sys.argv[1:]): round(time.time() - t0)}
         pl.save_json(path, {**results, "meta": pl.metadata(args)})
         report(args.out, results)  # after every seed: a partial table is already a result
@@ -197,18 +261,22 @@ def protocol(args):
 
 
 def report(out, results):
-    """results.md: mean (min-max) over seeds of every row and set, and the Trade-off Score."""
-    cols = list(SETS) + ["tradeoff"]
-    lines = ["| row | judge | seeds | " + " | ".join(cols) + " |", "|---|---|---:|" + "---:|" * len(cols)]
+    """results.md: mean (min-max) over seeds of every row and set, XSTest-unsafe by twin, both Trade-off Scores."""
+    lines = ["| row | judge | seeds | " + " | ".join(COLUMNS) + " |", "|---|---|---:|" + "---:|" * len(COLUMNS)]
     for key, per_seed in results["rows"].items():
         row, *tag, judge = key.split("/")
         vals = list(per_seed.values())
-        cell = lambda c: f"{statistics.mean(v[c] for v in vals):.1f} ({min(v[c] for v in vals):.1f}-" \
-                         f"{max(v[c] for v in vals):.1f})" if len(vals) > 1 else f"{vals[0][c]:.1f}"  # noqa: E731
-        name = NAMES.get(row, row) + (f" [{tag[0]}]" if tag else ", defaults" if row == "actor" else "")
-        lines.append(f"| {name} | {judge} | {len(vals)} | " + " | ".join(cell(c) for c in cols) + " |")
+
+        def cell(c):
+            got = [v[c] for v in vals if v.get(c) is not None]
+            if not got:
+                return "-"
+            return f"{statistics.mean(got):.1f}" + (f" ({min(got):.1f}-{max(got):.1f})" if len(got) > 1 else "")
+        name = NAMES.get(row, row) + (f" [{', '.join(tag)}]" if tag else ", defaults" if row == "actor" else "")
+        lines.append(f"| {name} | {judge} | {len(vals)} | " + " | ".join(cell(c) for c in COLUMNS) + " |")
     md = ("Refusal rate in % (mean (min-max) over seeds), held-out test splits; Trade-off Score = (C.R. + S.S.) / 2 "
-          f"with C.R. over {', '.join(COMPLY)} and S.S. over {', '.join(REFUSE)}.\n\n" + "\n".join(lines) + "\n")
+          f"with C.R. over {', '.join(COMPLY)} and S.S. over {', '.join(PAPER_REFUSE)} (tradeoff_paper) or "
+          f"{', '.join(REFUSE)} (tradeoff).\n\n" + "\n".join(lines) + "\n")
     md += judge_agreement(out)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)

@@ -113,16 +113,20 @@ def test_training_lowers_the_loss_against_fixed_targets(tiny_model):
     assert A.loss_fn(A.activations(block, cache, len(QUERIES)), tgt) < A.loss_fn(a0, tgt)
 
 
-@pytest.mark.parametrize("renew", ["epoch", "never"])
-def test_targets_renewed_each_epoch_or_kept(tiny_model, renew, monkeypatch):
+@pytest.mark.parametrize("renew", ["epoch", "never", "step"])
+def test_targets_renewed_each_step_each_epoch_or_kept(tiny_model, renew, monkeypatch):
+    """--renew never: the targets of the initial weights throughout; epoch: made again before every epoch; step: before
+    every update too, each time from the layer's current activations (the paper's renewal)."""
     model, tok = pl.load_model(tiny_model)
     cache = A.cache_block_inputs(model, tok, QUERIES, 2, 3)
     block = pl.decoder_layers(model)[2]
     seen = []
     monkeypatch.setattr(A, "targets", lambda a, *rest, f=A.targets: seen.append(a.clone()) or f(a, *rest))
-    _, a_init, _ = A.actor(block, cache, GROUPS, 1.0, 1e-3, 3, renew=renew, log=lambda s: None)
-    assert len(seen) == 3 and torch.equal(seen[0], a_init)
+    _, a_init, a_final = A.actor(block, cache, GROUPS, 1.0, 1e-3, 3, renew=renew, log=lambda s: None)
+    assert len(seen) == 3 * (1 + len(cache) * (renew == "step")) and torch.equal(seen[0], a_init)
     assert all(torch.equal(s, a_init) for s in seen[1:]) == (renew == "never")
+    if renew == "step":  # before the first update the activations are the initial ones, before each later one not
+        assert torch.equal(seen[1], a_init) and not torch.equal(seen[2], a_init) and len(cache) > 1
 
 
 @pytest.mark.parametrize("train", ["mlp", "attn"])
@@ -472,9 +476,12 @@ def test_mismatched_patch(tiny_llama, tiny_neox, earlier_run, tmp_path):
 
 
 # ============================================================================ the bench's protocol
-def test_bench_splits_are_disjoint(overrefuser, benchdata, tmp_path):
-    """bench/bench_actor.py in the paper's protocol: per seed, the training queries (three groups), actor_search.py's
-    validation split of them and every test set share no prompt; XSTest-safe's training part is stratified by type."""
+def test_bench_splits_are_clean(overrefuser, benchdata, tmp_path):
+    """bench/bench_actor.py in the paper's protocol: per seed, no test prompt nearly copies a training query (or the
+    test model's mix) trained towards what its set expects, and no two queries of a training group nearly copy each
+    other (so actor_search.py's validation split is clean too); XSTest-safe's training part is stratified by type; the
+    XSTest-unsafe contrast twins of trained safe prompts stay in the test set, marked as such; --budget keeps a
+    seeded part of the pseudo-harmful queries and the full protocol's exclude file."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import bench_actor
     import evaluate as E
@@ -483,21 +490,26 @@ def test_bench_splits_are_disjoint(overrefuser, benchdata, tmp_path):
     for seed in (0, 1):
         groups = bench_actor.splits(seed, args, overrefuser)
         files = bench_actor.write_files(str(tmp_path), groups, overrefuser)
-        train = set().union(*groups.values())
-        assert sum(len(g) for g in groups.values()) == len(train) == 3 * 160
+        for g in groups.values():
+            assert 150 <= len(g) <= 160 and not any(pl.near_duplicates([p], g[:i]) for i, p in enumerate(g))
         xstest = {r["prompt"].strip(): r["type"] for r in pl.read_records(
             os.path.join(benchdata, "xstest/xstest_prompts.csv")) if r["label"] == "safe"}
         types = [xstest[p] for p in groups["pseudo_harmful"] if p in xstest]
-        assert len(types) == 80 and all(types.count(t) == 8 for t in set(types)) and len(set(types)) == 10
+        assert len(types) >= 75 and len(set(types)) == 10
         e = E.parse_args(["--data-dir", benchdata, "--limit", "128", "--seed", str(seed), "--exclude", files["exclude"]]
-                         + [x for b in ("xstest", "orbench-hard", "oktest", "harmbench", "strongreject", "alpaca")
-                            for x in ("--benchmark", b)])
-        test = [r["prompt"] for r in E.load_rows(e)]
-        assert len(test) == 7 * 128 and not train & set(test)
-        assert not set(test) & set(pl.read_prompts(files["exclude"]))
-        prompts, g = A.read_groups({k: files[k] for k in A.GROUPS}, None, None, seed)
-        tr, va = S.split(g, 0.25, seed)
-        assert not {prompts[i] for i in tr} & {prompts[i] for i in va} and not {prompts[i] for i in va} & set(test)
+                         + [x for b in ("xstest", "orbench-hard", "oktest", "advbench", "harmbench", "strongreject",
+                                        "alpaca") for x in ("--benchmark", b)])
+        rows, removed = E.load_rows(e)
+        assert len(rows) == 8 * 128 and removed["advbench"] >= 100 and removed["xstest-safe"] >= 75
+        comply = [r["prompt"] for r in rows if r["expect"] == "comply"]
+        refuse = [r["prompt"] for r in rows if r["expect"] == "refuse"]
+        assert not pl.near_duplicates(comply, groups["pseudo_harmful"] + groups["harmless"])
+        assert not pl.near_duplicates(refuse, groups["harmful"])
+        twins = bench_actor.twin_map(args, groups)
+        unsafe = [r["prompt"] for r in rows if r["benchmark"] == "xstest-unsafe"]
+        assert 40 <= sum(twins[p] for p in unsafe) <= 88  # about half of 200 twin a trained safe prompt
+        small = bench_actor.budgeted(groups, 25, seed)
+        assert set(small["pseudo_harmful"]) < set(groups["pseudo_harmful"]) and len(small["pseudo_harmful"]) == 25
 
 
 def test_tradeoff_score_is_the_papers():

@@ -265,6 +265,44 @@ def test_main_fixed_layer_and_positions(tiny_llama, prompt_files, tmp_path):
     assert meta["select"] == "fixed"
 
 
+def test_post_instruction_positions(tiny_llama, prompt_files, tmp_path):
+    """--positions post: every template token after the instruction (ChatML: <|im_end|>, newline, <|im_start|>,
+    'assistant', newline), counted in the tokenised prompt."""
+    _, tok = pl.load_model(tiny_llama)
+    n = D.post_instruction_positions(tok)
+    text = pl.chat_text(tok, "How do I bake bread?")
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids[-n:]) == "<|im_end|>\n<|im_start|>assistant\n" and "?" in tok.decode(ids[-n - 1:])
+    run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "2", "--positions", "post")
+    assert torch.load(tmp_path / "direction.pt", weights_only=True)["mean_diff"].shape == (4, n, 64)
+
+
+def test_filter_keeps_what_the_model_treats_as_its_class(tiny_llama, prompt_files, tmp_path, monkeypatch):
+    """The papers' filter: with refusal tokens of the model's own, only the harmful prompts it refuses and the
+    harmless ones it answers make the means (training and held-out alike); with --filter off, or the fallback openers,
+    every prompt does; where fewer than 2 would remain, all are kept and the note says so."""
+    prompts = pl.read_prompts(prompt_files["harmful"])
+
+    def logits(model, tok, ps, *a, **k):  # token 5 likely (a refusal) for every third prompt, unlikely otherwise
+        out = torch.full((len(ps), 8), -5.0)
+        out[:, 5] = torch.tensor([3.0 if prompts.index(p) % 3 == 0 else -9.0 for p in ps])
+        return torch.log_softmax(out, -1)
+    with monkeypatch.context() as m:
+        m.setattr(pl, "last_logits", logits)
+        kept, note = D.typical(None, None, prompts, [5], True, 4, "harmful")
+        assert kept == prompts[::3] and note is None
+        assert D.typical(None, None, prompts, [5], False, 4, "harmful")[0] == [p for p in prompts if p not in kept]
+        kept, note = D.typical(None, None, prompts[1:3], [5], True, 4, "harmful")
+        assert kept == prompts[1:3] and "refuses 0 of 2 harmful prompts; all are kept" in note
+    monkeypatch.setattr(judges, "refusal_tokens", lambda model, tok, *a, **k: (
+        [tok("Explain", add_special_tokens=False).input_ids[0]], 4, None))  # as if the model refused
+    for flag in ("on", "off"):  # the random model never refuses: the filter would leave no harmful prompt
+        run_directions(tiny_llama, prompt_files, tmp_path / flag, "--layer", "2", "--filter", flag)
+        meta = json.loads((tmp_path / flag / "direction.json").read_text())
+        assert {k: v["train"] + v["val"] for k, v in meta["n_prompts"].items()} == {"harmful": 12, "harmless": 12}
+        assert meta["filter"] == flag and ("harmful prompts; all are kept" in (meta["note"] or "")) == (flag == "on")
+
+
 def test_main_falls_back_when_the_model_does_not_refuse(tiny_llama, prompt_files, tmp_path):
     run_directions(tiny_llama, prompt_files, tmp_path, "--select", "refusal", "--min-refusals", "1000")
     meta = json.loads((tmp_path / "direction.json").read_text())

@@ -550,28 +550,34 @@ def test_overrefuser_direction_is_causal(overrefuser, tmp_path):
 
 
 # ============================================================================ the bench's data
-def test_bench_data_is_disjoint(overrefuser, benchdata, tmp_path):
-    """bench/bench_procon.py: the training pairs and the held-out pairs share nothing; neither kind of safety sample
-    is in any evaluated set or in the model's training mix (unseen) or is exactly that mix (replay); the unseen
-    refusals are worded unlike the recipe's yet read as refusals by both judges; HarmBench is its standard part."""
+def test_bench_data_is_clean(overrefuser, benchdata, tmp_path):
+    """bench/bench_procon.py: no evaluated prompt nearly copies the test model's training mix; no safety prompt nearly
+    copies an evaluated prompt, the mix or another safety prompt; no training pair nearly copies the mix, no held-out
+    pair a training pair; two seeds share few safety prompts; the refusals are worded unlike the recipe's yet read as
+    refusals by both judges; HarmBench is its standard part."""
     sys.path[:0] = [os.path.join(ROOT, "bench"), os.path.join(ROOT, "tests")]
     import bench_procon
     import overrefuser as O
 
     args = bench_procon.parse_args(["--benchdata", benchdata, "--out", str(tmp_path)])
-    mix = O.excluded(overrefuser)
+    mix = sorted(O.excluded(overrefuser))
+    files, fixed = bench_procon.fixed_data(args, overrefuser)
+    sets = {s: pl.read_prompts(files[s]) for s in bench_procon.SETS}
+    evaluated = [p for s in sets.values() for p in s]
     standard = {r["Behavior"].strip() for r in pl.read_records(os.path.join(
         benchdata, "harmbench/harmbench_behaviors_text_test.csv")) if r["FunctionalCategory"] == "standard"}
+    assert set(sets["harmbench"]) <= standard and 145 <= len(sets["harmbench"]) < 159 and len(fixed["pool"]) > 500
+    assert not pl.near_duplicates(evaluated, mix) and not pl.near_duplicates(fixed["pool"], evaluated + mix)
+    assert not any(pl.near_duplicates([p], fixed["pool"][:i]) for i, p in enumerate(fixed["pool"]))
+    heldout = [p for p, _ in T.read_pairs(files["heldout"])]
+    drawn = {}
     for seed in (0, 1):
-        _, files, sets = bench_procon.data(args, overrefuser, seed)
-        train = {p for p, _ in T.read_pairs(files["train"])}
-        heldout = {p for p, _ in T.read_pairs(files["heldout"])}
-        unseen = dict(T.read_pairs(files["unseen"]))
-        replay = dict(T.read_pairs(files["replay"]))
-        evaluated = set().union(*sets.values())
-        assert len(train) == 200 and not train & heldout and all(len(v) == 128 for v in sets.values())
-        assert len(unseen) == len(replay) == 50 and not (set(unseen) | set(replay) | train) & evaluated
-        assert not set(unseen) & mix and set(replay) <= mix and not evaluated & mix
-        assert set(sets["HarmBench"]) <= standard
-        assert set(replay.values()) <= set(O.REFUSALS) and not set(unseen.values()) & set(O.REFUSALS)
-        assert all(keywords.is_refusal(a) and a.split()[0].strip(",") in ("I", "As", "Sorry") for a in unseen.values())
+        _, f = bench_procon.seed_data(args, fixed, seed)
+        train = [p for p, _ in T.read_pairs(f["train"])]
+        safety = dict(T.read_pairs(f["safety"]))
+        assert len(train) == 200 and len(safety) == 50 and not pl.near_duplicates(heldout, train + mix)
+        assert not pl.near_duplicates(train, mix) and set(safety) <= set(fixed["pool"])
+        assert not set(safety.values()) & set(O.REFUSALS)
+        assert all(keywords.is_refusal(a) and a.split()[0].strip(",") in ("I", "As", "Sorry") for a in safety.values())
+        drawn[seed] = set(safety)
+    assert len(drawn[0] & drawn[1]) <= 10  # 50 of some 900: a few shared by chance
