@@ -53,10 +53,10 @@ GRID = {  # name: (safety samples?, procon.py flags); [choice] every value (resu
     "IFT_safe": (True, ["--alpha", "0"]),
     "IFT_safe restart@6": (True, ["--warmup-steps", "6", "--warmup-alpha", "0", "--reset-optimizer", "--alpha", "0"]),
     "IFT_safe restart@19": (True, ["--warmup-steps", "19", "--warmup-alpha", "0", "--reset-optimizer", "--alpha", "0"]),
-    **{f"ProCon_safe {a}": (True, SCALE + ["--alpha", str(a)]) for a in (0.1, 1, 10, 100)},
-    **{f"ProCon_s {a}": (False, SCALE + ["--alpha", str(a)]) for a in (0.1, 1, 10, 100)},
-    **{f"ProCon_wu_safe {a}@{n}/{s}": (True, wu(a, n, s)) for a in (10, 100) for n in (6, 19) for s in (0, 0.1, 1)},
-    **{f"ProCon_wu {a}@{n}/{s}": (False, wu(a, n, s)) for a in (10, 100) for n in (6, 19) for s in (0, 0.1, 1)},
+    **{f"ProCon_safe {a}": (True, SCALE + ["--alpha", str(a)]) for a in (1, 3, 10, 30, 100)},
+    **{f"ProCon_s {a}": (False, SCALE + ["--alpha", str(a)]) for a in (1, 3, 10, 30, 100)},
+    **{f"ProCon_wu_safe {a}@{n}/{s}": (True, wu(a, n, s)) for a in (10, 100) for n in (6, 19) for s in (0, 1, 10)},
+    **{f"ProCon_wu {a}@{n}/{s}": (False, wu(a, n, s)) for a in (10, 100) for n in (6, 19) for s in (0, 1, 10)},
 }
 SETS = ("harmbench", "strongreject", "xstest_safe")
 UNSEEN_REFUSALS = [  # worded unlike overrefuser.REFUSALS, each opening with a token the logit judge reads as refusal
