@@ -96,9 +96,8 @@ def splits(seed, args, model_dir):
     harmful = rng.sample(pl.read_prompts(data("refusal_direction/dataset/splits/harmful_train.json")), args.n_group)
     harmful += pl.read_prompts(args.extra_harmful) if args.extra_harmful else []
     pool = pl.read_prompts(data("refusal_direction/dataset/splits/harmless_train.json"))
-    pool = rng.sample(pool, 4 * args.n_group)  # [choice] 4x what is kept: enough to pass the filters below
-    banned = mix + pl.read_prompts(data("alpaca/alpaca_data_1k.json"), "instruction")
-    harmless = [p for p in distinct(pool) if p not in pl.near_duplicates(pool, banned)][:args.n_group]
+    banned = pl.near_duplicates(pool, mix + pl.read_prompts(data("alpaca/alpaca_data_1k.json"), "instruction"))
+    harmless = distinct(rng.sample([p for p in pool if p not in banned], 2 * args.n_group))[:args.n_group]
     return {"pseudo_harmful": distinct(pseudo), "harmful": distinct(harmful), "harmless": harmless}
 
 
@@ -395,6 +394,8 @@ def parse_args(argv=None):
     p.add_argument("--extra-harmful", default=None, help="a prompt file added to the harmful training queries (an "
                    "ablation beyond the paper, e.g. data/contrast_harmful.json: harmful requests worded like the "
                    "pseudo-harmful ones)")
+    p.add_argument("--budget", type=pl.count(1), default=None, help="the query-budget ablation: a seeded N of the "
+                   "pseudo-harmful training queries (rows actor and sft; run the full protocol first, in the same --out)")
     p.add_argument("--transfer", action="store_true", help="the transfer ablation: pseudo-harmful training queries "
                    "from OR-Bench-hard only (as many as the protocol's)")
     p.add_argument("--actor-args", default="", help="extra actor.py flags, quoted (name the rows with --tag)")
