@@ -155,3 +155,28 @@ def test_same_seed_same_artifacts_as_before_the_move(tiny_llama, tmp_path):
            "patch": digest_of(load_file(str(tmp_path / "a" / "actor_layer.safetensors"))),
            "procon": digest_of(load_file(str(tmp_path / "p" / "adapter" / "adapter_model.safetensors")))}
     assert got == {k: GOLDEN[k] for k in got}
+
+
+def anchor(heading):
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_of_the_pages_points_somewhere():
+    """Every relative link of README.md and results/*.md names a file that exists and, with #, a heading it has."""
+    pages = [os.path.join(ROOT, "README.md")] + [os.path.join(ROOT, "results", f) for f in
+                                                 os.listdir(os.path.join(ROOT, "results")) if f.endswith(".md")]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", open(page, encoding="utf-8").read()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, frag = target.partition("#")
+            file = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            if not os.path.exists(file):
+                broken.append(f"{os.path.relpath(page, ROOT)}: {target} (no such file)")
+            elif frag and file.endswith(".md"):
+                heads = {anchor(h) for h in re.findall(r"^#+ (.+)$", open(file, encoding="utf-8").read(), re.M)}
+                if frag not in heads:
+                    broken.append(f"{os.path.relpath(page, ROOT)}: {target} (no such heading)")
+    assert not broken, broken
