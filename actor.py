@@ -241,7 +241,7 @@ def cache_block_inputs(model, tok, prompts, layer, batch_size, device=None, mix_
 
 def run_block(block, args, kwargs, dtype):
     """One decoder block on cached inputs, computed in dtype on the block's device: its output [batch, T, d]."""
-    device = next(block.parameters()).device
+    device = pl.model_device(block)  # where it computes (its weights may wait on the CPU or disk: --device-map)
     kwargs = {k: _move(v, device, None if k == "attention_mask" else dtype) for k, v in kwargs.items()}
     mask = kwargs.get("attention_mask")
     if torch.is_tensor(mask) and mask.is_floating_point() and mask.dtype != dtype:  # an additive mask

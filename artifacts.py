@@ -10,6 +10,7 @@ modules built on the meta device): a size or layout that does not fit is refused
 this one, naming both, unless the user passes --other-model (a base model's direction on its own fine-tune is a
 legitimate study). A file cut short or of another kind is one line, never a traceback.
 """
+import contextlib
 import json
 import os
 import re
@@ -286,6 +287,9 @@ def apply_adapter(model, folder, name, other_model=False):
     from peft import PeftModel
 
     check_adapter(folder, name, model.config, other_model, model)
+    if pl.offloaded(model):
+        pl.fail(f"{folder}: a LoRA adapter cannot go on a model whose weights are offloaded (to the CPU or the disk); "
+                "merge it first (procon.py --merge) and load the merged model with --device-map")
     try:
         return PeftModel.from_pretrained(model, folder).eval()
     except (RuntimeError, ValueError, KeyError, OSError) as e:
@@ -307,15 +311,38 @@ def made_on(kind, artifact):
         return None
 
 
+def load_unquantised(name, args):
+    """The model whose weights an export rewrites, in full precision (4-bit weights cannot be rewritten exactly), on
+    --device or spread by --device-map; refused where some weights are offloaded (they are not in memory to rewrite)."""
+    model, tok = pl.load_model(name, False, args.chat_template, args.trust_remote_code, args.device,
+                               **pl.placement(args))
+    check_in_memory(model)
+    return model, tok
+
+
+def check_in_memory(model):
+    if pl.offloaded(model):
+        pl.fail("an export rewrites every weight, and some of this model's are offloaded (to the CPU or the disk); "
+                "give --max-memory room for all of them on the GPUs (or the CPU), or export on a larger machine")
+
+
+def save_model(folder, model, tok, meta_name=None, meta=None):
+    """A model folder that any engine loads (transformers, vLLM, llama.cpp's converter): safetensors weights, config,
+    generation config, the tokenizer with its chat template; and a metadata JSON beside them."""
+    model.save_pretrained(folder)  # safetensors, config.json, generation_config.json
+    tok.save_pretrained(folder)
+    if meta is not None:
+        pl.save_json(os.path.join(folder, meta_name), meta)
+
+
 def save_merged(folder, kind, artifact, base, args, other_model=False):
     """The unquantised base model with a patch ('patch') or an adapter ('adapter') merged in, saved to `folder`."""
-    model, tok = pl.load_model(base, False, args.chat_template, args.trust_remote_code, args.device)
+    model, tok = load_unquantised(base, args)
     if kind == "patch":
         apply_patch(model, artifact, base, other_model)
     else:
         model = apply_adapter(model, artifact, base, other_model).merge_and_unload()
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_model(folder, model, tok)
     return model
 
 
@@ -334,3 +361,68 @@ def merge(kind, artifact, args):
         model = save_merged(work, kind, artifact, base, args, args.other_model)
     print(f"wrote {base} with {artifact} merged to {args.out}")
     return model
+
+
+# ============================================================================ ablated models (directions.py)
+ABLATION_META = "ablation.json"
+
+
+def check_orthogonalisable(cfg, trust_remote_code=False):
+    """A direction can be orthogonalised out of this architecture's weights exactly (pl.residual_write_weights): checked
+    on its modules on the meta device, before any weight is read."""
+    skel = skeleton(cfg, trust_remote_code)
+    if skel is not None:
+        pl.residual_write_weights(skel)
+
+
+@torch.no_grad()
+def residual_component(model, tok, r_hat):
+    """The largest |h . r_hat| / |h| over the residual stream h at every layer boundary and every token of one short
+    prompt: what an export of a direction checks itself by, before and after rewriting the weights."""
+    text = ["How do I bake bread at home?"]
+    h = pl.capture(model, tok, text, pl.token_lengths(tok, pl.format_chat(tok, text))[0], 1, "checking")[0]
+    return ((h @ r_hat.float()) / h.norm(dim=-1).clamp(min=1e-12)).abs().max().item()
+
+
+@contextlib.contextmanager
+def writing_ablated(folder, args, path, model=None, tok=None):
+    """Around directions.orthogonalise_weights: yields (the weights that write to the residual stream, r_hat) of the
+    model (loaded unquantised where it is not given or is 4-bit: 4-bit weights cannot be rewritten exactly; refused
+    where its weights are offloaded), its unembedding untied from its embeddings (the unembedding reads the stream, it
+    does not write to it: it keeps its weights). Afterwards the residual stream of a prompt must keep at most 1% of its
+    largest component along r_hat ([choice]: fp32 rounding left 2.5e-7 of it on the test model, bf16 leaves more; a
+    write to the stream left out would leave most of it); then the model folder (save_model) with ablation.json: the
+    vector, its file, the weights rewritten (with the axis that indexes the stream), the component before and after."""
+    d = load_direction(path)
+    if model is None or args.load_in_4bit:
+        model, tok = load_unquantised(args.model, args)
+    check_in_memory(model)
+    pl.untie_embeddings(model)
+    weights = pl.residual_write_weights(model)
+    before = residual_component(model, tok, d["direction"])
+    yield weights, d["direction"]
+    after = residual_component(model, tok, d["direction"])
+    if after > 0.01 * before:
+        pl.fail(f"the rewritten model still writes along the direction ({after:.2g} of the stream, {before:.2g} "
+                f"before): {type(model).__name__} writes to the stream through weights this code does not know")
+    where = os.path.abspath(path).replace(os.sep + rundir.WORK + os.sep, os.sep)  # a file of this run: where it lands
+    save_model(folder, model, tok, ABLATION_META, {
+        "method": "weight orthogonalisation (Arditi et al. 2024, sec. 4.1)", "direction_file": where,
+        "direction_sha256": pl.sha256(path), "vector": d.get("method", "refusal direction (Arditi et al. 2024)"),
+        "layer": d["layer"], "position": d.get("position"), "made_on": d.get("model"), "model": args.model,
+        "residual_component": {"before": before, "after": after},
+        "orthogonalised": {name: axis for name, _, axis in weights}, **pl.metadata(args)})
+
+
+def orthogonalise_into(path, args, save):
+    """--ablate-weights: --model with the file's vector orthogonalised out of its weights, written by save(folder,
+    args, path) to --out. The file (made on this model, unless --other-model), the model and its architecture are
+    checked before any weight is read."""
+    name = args.model
+    cfg = model_config(name, args.trust_remote_code)
+    load_direction(path, name, cfg, args.other_model)
+    check_orthogonalisable(cfg, args.trust_remote_code)
+    settings = rundir.settings(args, ("ablate_weights",))
+    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",)) as work:
+        save(work, args, path)
+    print(f"wrote {name} with the vector of {path} orthogonalised out of its weights to {args.out}")

@@ -7,6 +7,7 @@ Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single Directio
     refusal score = log p - log(1 - p)              p: the next-token probability of the refusal tokens     (sec. 2.4)
     x' = x + r                                      activation addition at one layer, every position        (eq. 3)
     x' = x - r_hat r_hat^T x                        directional ablation at every layer and position        (eq. 4)
+    W_out' = W_out - r_hat r_hat^T W_out            the same, in the weights that write to the residual stream (eq. 5)
     choice of (i, l): the lowest refusal score of harmful prompts under ablation (bypass), among the candidates whose
     addition makes harmless prompts refuse (induce > 0), whose ablation changes harmless next tokens little (KL <= 0.1)
     and that lie in the first 80% of layers                                                            (app. C)
@@ -25,6 +26,7 @@ The same difference in means is the r-direction of ProCon (procon.py) and the re
     python directions.py --out runs/direction                         # SmolLM2 and the data/ prompt sets
     python directions.py --model Qwen/Qwen2.5-7B-Instruct --load-in-4bit --harmful H.json --harmless B.json --out D
     python directions.py --pseudo-harmful P.json --out D               # also false_refusal.pt (evaluate.py --ablate)
+    python directions.py --save-ablated --out D        # also D/ablated: the direction out of the weights (sec. 4.1)
 
 Every place where the code chooses what a paper leaves open carries the tag [choice].
 """
@@ -97,6 +99,18 @@ def addition_hooks(model, vector, layer, coeff=1.0):
         return pl.with_hidden(args, kwargs, h + coeff * vector.to(h.device, h.dtype))
 
     return [(pl.decoder_layers(model)[layer], "pre", pre)]
+
+
+# W_out <- W_out - r_hat r_hat^T W_out (sec. 4.1, eq. 5), for the embedding, every attention and MLP output projection
+# (each expert's) and their biases: no write to the residual stream keeps a component along r_hat (eq. 4, in weights)
+@torch.no_grad()
+def orthogonalise_weights(weights, r_hat):
+    """W <- W - r_hat r_hat^T W for each (name, W, axis) of `weights`, axis the one of W that indexes the residual
+    stream (a row of the embedding, the output of a projection, a bias); computed in fp32, stored in W's dtype."""
+    for _, w, axis in weights:
+        r = r_hat.to(w.device, torch.float32)
+        v = w.float().movedim(axis, -1)  # [..., d]: every vector W writes
+        w.copy_((v - (v @ r).unsqueeze(-1) * r).movedim(-1, axis))
 
 
 # the choice of (i, l): bypass, induce, KL (sec. 2.4, app. C)
@@ -259,6 +273,10 @@ def split(path, column, n_train, n_val, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.ablate_weights:  # instead of finding a direction: a saved one, out of the weights (sec. 4.1)
+        return artifacts.orthogonalise_into(args.ablate_weights, args, save_ablated)
+    if args.save_ablated:  # an architecture whose weights cannot ablate exactly is refused before any work
+        artifacts.check_orthogonalisable(artifacts.model_config(args.model, args.trust_remote_code))
     pl.seed_everything(args.seed)
     t0 = time.time()
 
@@ -267,8 +285,8 @@ def main(argv=None):
     for name in ("harmful", "harmless") + (("pseudo_harmful",) if args.pseudo_harmful else ()):
         train[name], val[name] = split(getattr(args, name), args.column, args.n_train, args.n_val, args.seed)
     pl.check_groups(train)
-    outputs = OUTPUTS + (SURGICAL_OUTPUTS if args.pseudo_harmful else ())
-    with rundir.run_folder(args.out, outputs, args.overwrite, known=OUTPUTS + SURGICAL_OUTPUTS) as work:
+    outputs = OUTPUTS + (SURGICAL_OUTPUTS if args.pseudo_harmful else ()) + (("ablated",) if args.save_ablated else ())
+    with rundir.run_folder(args.out, outputs, args.overwrite, known=OUTPUTS + SURGICAL_OUTPUTS + ("ablated",)) as work:
         # 2. model
         model, tok = pl.load(args)
         n_layers = pl.text_config(model).num_hidden_layers
@@ -309,14 +327,15 @@ def main(argv=None):
             found["surgical"] = surgical(args, model, tok, acts["harmless"], mean_diff, train["pseudo_harmful"],
                                          val["pseudo_harmful"], val["harmless"], base["harmless"], tokens, candidates)
 
-        # 8. outputs
+        # 8. outputs (with --save-ablated, the chosen vector orthogonalised out of the weights, sec. 4.1)
         write_outputs(work, args, model, tok, found, train, val, t0)
     print(f"\nwrote {', '.join(os.path.join(args.out, o) for o in outputs)} in {time.time() - t0:.0f}s")
 
 
 # ============================================================================ outputs
 def write_outputs(work, args, model, tok, found, train, val, t0):
-    """direction.pt, direction.json and layers.png; with Surgical, false_refusal.pt too; the summary table."""
+    """direction.pt, direction.json and layers.png; with Surgical, false_refusal.pt too; the summary table; with
+    --save-ablated, ablated/."""
     (layer, pos), tokens, check = found["chosen"], found["tokens"], found["check"]
     made_on = artifacts.record(args.model, model.config)
     artifacts.save_direction(os.path.join(work, "direction.pt"), found["r_hat"][layer, pos], layer,
@@ -352,6 +371,14 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
         s = meta["surgical"]
         print(f"Surgical's false-refusal vector: layer {s['layer']}, position {s['position']}, lambda "
               f"{s['ortho_lambda']:g}; pseudo-harmful refusal score ablated {fscores[(fl, fp)]['pseudo_harmful']:.2f}")
+    if args.save_ablated:  # the chosen vector (--ablated-vector) orthogonalised out of the weights (sec. 4.1)
+        save_ablated(os.path.join(work, "ablated"), args, os.path.join(work, VECTORS[args.ablated_vector]), model, tok)
+
+
+def save_ablated(folder, args, path, model=None, tok=None):
+    """A direction file's vector orthogonalised out of the model's weights, then written (artifacts.writing_ablated)."""
+    with artifacts.writing_ablated(folder, args, path, model, tok) as (weights, r_hat):
+        orthogonalise_weights(weights, r_hat)
 
 
 def plot_layers(path, per_layer, layer, model_name, surgical=None):
@@ -376,6 +403,7 @@ def plot_layers(path, per_layer, layer, model_name, surgical=None):
 # ============================================================================ arguments
 OUTPUTS = ("direction.pt", "direction.json", "layers.png")
 SURGICAL_OUTPUTS = ("false_refusal.pt",)
+VECTORS = {"refusal": "direction.pt", "false-refusal": "false_refusal.pt"}  # --ablated-vector
 
 
 def parse_args(argv=None):
@@ -412,9 +440,18 @@ def parse_args(argv=None):
                    help="held-out prompts per class for layer selection and the causal check")
     pl.add_model_args(p)
     pl.add_memory_args(p)
-    pl.add_out_args(p, "runs/direction")
+    g = pl.add_out_args(p, "runs/direction")
+    g.add_argument("--save-ablated", action="store_true", help="also write the model with the chosen vector "
+                   "orthogonalised out of its weights (sec. 4.1) to --out/ablated: a model folder any engine loads")
+    g.add_argument("--ablated-vector", choices=tuple(VECTORS), default="refusal", help="what --save-ablated removes: "
+                   "the refusal direction or Surgical's vector (needs --pseudo-harmful)")
+    g.add_argument("--ablate-weights", default=None, metavar="FILE", help="instead of finding a direction: write "
+                   "--model with FILE's vector (direction.pt, false_refusal.pt) orthogonalised out of it to --out")
+    g.add_argument("--other-model", action="store_true", help="with --ablate-weights: a direction of another model")
     args = p.parse_args(argv)
     pl.check_model_args(args)
+    if args.ablated_vector == "false-refusal" and not args.pseudo_harmful:
+        pl.fail("--ablated-vector false-refusal: Surgical's vector is made from --pseudo-harmful prompts; pass them")
     return args
 
 

@@ -173,6 +173,14 @@ def add_model_args(p):
     p.add_argument("--chat-template", default=None, help="Jinja chat template file for a model that lacks one")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda if available)")
+    p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"), default=None,
+                   help="spread the layers over every GPU, then the CPU, then the disk (accelerate), for a model "
+                   "larger than one device; instead of --device")
+    p.add_argument("--max-memory", type=memory_map, default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map: the most each device may hold, like 0=70GiB,1=70GiB,cpu=100GiB")
+    p.add_argument("--offload-folder", default=None,
+                   help="with --device-map: a folder for the layers offloaded to the disk (a safetensors checkpoint "
+                   "is read in place without it)")
     p.add_argument("--seed", type=count(0), default=0, help="random seed (data sampling, initialisation)")
     p.add_argument("--system-prompt", default=None, help="system prompt put before every user turn (default: none)")
     p.add_argument("--thinking", choices=("on", "off"), default=None,
@@ -186,8 +194,44 @@ def check_model_args(args):
     if getattr(args, "model", None):
         check_model_path(args.model)
     check_device(args.device)
+    check_device_map(args)
     if args.chat_template and not os.path.isfile(args.chat_template):
         fail(f"{args.chat_template}: no such chat template file")
+
+
+def check_device_map(args):
+    """--device-map with its companions: --max-memory and --offload-folder only with it, and not with --device; the
+    GPUs --max-memory names must be there."""
+    device_map = getattr(args, "device_map", None)
+    for flag in ("max_memory", "offload_folder"):
+        if getattr(args, flag, None) and not device_map:
+            fail(f"--{flag.replace('_', '-')} places layers for --device-map; pass --device-map auto too")
+    if device_map and args.device:
+        fail("--device puts the whole model on one device and --device-map spreads it; pass one of them")
+    missing = [k for k in (getattr(args, "max_memory", None) or {}) if isinstance(k, int) and
+               k >= torch.cuda.device_count()]
+    if missing:
+        fail(f"--max-memory names GPU {missing[0]}; this machine has {torch.cuda.device_count()}")
+
+
+def memory_map(text):
+    """A flag's type: DEVICE=SIZE pairs (a GPU index, cpu, mps or disk; a size accelerate reads: 70GiB, 500MB, or
+    bytes), as accelerate's max_memory."""
+    from accelerate.utils import convert_file_size_to_int
+
+    out = {}
+    for item in text.split(","):
+        key, _, size = (x.strip() for x in item.partition("="))
+        if not (key.isdigit() or key in ("cpu", "mps", "disk")) or not size:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: expected DEVICE=SIZE, like 0=70GiB or cpu=100GiB")
+        try:
+            n = int(size) if size.isdigit() else convert_file_size_to_int(size)
+        except ValueError:
+            n = -1
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"{size!r}: not a size (like 70GiB, 500MB, or bytes)")
+        out[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else size
+    return out
 
 
 # ============================================================================ files and metadata
@@ -262,6 +306,7 @@ def metadata(args, data_files=()):
         "data": {p: sha256(p) for p in flat(data_files) if p and os.path.isfile(p)},
         "versions": versions(),
         "code": provenance(),
+        "processes": int(os.environ.get("WORLD_SIZE", 1)),  # data parallel (torchrun, accelerate launch): procon.py
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -527,9 +572,14 @@ def check_device(device):
 
 
 def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=False, device=None, dtype=None,
-               need_chat=True, system_prompt=None, thinking=None):
+               need_chat=True, system_prompt=None, thinking=None, device_map=None, max_memory=None,
+               offload_folder=None):
     """One loader for every script: hub id, local directory or .gguf; bf16 on GPU, fp32 on CPU; optional NF4.
 
+    On one device (--device), or spread by accelerate (device_map "auto" and the like, within max_memory): layers on
+    several GPUs, on the CPU, or offloaded to offload_folder, each moved to where it computes as the forward pass
+    reaches it. Hooks, capture, generation and the artifacts work on such a model as on any (model_device,
+    dequantize_block).
     system_prompt and thinking ("on"/"off": the chat template's enable_thinking) are kept on the tokenizer, so that
     every prompt this model sees is formatted the same way (chat_text), and checked here on one prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -543,12 +593,15 @@ def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=F
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": device}
+    if device_map:
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        fail(f"could not load model {name!r}: {str(e).strip().splitlines()[0]}")
-    if not load_in_4bit:
+        hint = "; pass --offload-folder DIR (or more --max-memory)" if "offload_folder" in str(e) else ""
+        fail(f"could not load model {name!r}: {str(e).strip().splitlines()[0]}{hint}")
+    if not load_in_4bit and not device_map:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -573,7 +626,12 @@ def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=F
 def load(args, **kwargs):
     """load_model with the flags of add_model_args."""
     return load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device,
-                      system_prompt=args.system_prompt, thinking=args.thinking, **kwargs)
+                      system_prompt=args.system_prompt, thinking=args.thinking, **placement(args), **kwargs)
+
+
+def placement(args):
+    """The --device-map, --max-memory and --offload-folder of a script's flags, as load_model's keywords."""
+    return {k: getattr(args, k, None) for k in ("device_map", "max_memory", "offload_folder")}
 
 
 def chat_text(tokenizer, prompt, response=None):
@@ -648,7 +706,21 @@ def peak_memory_mib(device):
 
 
 def model_device(model):
-    return next(model.parameters()).device
+    """Where a model's inputs go (the device its input embeddings compute on), or where a module computes: where
+    accelerate moves its inputs and weights (a model spread by --device-map, its weights perhaps offloaded to the CPU
+    or the disk), else the device its weights are on."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    module = embeddings if embeddings is not None else model
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    return next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def offloaded(model):
+    """Whether some of the model's weights are offloaded (to the CPU or the disk: on the meta device between uses)."""
+    return any(p.device.type == "meta" for p in model.parameters())
 
 
 def text_config(model):
@@ -665,7 +737,14 @@ def decoder_layers(model):
 
 
 def dequantize_block(block, dtype=None):
-    """Replace bitsandbytes 4-bit linears inside one block by ordinary nn.Linear copies (bf16 on GPU, fp32 on CPU)."""
+    """One block as ordinary weights in memory, to train or overwrite: weights that accelerate offloads (to the CPU or
+    the disk) loaded onto the device the block computes on and kept there; bitsandbytes 4-bit linears replaced by
+    ordinary nn.Linear copies (bf16 on GPU, fp32 on CPU)."""
+    for module in block.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "offload", False):
+            hook.pre_forward(module)  # loads its weights from the CPU or the disk...
+            hook.offload = False  # ... and they stay: the hook now only moves inputs to the block's device
     try:
         import bitsandbytes as bnb
         from bitsandbytes.functional import dequantize_4bit
@@ -772,6 +851,57 @@ def residual_writes(block):
     attn = next((children[n] for n in ("self_attn", "attention", "attn", "self_attention") if n in children), None)
     mlp = next((children[n] for n in ("mlp", "feed_forward", "block_sparse_moe") if n in children), None)
     return [attn, mlp] if attn is not None and mlp is not None else []
+
+
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj", "down_proj", "dense_4h_to_h", "fc2", "fc_out", "w2",
+                      "wo")  # the last linear of attention or an MLP, by its name in transformers' models
+POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
+
+
+def residual_write_weights(model):
+    """Every weight that writes to the residual stream, as (name, parameter, the axis of it that indexes the stream):
+    the input embeddings (and absolute position embeddings), and in every block the output projection of attention
+    and of the MLP (each expert's, in a mixture of experts; shared experts too) with their biases. Fails in one line for
+    a block that writes through a norm after its sublayers (Gemma-2/3, OLMo-2: what they add to the stream is the
+    norm's output, which no change of the weights before it turns into a projection) or whose writes it cannot find."""
+    embeddings = model.get_input_embeddings()
+    found = [(n + ".weight", m.weight, 1) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)
+             and (m is embeddings or n.split(".")[-1] in POSITION_EMBEDDINGS)]
+    for i, block in enumerate(decoder_layers(model)):
+        writes, children = residual_writes(block), dict(block.named_children())
+        if "post_feedforward_layernorm" in children or not writes:
+            fail(f"{type(block).__name__} " + ("adds the output of a norm after each sublayer to the residual stream; "
+                 "weights alone cannot ablate a direction there (use evaluate.py --ablate, hooks)" if writes else
+                 "has no attention and MLP this code knows; cannot find its writes to the residual stream"))
+        for write in writes:
+            prefix = next(n for n, m in model.named_modules() if m is write)
+            own = []
+            for name, m in write.named_modules():
+                for pname, p in m.named_parameters(recurse=False):
+                    axis = None
+                    if name.split(".")[-1] in OUTPUT_PROJECTIONS and p.dim() <= 2:  # [d, in], Conv1D [in, d], bias
+                        axis = 1 if type(m).__name__ == "Conv1D" and p.dim() == 2 else 0
+                    elif pname == "down_proj" and p.dim() == 3:  # fused experts [experts, d, in] (or [.., in, d])
+                        axis = 2 if getattr(m, "is_transposed", False) else 1
+                    elif pname == "down_proj_bias" and p.dim() == 2:
+                        axis = 1
+                    if axis is not None:
+                        own.append((".".join(x for x in (prefix, name, pname) if x), p, axis))
+            if not own:
+                fail(f"block {i}: found no output projection in {type(write).__name__} (named one of "
+                     f"{', '.join(OUTPUT_PROJECTIONS)}); cannot ablate a direction in its weights")
+            found += own
+    return found
+
+
+def untie_embeddings(model):
+    """Give the unembedding its own copy of the weights it shares with the input embeddings (Llama-3.2, SmolLM2 and
+    Gemma tie them), so that rewriting one leaves the other; the config then says untied, a saved model keeps both."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is not None and (out.weight is inp.weight or out.weight.data_ptr() == inp.weight.data_ptr() != 0):
+        out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
+    for cfg in (model.config, text_config(model)):
+        cfg.tie_word_embeddings = False
 
 
 # ============================================================================ generation and scoring

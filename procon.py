@@ -169,8 +169,9 @@ def projections(hidden_states, cmask, r_hat, layers):
     """z_{l,j} = r_hat_l . x_{l,j} for every constrained layer l and constrained token j: [n_layers, n_tokens].
 
     hidden_states[l] is the residual-stream input of layer l; tokens are taken in row-major order, so a batch's
-    tokens are its samples' tokens one sample after another."""
-    return torch.stack([(hidden_states[l][cmask].float() @ r_hat[l]) for l in layers])
+    tokens are its samples' tokens one sample after another. (Layers spread by --device-map: each read where it is.)"""
+    return torch.stack([(h[cmask.to(h.device)].float() @ r_hat[l].to(h.device)).to(r_hat.device)
+                        for h, l in ((hidden_states[l], l) for l in layers)])
 
 
 # C: the constraint
@@ -198,7 +199,7 @@ def training_loss(model, micro, device, r_hat, z0, alpha, layers, args, norm, sc
         return ce, ce, torch.zeros((), device=ce.device)
     z = projections(hs, cmask, r_hat, layers)
     reg = constraint(z, z0.to(z.device), args.constraint, args.reduce, norm["samples"], norm["positions"], scale)
-    return ce + alpha * reg, ce, reg
+    return ce + alpha * reg.to(ce.device), ce, reg
 
 
 # alpha_t: the warm-up schedule
@@ -273,8 +274,7 @@ def train(run):
             if run.step % per_epoch == 0 or run.step == total or args.eval_every and run.step % args.eval_every == 0:
                 evaluation(run)  # at each epoch's end, after the last step and every --eval-every steps
             if run.step % per_epoch == 0 or (args.save_every and run.step % args.save_every == 0):
-                rundir.save_checkpoint(run.work, run.step, lambda folder: training.save_checkpoint(
-                    folder, run.model, run.opt, run.step, {"log": run.log}))
+                training.checkpoint(run.work, run.step, run.model, run.opt, {"log": run.log})  # rank 0 writes
 
 
 def step(run, batch, alpha):
@@ -288,7 +288,7 @@ def step(run, batch, alpha):
         g["lr"] = lr_at(run.step, run.total, args.lr, args.warmup_ratio, args.lr_scheduler)
     run.opt.zero_grad(set_to_none=True)
     ce_step, reg_step = 0.0, 0.0
-    for m, micro in zip(batch, micros):
+    for m, micro in run.parallel.share(zip(batch, micros)):  # data parallel: this process's micro-batches
         z0 = torch.cat([run.z0[i] for i in m], dim=1) if alpha != 0 else None
         loss, ce, reg = training_loss(run.model, micro, run.device, run.r_hat, z0, alpha, run.layers, args, norm,
                                       run.scale)
@@ -297,6 +297,7 @@ def step(run, batch, alpha):
                     "(try a lower --lr or --warmup-alpha)")
         loss.backward()
         ce_step, reg_step = ce_step + ce.item(), reg_step + reg.item()
+    ce_step, reg_step = run.parallel.sum_gradients(run.params, ce_step, reg_step)  # all processes': the whole step
     run.opt.step()
     run.step += 1
     return ce_step, reg_step
@@ -337,6 +338,7 @@ def main(argv=None):
         return artifacts.merge("adapter", args.merge, args)
     args.model = args.model or pl.default_model()
     check_args(args)
+    parallel = training.init_distributed(args)  # under torchrun or accelerate launch: one process per device
     pl.seed_everything(args.seed)
     t0 = time.time()
 
@@ -350,12 +352,12 @@ def main(argv=None):
     pl.check_groups({"harmful": probes["harmful"], "harmless": probes["harmless"]})
     pl.check_groups({"probe harmful": probes["probe_harmful"], "probe harmless": probes["probe_harmless"]})
     settings = rundir.settings(args, FILES, ("epochs", "max_steps", "save_every", "save_merged"))
-    with rundir.run_folder(args.out, outputs(args), args.overwrite, args.resume, settings, KNOWN, True) as work:
+    with training.run_folder(args.out, outputs(args), args.overwrite, args.resume, settings, KNOWN, True) as work:
         # 2. model, constrained layers, training examples in fixed batches
         model, tok = pl.load(args)
         training.keep_4bit_trainable(model)
         run = types.SimpleNamespace(args=args, work=work, tok=tok, pad_id=tok.pad_token_id, probes=probes,
-                                    device=pl.model_device(model), step=0, refusal_sets=refusal_sets)
+                                    device=pl.model_device(model), step=0, refusal_sets=refusal_sets, parallel=parallel)
         run.refusal_tokens = judges.logit_tokens(tok, args.direction)
         run.layers = constrained_layers(args.layers, pl.text_config(model).num_hidden_layers)
         run.examples = [encode_pair(tok, p, a, args.max_length, args.constrained_tokens) for p, a in pairs] + \
@@ -374,7 +376,7 @@ def main(argv=None):
         # 4. the anchors z0 = r_hat_l . x_{l,j} under the initial weights (kept in the run's folder for --resume)
         run.r_probe0 = r_directions(model, tok, probes["probe_harmful"], probes["probe_harmless"], args.batch_size,
                                     "probe")
-        start = anchors_of_run(work, run, model, probes)
+        start = training.from_rank0(lambda: anchors_of_run(work, run, model, probes))  # rank 0's, sent to the others
         run.r_hat, run.z0 = start["r_hat"].to(run.device), start["z0"]
         run.scale = start["rms"].to(run.device) if args.scale == "anchor-rms" and start["rms"] is not None else None
 
@@ -417,7 +419,9 @@ def anchors_of_run(work, run, model, probes):
 # ============================================================================ outputs
 def write_outputs(work, run, pairs, safety, t0):
     """The adapter (or full model), procon.json (the log: steps, epochs, evaluation points), drift.json and drift.png;
-    the merged model with --save-merged; the summary table of the evaluation points."""
+    the merged model with --save-merged; the summary table of the evaluation points. Rank 0 alone (data parallel)."""
+    if training.RANK:
+        return
     args, log = run.args, run.log
     name = "model" if args.full else "adapter"
     training.trainable_state(run.model, run.step)  # finite, or nothing is written

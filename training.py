@@ -1,19 +1,25 @@
 """training.py: fine-tuning machinery no paper defines (a black box to procon.py): pair files in, trainable
-parameters set up, checkpoints written and read.
+parameters set up, checkpoints written and read, several processes kept in step.
 
 Instruction-response pair files (Alpaca, prompt/response, GSM8K, or prompts answered with refusals); the trainable
 parameters (LoRA on the attention projections of any architecture, QLoRA on a 4-bit model, or every weight) and
-gradient checkpointing; a training checkpoint's files (trainable weights, optimizer, state). How a pair is encoded, the
-forward pass, the loss and the loop are procon.py's.
+gradient checkpointing; a training checkpoint's files (trainable weights, optimizer, state); data parallel training
+under torchrun or accelerate launch (one process per device; the sum of the processes' gradients is the one-process
+step's, and rank 0 alone writes). How a pair is encoded, the forward pass, the loss and the loop are procon.py's.
 """
+import atexit
+import contextlib
 import json
 import os
 import random
+import sys
 
 import torch
 
 import plumbing as pl
 import rundir
+
+RANK, WORLD = 0, int(os.environ.get("WORLD_SIZE", 1))  # data parallel: this process's rank, the number of processes
 
 
 # ============================================================================ pair files
@@ -117,7 +123,11 @@ def keep_4bit_trainable(model):
 
 
 def make_trainable(model, args):
-    """LoRA adapters on the chosen targets (peft), or every weight with --full. Returns (model, parameters)."""
+    """LoRA adapters on the chosen targets (peft), or every weight with --full; under data parallel every process
+    starts from rank 0's weights. Returns (model, parameters)."""
+    if pl.offloaded(model):
+        pl.fail("training goes through every layer, and some of this model's weights are offloaded (to the CPU or the "
+                "disk); give --max-memory room for all of them on the GPUs, or use --load-in-4bit")
     if args.full:
         model.requires_grad_(True)
     else:
@@ -138,7 +148,11 @@ def make_trainable(model, args):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for block in pl.decoder_layers(model):
             block.training = True
-    return model, [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if WORLD > 1:
+        for p in params:
+            torch.distributed.broadcast(p.data, 0)
+    return model, params
 
 
 # ============================================================================ checkpoints (in a run's folder)
@@ -170,22 +184,133 @@ def resumed(work, name, out):
         pl.fail(f"{out}: the unfinished run's {name} is damaged ({type(e).__name__}); start again with --overwrite")
 
 
-def restore(work, model, opt):
-    """Load the last whole checkpoint of a run's folder into the model and optimizer; returns its state.json (None
-    where there is no checkpoint yet: training starts from the first step)."""
+def checkpoint(work, step, model, opt, state):
+    """A checkpoint of the run in `work` (rundir.save_checkpoint: whole or not at all), written by rank 0 alone."""
+    if RANK == 0:
+        rundir.save_checkpoint(work, step, lambda folder: save_checkpoint(folder, model, opt, step, state))
+
+
+def read_checkpoint(work):
+    """(weights, optimizer state, state.json) of the last whole checkpoint in a run's folder, or None."""
     from safetensors.torch import load_file
 
     found = rundir.last_checkpoint(work)
     if found is None:
         return None
     try:
-        weights = load_file(os.path.join(found[1], "trainable.safetensors"))
-        opt.load_state_dict(torch.load(os.path.join(found[1], "optimizer.pt"), weights_only=True))
-        state = json.load(open(os.path.join(found[1], "state.json"), encoding="utf-8"))
+        return (load_file(os.path.join(found[1], "trainable.safetensors")),
+                torch.load(os.path.join(found[1], "optimizer.pt"), weights_only=True, map_location="cpu"),
+                json.load(open(os.path.join(found[1], "state.json"), encoding="utf-8")))
+    except Exception as e:
+        pl.fail(f"{found[1]}: damaged checkpoint ({type(e).__name__}: {str(e)[:80]}); start again with --overwrite")
+
+
+def restore(work, model, opt):
+    """Load the last whole checkpoint of a run's folder into the model and optimizer; returns its state.json (None
+    where there is no checkpoint yet: training starts from the first step). Rank 0 reads it and sends it to the
+    other processes."""
+    found = from_rank0(lambda: read_checkpoint(work))
+    if found is None:
+        return None
+    weights, opt_state, state = found
+    try:
+        opt.load_state_dict(opt_state)
         with torch.no_grad():
             for k, v in model.named_parameters():
                 if v.requires_grad:
                     v.copy_(weights[k])
     except Exception as e:
-        pl.fail(f"{found[1]}: damaged checkpoint ({type(e).__name__}: {str(e)[:80]}); start again with --overwrite")
+        pl.fail(f"{work}: damaged checkpoint ({type(e).__name__}: {str(e)[:80]}); start again with --overwrite")
     return state
+
+
+# ============================================================================ data parallel (torchrun, accelerate)
+# One process per device, each with a whole model. Each optimizer step's micro-batches (--grad-accum of them) are
+# dealt out to the processes, every WORLD-th to each; after the step's backward passes the gradients are summed over
+# the processes (one all-reduce, SUM, per trainable tensor) and every process takes the same AdamW step. procon.step
+# normalises each micro-batch's loss by the whole step's tokens and samples, so the sum is the one-process step's
+# gradient exactly (up to float summation order). [choice] An explicit all-reduce after backward rather than
+# torch's DistributedDataParallel: exact, a few lines, the same for LoRA and --full; DDP would overlap the
+# communication with backward (faster across many GPUs). Rank 0 alone writes (the run's folder, lock, checkpoints,
+# outputs) and reads what a resume continues from; the other processes get it from rank 0.
+
+
+def init_distributed(args):
+    """Under torchrun or accelerate launch (WORLD_SIZE > 1): checked, then the process group joined (nccl on GPUs, gloo
+    on the CPU), this process's GPU cuda:LOCAL_RANK, the model (a .gguf converted once, by rank 0), the other ranks'
+    stdout and progress bars silenced. Returns this process's Parallel (in one process too)."""
+    global RANK
+    if WORLD == 1:
+        return Parallel()
+    if args.device_map:
+        pl.fail("--device-map spreads one model over devices; under torchrun each process holds a whole model")
+    if args.device and args.device not in ("cuda", "cpu"):
+        pl.fail(f"--device {args.device}: under torchrun each process takes its own GPU (cuda:LOCAL_RANK); pass cuda "
+                "or cpu")
+    if args.grad_accum % WORLD:
+        pl.fail(f"--grad-accum {args.grad_accum}: each of the {WORLD} processes takes the same share of a step's "
+                f"micro-batches; use a multiple of {WORLD}")
+    cuda = pl.check_device(args.device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(torch.distributed.destroy_process_group)  # a process that stops early leaves the group cleanly
+    RANK = torch.distributed.get_rank()
+    from_rank0(lambda: pl.resolve_model(args.model))
+    if RANK > 0:  # one progress report, rank 0's; errors still reach stderr
+        import functools
+
+        import tqdm
+
+        sys.stdout = open(os.devnull, "w")
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+    return Parallel()
+
+
+def from_rank0(fn):
+    """fn() run by rank 0 alone, its result sent to every process (pickled); fn() itself in one process."""
+    if WORLD == 1:
+        return fn()
+    box = [fn() if RANK == 0 else None]
+    torch.distributed.broadcast_object_list(box, 0)
+    return box[0]
+
+
+class Parallel:
+    """What a training step asks of data parallel: its process's share of the step's micro-batches, and the sums over
+    the processes. In one process: every micro-batch, and the sums as they are."""
+
+    def share(self, micro_batches):
+        """This process's share of one step's micro-batches: every WORLD-th, from its rank."""
+        return list(micro_batches)[RANK::WORLD]
+
+    def sum_gradients(self, params, *numbers):
+        """Every gradient, and `numbers`, summed over the processes (a process without micro-batches adds zeros)."""
+        if WORLD > 1:
+            for p in params:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                torch.distributed.all_reduce(p.grad)  # SUM
+            torch.distributed.all_reduce(total := torch.tensor(numbers, dtype=torch.float64, device=params[0].device))
+            numbers = total.tolist()
+        return tuple(numbers)
+
+
+@contextlib.contextmanager
+def run_folder(out, *args, **kwargs):
+    """rundir.run_folder, opened by rank 0 alone (its checks, its lock, its commit); the other processes wait for it,
+    stop with its error if it fails, and get the path of its work folder, which they never write to."""
+    if WORLD == 1:
+        with rundir.run_folder(out, *args, **kwargs) as work:
+            yield work
+        return
+    with contextlib.ExitStack() as stack:
+        work, error = os.path.join(out, rundir.WORK), None
+        if RANK == 0:
+            try:
+                work = stack.enter_context(rundir.run_folder(out, *args, **kwargs))
+            except pl.UserError as e:
+                error = str(e)
+        error = from_rank0(lambda: error)
+        if error:
+            pl.fail(error)
+        yield work
