@@ -574,7 +574,8 @@ def parse_args(argv=None):
     g = pl.add_memory_args(p, batch_size=8)
     training.add_trainable_args(method, g)
     g.add_argument("--grad-accum", type=pl.count(1), default=1,
-                   help="micro-batches of --batch-size per optimizer step (effective batch: their product)")
+                   help="micro-batches of --batch-size per optimizer step (effective batch: their product; under "
+                   "torchrun a multiple of the processes, which share them)")
     g.add_argument("--ce-chunk", type=pl.count(0), default=0, help="make the logits this many tokens at a time, "
                    "recomputed in backward (less memory with a large vocabulary; 0: all at once)")
     g.add_argument("--max-length", type=pl.count(2), default=256, help="truncate chat-formatted pairs to this many "
