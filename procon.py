@@ -405,7 +405,7 @@ def check_examples(model, examples, eval_examples, args):
 
 def anchors_of_run(work, run, model, probes):
     """r_hat_l and z0 of a new run (no z0 without a constraint), saved in the run's folder; a resumed run's, read."""
-    start = training.resumed(work, "anchors.pt", run.args.out) if run.args.resume else None
+    start = training.read_saved(work, "anchors.pt", run.args.out) if run.args.resume else None
     if start is not None:
         return start
     r_hat = r_directions(model, run.tok, probes["harmful"], probes["harmless"], run.args.batch_size, "r-directions")

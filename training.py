@@ -173,7 +173,7 @@ def save_checkpoint(folder, model, opt, step, state):
     pl.save_json(os.path.join(folder, "state.json"), {"step": step, **state})
 
 
-def resumed(work, name, out):
+def read_saved(work, name, out):
     """A torch file an unfinished run saved in its work folder (read on --resume), or None where there is none."""
     path = os.path.join(work, name)
     if not os.path.isfile(path):
