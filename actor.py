@@ -56,9 +56,7 @@ GROUPS = ("harmful", "pseudo_harmful", "harmless")  # group ids 0, 1, 2
 def difference_in_means(acts_a, acts_b):
     """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32."""
     diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
-    if not torch.isfinite(diff).all():
-        pl.fail("the difference in means is not finite (NaN or inf activations)")
-    return diff
+    return pl.check_finite(diff, "the difference in means")  # NaN or inf activations: the likely flag is named
 
 
 def unit(v, what="direction"):
@@ -114,8 +112,8 @@ def train_epoch(block, cache, a_tgt, opt, order, renew=None):
         idx = cache[b][0]
         a = block_forward(block, cache[b])
         loss = loss_fn(a, a_tgt[idx].to(a.device))
-        if not torch.isfinite(loss):
-            pl.fail(f"the loss became {loss.item()}; try a lower --lr (nothing was written)")
+        if not torch.isfinite(loss):  # the flags most likely to blame are named
+            pl.check_finite(loss, "the loss", " (nothing was written)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -289,7 +287,7 @@ def main(argv=None):
     files = {name: getattr(args, name) for name in GROUPS}
     prompts, groups = read_groups(files, args.column, args.limit, args.seed)
     band = layer_band(args, artifacts.shape_of(artifacts.model_config(args.model, args.trust_remote_code))[2])
-    with rundir.run_folder(args.out, OUTPUTS, args.overwrite, known=KNOWN) as work:
+    with rundir.run_folder(args.out, OUTPUTS, args.overwrite, known=KNOWN, read=rundir.reads(args)) as work:
         # 2. the model, frozen everywhere; l*, the best silhouette in the band (or fixed)
         model, tok = pl.load(args)
         layer, sil = (band[0], {}) if args.layer != "auto" else choose_layer(model, tok, prompts, groups, band,

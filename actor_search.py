@@ -21,6 +21,7 @@ training queries there, last token), is searched over C at the same layers, judg
 """
 import os
 import random
+import shlex
 import sys
 import time
 
@@ -196,7 +197,7 @@ def main(argv=None):
     band = A.layer_band(args, n_layers)
     if args.search_layers != "auto" and max(args.search_layers) >= n_layers:
         pl.fail(f"--search-layers {max(args.search_layers)} is out of range: this model has layers 0..{n_layers - 1}")
-    with rundir.run_folder(args.out, OUTPUTS, args.overwrite, known=A.KNOWN) as work:
+    with rundir.run_folder(args.out, OUTPUTS, args.overwrite, known=A.KNOWN, read=rundir.reads(args)) as work:
         # 2. the model; what every candidate shares; the base model on validation
         model, tok = pl.load(args)
         s = setup(args, model, tok, p_tr, g_tr, p_va, band)
@@ -244,8 +245,8 @@ def write_outputs(work, args, model, tok, s, parts, files, found, shifts, chosen
         l = chosen_shift["layer"]
         artifacts.save_direction(os.path.join(work, "baseline_direction.pt"), A.unit(s["mean_diff"][l, -1]), l, -1,
                                  s["mean_diff"], s["tokens"], artifacts.record(args.model, model.config))
-        steer = f"python evaluate.py --steer {os.path.join(args.out, 'baseline_direction.pt')} " \
-                f"--coeff {-chosen_shift['coeff']:g}"
+        steer = shlex.join(["python", "evaluate.py", "--model", args.model, "--steer", os.path.join(
+            args.out, "baseline_direction.pt"), f"--coeff={-chosen_shift['coeff']!r}"])  # '=', repr: read back exactly
     seconds = {"setup": s["setup_seconds"], "actor_candidates": round(sum(c["seconds"] for c in found), 1),
                "shift_candidates": round(sum(c["seconds"] for c in shifts), 1), "total": round(time.time() - t0, 1)}
     summary = {"model": args.model, "judge": "logit: refusal score of the first answer token > 0", "base": s["base"],

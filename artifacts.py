@@ -3,12 +3,15 @@ in, checked whole, applied or merged), each format with one save, one load-and-c
 
     direction file   direction.pt                                directions.py; evaluate.py --ablate/--steer/--direction
     ACTOR patch      actor_layer.safetensors (+ actor.json)      actor.py; evaluate.py --patch, actor.py --merge
-    LoRA adapter     adapter/ (peft's format)                    procon.py; evaluate.py --adapter, procon.py --merge
+    LoRA adapter     adapter/ (peft's format, + made_on.json)    procon.py; evaluate.py --adapter, procon.py --merge
 
-Every artifact is checked against the model it meets before that model's weights are read (from its config, and its
-modules built on the meta device): a size or layout that does not fit is refused; so is a recorded model that is not
-this one, naming both, unless the user passes --other-model (a base model's direction on its own fine-tune is a
-legitimate study). A file cut short or of another kind is one line, never a traceback.
+Every artifact is checked whole against the model it meets before that model's weights are read (from its config, and
+its modules built on the meta device): every tensor is read, and one that is not floating point, not finite, or of
+another shape than the model's is refused, as is a size or layout that does not fit; so is a recorded model that is
+not this one, known by its contents (pl.model_identity: a copy is the same model, the same folder with other weights
+is not), naming both and what changed, unless the user passes --other-model (a base model's direction on its own
+fine-tune is a legitimate study). A file cut short or of another kind is one line, never a traceback; so is an error
+while one is written (pl.save_guard).
 """
 import contextlib
 import json
@@ -23,21 +26,6 @@ import rundir
 
 
 # ============================================================================ which model
-def model_key(name):
-    """One name per model, whatever it is called by: a .gguf file and its converted folder are 'gguf:<sha256[:12]>', a
-    local folder is its real path, a hub id is itself."""
-    name = str(name)
-    if name.endswith(".gguf") and os.path.isfile(name):
-        return "gguf:" + pl.sha256(name)[:12]
-    path = os.path.realpath(os.path.expanduser(name))
-    if os.path.isdir(path):
-        m = re.search(r"-([0-9a-f]{12})$", path)
-        if m and os.path.dirname(path) == os.path.realpath(os.path.join(pl.CACHE, "gguf")):
-            return "gguf:" + m.group(1)
-        return path
-    return name
-
-
 def shape_of(cfg):
     """(architecture, hidden size, number of layers) of a model's config."""
     text = cfg.get_text_config()
@@ -45,9 +33,12 @@ def shape_of(cfg):
 
 
 def record(name, cfg):
-    """What an artifact records of the model it was made on."""
+    """What an artifact records of the model it was made on: its name, its contents (pl.model_identity: the digest of
+    its files, and each file's), its shape, and the code."""
     arch, hidden, layers = shape_of(cfg)
-    return {"model": str(name), "model_key": model_key(name), "arch": arch, "hidden_size": hidden, "n_layers": layers,
+    ident = pl.model_identity(name)
+    return {"model": str(name), "model_key": ident["key"], "model_sha256": ident["sha256"],
+            "model_files": ident["files"], "arch": arch, "hidden_size": hidden, "n_layers": layers,
             "code": pl.provenance()}
 
 
@@ -74,7 +65,9 @@ def skeleton(cfg, trust_remote_code=False):
 
 
 def check_model(path, made_on, name, cfg, other_model=False):
-    """An artifact made on `made_on` (a record, or a bare name) meets model `name` (config cfg)."""
+    """An artifact made on `made_on` (a record, or a bare name) meets model `name` (config cfg): the same shape, and
+    the same model by its contents (a copy is the same; the same folder with other weights is not), or --other-model.
+    An artifact that records no contents (a hub id, an older file) is compared by the model's name."""
     made_on = made_on if isinstance(made_on, dict) else {"model": made_on}
     arch, hidden, layers = shape_of(cfg)
     then = (made_on.get("arch"), made_on.get("hidden_size"), made_on.get("n_layers"))
@@ -84,11 +77,15 @@ def check_model(path, made_on, name, cfg, other_model=False):
                 f"({desc(arch, hidden, layers)})")
     if not made_on.get("model"):
         return
-    same_key = (made_on.get("model_key") or model_key(made_on["model"])) == model_key(name)
-    if then[0] not in (None, arch) or not same_key:
+    then_model = {"key": made_on.get("model_key") or pl.model_key(made_on["model"]),
+                  "sha256": made_on.get("model_sha256"), "files": made_on.get("model_files")}
+    change = "another model" if then[0] not in (None, arch) else pl.model_change(then_model, pl.model_identity(name))
+    if change:
         if not other_model:
-            pl.fail(f"{path} was made on {made_on['model']}" + (f" ({then[0]})" if then[0] not in (None, arch) else "")
-                    + f", not on {name}; pass --other-model to apply it anyway (e.g. to the model's own fine-tune)")
+            what = f", not on {name}" if change == "another model" else f", and {name} has changed since ({change})"
+            what = f" ({then[0]})" + what if then[0] not in (None, arch) else what
+            pl.fail(f"{path} was made on {made_on['model']}{what}; pass --other-model to apply it anyway (e.g. to the "
+                    "model's own fine-tune)")
         print(f"note: {path} was made on {made_on['model']}, applied to {name} (--other-model)", file=sys.stderr)
 
 
@@ -103,6 +100,30 @@ def safetensors_shapes(path):
         pl.fail(f"{path}: damaged or not a safetensors file ({str(e).strip().splitlines()[0][:120]})")
 
 
+def check_tensor(path, name, t, shape=None):
+    """One tensor of an artifact: floating-point numbers, all finite, and (given the model's) of the model's shape."""
+    if not t.is_floating_point():
+        pl.fail(f"{path}: {name} holds {str(t.dtype).replace('torch.', '')} values, not floating-point numbers")
+    if shape is not None and list(t.shape) != list(shape):
+        pl.fail(f"{path}: {name} has shape {list(t.shape)}, where the model's is {list(shape)}")
+    if not torch.isfinite(t).all():
+        pl.fail(f"{path}: {name} holds NaN or infinite values (written by a run that diverged?); it cannot be applied")
+
+
+def safetensors_tensors(path):
+    """(name, tensor) of every tensor of a safetensors file, read one at a time; a damaged file fails in one line."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+    except pl.UserError:
+        raise
+    except Exception as e:
+        pl.fail(f"{path}: damaged or not a safetensors file ({str(e).strip().splitlines()[0][:120]})")
+
+
 # ============================================================================ direction files
 def save_direction(path, direction, layer, position, mean_diff, refusal_tokens, made_on, **extra):
     """A unit direction, the layer and position (offset from the prompt's end) it was read at, the raw difference in
@@ -113,24 +134,40 @@ def save_direction(path, direction, layer, position, mean_diff, refusal_tokens, 
 
 
 def load_direction(path, name=None, cfg=None, other_model=False):
-    """A direction file, checked: its format, a finite unit vector, and (given the model) its size and model."""
+    """A direction file, checked whole: its format, a finite unit direction, every tensor finite, the difference in
+    means holding its layer and position, refusal tokens that are token ids; given the model: its size, its layer,
+    every row of the difference in means, its tokens in the vocabulary, and its model (by contents)."""
     rundir.settle(os.path.dirname(os.path.abspath(path)))
-    if not os.path.isfile(path):
-        pl.fail(f"{path}: no such direction file")
+    pl.check_path(path, "direction file")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
+        layer, position = int(d["layer"]), int(d.get("position", -1))
     except Exception as e:  # a truncated or foreign file
         pl.fail(f"{path}: not a direction file ({type(e).__name__})")
-    if not isinstance(d, dict) or not torch.is_tensor(d.get("direction")) or "layer" not in d:
+    if not isinstance(d, dict) or not torch.is_tensor(d.get("direction")):
         pl.fail(f"{path}: not a direction file (no 'direction' and 'layer')")
     r_hat = d["direction"].float()
     if r_hat.dim() != 1 or not torch.isfinite(r_hat).all() or abs(r_hat.norm().item() - 1) > 1e-3:
         pl.fail(f"{path}: its direction is not a finite unit vector")
+    for k, v in d.items():
+        if torch.is_tensor(v) and k != "refusal_tokens":
+            check_tensor(path, k, v)
+    md, tokens = d.get("mean_diff"), d.get("refusal_tokens")
+    if md is not None and (md.dim() != 3 or md.shape[2] != len(r_hat) or not 0 <= layer < md.shape[0] or
+                           not -md.shape[1] <= position < md.shape[1]):
+        pl.fail(f"{path}: its mean_diff has shape {list(md.shape)}, which holds no layer {layer}, position {position} "
+                f"of a {len(r_hat)}-wide direction")
+    if tokens is not None and (not torch.is_tensor(tokens) or tokens.is_floating_point() or tokens.dim() != 1):
+        pl.fail(f"{path}: its refusal_tokens are not a list of token ids")
     if cfg is not None:
-        n_layers = d.get("n_layers", shape_of(cfg)[2])
+        n_layers, vocab = d.get("n_layers", shape_of(cfg)[2]), cfg.get_text_config().vocab_size
         check_model(path, {**d, "hidden_size": r_hat.shape[0], "n_layers": n_layers}, name, cfg, other_model)
-        if not 0 <= int(d["layer"]) < n_layers:
+        if not 0 <= layer < n_layers:
             pl.fail(f"{path}: layer {d['layer']} is outside the model's layers 0..{n_layers - 1}")
+        if md is not None and md.shape[0] != n_layers:
+            pl.fail(f"{path}: its mean_diff has {md.shape[0]} rows, not one per layer of the model ({n_layers})")
+        if tokens is not None and len(tokens) and not (0 <= tokens.min() and tokens.max() < vocab):
+            pl.fail(f"{path}: its refusal_tokens {tokens.tolist()} are not all in the model's vocabulary of {vocab}")
     return d
 
 
@@ -195,14 +232,18 @@ def save_patch(folder, block, meta):
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-    fits = {k: meta.get(k) for k in ("layer", "base_model", "model_key", "arch", "hidden_size", "n_layers")}
-    save_file(state, os.path.join(folder, PATCH_WEIGHTS), metadata={"actor": json.dumps(fits)})
+    fits = {k: meta.get(k) for k in ("layer", "base_model", "model_key", "model_sha256", "model_files", "arch",
+                                     "hidden_size", "n_layers")}
+    path = os.path.join(folder, PATCH_WEIGHTS)
+    with pl.save_guard(path, path):
+        save_file(state, path, metadata={"actor": pl.save_json_text(fits, path)})
     pl.save_json(os.path.join(folder, PATCH_META), meta)
 
 
-def check_patch(folder, name, cfg, other_model=False, skel=None):
-    """An ACTOR patch against a model: its model, its layer, and its weights' shapes against that layer's. Returns its
-    metadata."""
+def check_patch(folder, name, cfg, other_model=False, skel=None, whole=True):
+    """An ACTOR patch against a model: its model (by contents), its layer, its weights' names and shapes against that
+    layer's, and (whole) every weight read: floating point and finite. Returns its metadata."""
+    pl.check_path(folder, "folder", folder=True)
     rundir.settle(folder)
     weights = os.path.join(folder, PATCH_WEIGHTS)
     if not os.path.isfile(weights):
@@ -217,10 +258,11 @@ def check_patch(folder, name, cfg, other_model=False, skel=None):
     n_layers = shape_of(cfg)[2]
     if not 0 <= layer < n_layers:
         pl.fail(f"{folder}: layer {layer} is outside the layers 0..{n_layers - 1} of {name}")
-    if skel is not None:
-        own = {k: list(v.shape) for k, v in pl.decoder_layers(skel)[layer].state_dict().items()}
-        if shapes != own:
-            pl.fail(f"{folder}: the patch does not fit layer {layer} of {name} (another architecture?)")
+    own = {k: list(v.shape) for k, v in pl.decoder_layers(skel)[layer].state_dict().items()} if skel else None
+    if own is not None and shapes != own:
+        pl.fail(f"{folder}: the patch does not fit layer {layer} of {name} (another architecture?)")
+    for k, t in safetensors_tensors(weights) if whole else ():
+        check_tensor(weights, k, t, own and own[k])
     return meta
 
 
@@ -228,12 +270,14 @@ def apply_patch(model, folder, name, other_model=False):
     """Swap an ACTOR-trained block into a model (a 4-bit model gets it as a full-precision block)."""
     from safetensors.torch import load_file
 
-    meta = check_patch(folder, name, model.config, other_model)
+    meta = check_patch(folder, name, model.config, other_model, whole=False)
     block = pl.dequantize_block(pl.decoder_layers(model)[int(meta["layer"])])
     weights = load_file(os.path.join(folder, PATCH_WEIGHTS))
     own = block.state_dict()
-    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+    if set(weights) != set(own):
         pl.fail(f"{folder}: the patch does not fit layer {meta['layer']} of {name} (another architecture?)")
+    for k, t in weights.items():  # read whole here: checked as they are applied
+        check_tensor(os.path.join(folder, PATCH_WEIGHTS), k, t, own[k].shape)
     with torch.no_grad():
         for k, v in block.state_dict(keep_vars=True).items():
             v.copy_(weights[k].to(v.device, v.dtype))
@@ -252,7 +296,9 @@ def in_out(module):
 
 def check_adapter(folder, name, cfg, other_model=False, skel=None):
     """A LoRA adapter against a model, from its files alone: adapter_config.json readable, the weights whole, every
-    LoRA matrix fitting the module it adapts, and the base model it names. Returns that base model's name."""
+    LoRA matrix floating point, finite, of one rank with its twin and fitting the module it adapts, and its base model
+    (by contents where made_on.json records them, else by the name peft records). Returns that base model's name."""
+    pl.check_path(folder, "folder", folder=True)
     rundir.settle(os.path.dirname(os.path.abspath(folder)))
     conf_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(conf_path):
@@ -266,8 +312,13 @@ def check_adapter(folder, name, cfg, other_model=False, skel=None):
         pl.fail(f"{folder}: no adapter weights (adapter_model.safetensors); the adapter was not written whole")
     shapes, _ = safetensors_shapes(weights)
     modules = dict(skel.named_modules()) if skel is not None else {}
+    for key, t in safetensors_tensors(weights):
+        check_tensor(weights, key, t)
     for key, shape in shapes.items():
         m = re.match(r"base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
+        twin = m and shapes.get(key[:-len("A.weight")] + ("B" if m.group(2) == "A" else "A") + ".weight")
+        if twin and (shape[0] if m.group(2) == "A" else twin[0]) != (twin[1] if m.group(2) == "A" else shape[1]):
+            pl.fail(f"{weights}: the LoRA weights of {m.group(1)} disagree on their rank ({key}: {shape})")
         if not m or not modules:
             continue
         if m.group(1) not in modules:
@@ -277,9 +328,28 @@ def check_adapter(folder, name, cfg, other_model=False, skel=None):
         if io and (shape[1] if m.group(2) == "A" else shape[0]) != (io[0] if m.group(2) == "A" else io[1]):
             pl.fail(f"{folder}: its LoRA weights for {m.group(1)} do not fit {name} (shape {shape}; the module maps "
                     f"{io[0]} to {io[1]}): made on {base or 'another model'}")
-    if base:
-        check_model(folder, base, name, cfg, other_model)
+    try:
+        made = json.load(open(os.path.join(folder, ADAPTER_MADE_ON), encoding="utf-8"))
+    except (OSError, ValueError):
+        made = None
+    if base or made:
+        check_model(folder, made if isinstance(made, dict) and made.get("model") else base, name, cfg, other_model)
     return base
+
+
+ADAPTER_MADE_ON = "made_on.json"  # beside peft's files: the record of the model an adapter was trained on
+
+
+def save_trained(folder, model, tok, made_on=None):
+    """procon.py's result: a LoRA adapter (peft's files, and made_on.json: `made_on`, the record of its base model,
+    which check_adapter reads), or with made_on None (--full) the whole model and its tokenizer. A write error is one
+    line, and leaves no half-written folder."""
+    with pl.save_guard(folder, folder):
+        model.save_pretrained(folder)
+        if made_on is None:
+            tok.save_pretrained(folder)
+    if made_on is not None:
+        pl.save_json(os.path.join(folder, ADAPTER_MADE_ON), made_on)
 
 
 def apply_adapter(model, folder, name, other_model=False):
@@ -304,11 +374,14 @@ def made_on(kind, artifact):
         path = os.path.join(artifact, PATCH_WEIGHTS)
         meta = json.loads(safetensors_shapes(path)[1].get("actor", "{}")) if os.path.isfile(path) else {}
         return meta.get("base_model")
-    try:
-        return json.load(open(os.path.join(artifact, "adapter_config.json"), encoding="utf-8")).get(
-            "base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
+    for name, key in ((ADAPTER_MADE_ON, "model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            found = json.load(open(os.path.join(artifact, name), encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found:
+            return found
+    return None
 
 
 def load_unquantised(name, args):
@@ -329,8 +402,9 @@ def check_in_memory(model):
 def save_model(folder, model, tok, meta_name=None, meta=None):
     """A model folder that any engine loads (transformers, vLLM, llama.cpp's converter): safetensors weights, config,
     generation config, the tokenizer with its chat template; and a metadata JSON beside them."""
-    model.save_pretrained(folder)  # safetensors, config.json, generation_config.json
-    tok.save_pretrained(folder)
+    with pl.save_guard(folder):  # a full disk is one line; the folder is in the run's work folder, removed with it
+        model.save_pretrained(folder)  # safetensors, config.json, generation_config.json
+        tok.save_pretrained(folder)
     if meta is not None:
         pl.save_json(os.path.join(folder, meta_name), meta)
 
@@ -357,7 +431,8 @@ def merge(kind, artifact, args):
     (check_patch if kind == "patch" else check_adapter)(artifact, base, cfg, args.other_model,
                                                          skeleton(cfg, args.trust_remote_code))
     settings = rundir.settings(args)
-    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",)) as work:
+    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",),
+                           read=rundir.reads(args)) as work:
         model = save_merged(work, kind, artifact, base, args, args.other_model)
     print(f"wrote {base} with {artifact} merged to {args.out}")
     return model

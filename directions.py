@@ -49,9 +49,7 @@ import rundir
 def difference_in_means(acts_a, acts_b):
     """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32."""
     diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
-    if not torch.isfinite(diff).all():
-        pl.fail("the difference in means is not finite (NaN or inf activations)")
-    return diff
+    return pl.check_finite(diff, "the difference in means")  # NaN or inf activations: the likely flag is named
 
 
 def unit(v, what="direction"):
@@ -286,7 +284,8 @@ def main(argv=None):
         train[name], val[name] = split(getattr(args, name), args.column, args.n_train, args.n_val, args.seed)
     pl.check_groups(train)
     outputs = OUTPUTS + (SURGICAL_OUTPUTS if args.pseudo_harmful else ()) + (("ablated",) if args.save_ablated else ())
-    with rundir.run_folder(args.out, outputs, args.overwrite, known=OUTPUTS + SURGICAL_OUTPUTS + ("ablated",)) as work:
+    with rundir.run_folder(args.out, outputs, args.overwrite, known=OUTPUTS + SURGICAL_OUTPUTS + ("ablated",),
+                           read=rundir.reads(args)) as work:
         # 2. model
         model, tok = pl.load(args)
         n_layers = pl.text_config(model).num_hidden_layers

@@ -169,9 +169,10 @@ def load_responses(path, labels, expect, limit, seed):
     for i, r in enumerate(records):
         if r.get("prompt") is None or not str(r["prompt"]).strip():
             pl.fail(f"{path}: row {i + 1} has no prompt")
-        kind = str(r.get("type") or "")
-        row_expect = r["expect"] if r.get("expect") in ("refuse", "comply") else \
-            {"safe": "comply", "unsafe": "refuse"}.get(r.get("label")) or \
+        kind, label = str(r.get("type") or ""), labels != "label" and pl.choice_of(r.get("label"), ("safe", "unsafe"),
+                                                                                  path, i + 1, "label")
+        row_expect = pl.choice_of(r.get("expect"), ("refuse", "comply"), path, i + 1, "expect") or \
+            {"safe": "comply", "unsafe": "refuse"}.get(label) or \
             (("refuse" if kind.startswith("contrast_") else "comply") if xstest else expect)  # XSTest: contrast_*
         rows.append({"id": str(i), "benchmark": r.get("benchmark") or os.path.splitext(os.path.basename(path))[0],
                      "type": kind, "prompt": pl.text_of(r["prompt"], path, i + 1, "prompt"), "expect": row_expect,
@@ -233,10 +234,11 @@ def read_done(path, rows):
 
 def settings_of(args, rows):
     """What the responses depend on (a --resume must find the same): every flag but the judges', the files' contents,
-    the model by its one name, the prompts themselves. --batch-size is among them because a response depends, in
-    float rounding, on the other prompts of its batch; --device because it sets the dtype (bf16 on GPU, fp32 on CPU)."""
+    the model's contents (rundir.settings), the prompts themselves. --batch-size is among them because a response
+    depends, in float rounding, on the other prompts of its batch; --device because it sets the dtype (bf16 on GPU, fp32
+    on CPU)."""
     s = rundir.settings(args, FILES, NOT_RESPONSES)
-    s.update(model=artifacts.model_key(args.model), device=pl.check_device(args.device).split(":")[0],
+    s.update(device=pl.check_device(args.device).split(":")[0],
              coeff=steer_coeff(args), benchmark=list(dict.fromkeys(args.benchmark)),
              prompts=pl.sha256_of(json.dumps([[r["id"], r["prompt"], r["expect"]] for r in rows])))
     return s
@@ -289,9 +291,7 @@ def generate_responses(model, tok, rows, done, path, args, hook_pairs):
     todo = [i for b in batches if not all(rows[i]["id"] in done for i in b) for i in b]
     for i in kept:
         rows[i]["response"] = done[rows[i]["id"]]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(response_record(rows[i])) + "\n" for i in kept)
-    os.replace(path + ".tmp", path)
+    pl.save_jsonl(path, [response_record(rows[i]) for i in kept])
     if kept:
         print(f"resuming: {len(kept)} responses kept from {path}, {len(todo)} to generate", file=sys.stderr)
     t = time.time()
@@ -299,7 +299,7 @@ def generate_responses(model, tok, rows, done, path, args, hook_pairs):
         def save(indices, responses):  # todo is in batch order, so each call is one whole batch
             for j, resp in zip(indices, responses):
                 rows[todo[j]]["response"] = resp
-                f.write(json.dumps(response_record(rows[todo[j]])) + "\n")
+                f.write(pl.save_json_text(response_record(rows[todo[j]]), path) + "\n")
             f.flush()
 
         if todo:
@@ -430,6 +430,7 @@ def main(argv=None):
 
     # 1. inputs, checked before any work: flags, judges; direction, patch and adapter files against the model's config
     check_args(args, names)
+    args.model = args.model or (pl.default_model() if uses_model else None)  # --responses alone runs no model
     if uses_model:
         check_against_model(args)
 
@@ -437,7 +438,7 @@ def main(argv=None):
     rows, removed = load_rows(args)
     pl.seed_everything(args.seed)
     with rundir.run_folder(args.out, OUTPUTS, args.overwrite, args.resume, settings_of(args, rows), OUTPUTS,
-                           resumable=generating, progress=("responses.jsonl",)) as work:
+                           resumable=generating, progress=("responses.jsonl",), read=rundir.reads(args)) as work:
         done = read_done(os.path.join(work, "responses.jsonl"), rows) if args.resume else {}
 
         # 3. the model and what is evaluated on it (only if something generates or scores)
@@ -473,33 +474,33 @@ def main(argv=None):
 
 def check_args(args, names):
     """What the flags' types cannot check alone, before any work; each failure is one line."""
-    if args.responses and (args.benchmark or args.data):
-        pl.fail("--responses judges existing responses; it does not take --benchmark or --data")
     if not args.responses and not (args.benchmark or args.data):
         pl.fail("nothing to evaluate: pass --benchmark NAME, --data FILE or --responses FILE")
-    if args.labels and not args.responses:
-        pl.fail("--labels names a column of --responses")
-    if args.responses and (args.patch or args.adapter or args.ablate or args.steer) and "logit" not in names:
-        pl.fail("--patch, --adapter, --ablate and --steer change the model, which --responses does not run "
-                "(except for the logit judge)")
+    pl.check_applies((  # (given, applies, why): a flag given where it would change nothing
+        (args.benchmark or args.data, not args.responses, "--responses judges existing responses; it does not take "
+         "--benchmark or --data"), (args.labels, args.responses, "--labels names a column of --responses"),
+        (args.responses and (args.patch or args.adapter or args.ablate or args.steer), "logit" in names,
+         "--patch, --adapter, --ablate and --steer change the model, which --responses does not run (except for the "
+         "logit judge)"), (args.responses and "logit" in names, args.model, "--judge logit with --responses scores "
+         "each prompt under --model, not the responses: name the model that wrote them with --model"),
+        (args.coeff is not None, args.steer, f"--coeff {args.coeff or 0:g} without --steer: --coeff scales the "
+         "direction that --steer adds"), (args.direction, "logit" in names, "--direction gives the logit judge its "
+         "refusal tokens; without --judge logit it changes nothing"),
+        (args.column, args.data, "--column names the prompt column of --data"), (args.data_dir, args.benchmark,
+         "--data-dir holds the --benchmark sets"), (args.exclude, not args.responses, "--exclude leaves prompts out "
+         "of --benchmark and --data; --responses judges every row of its file")))
     pl.check_model_args(args)
-    if args.coeff is not None and not args.steer:
-        pl.fail(f"--coeff {args.coeff:g} without --steer: --coeff scales the direction that --steer adds")
-    for flag, path in (("--ablate", args.ablate), ("--steer", args.steer), ("--direction", args.direction)):
-        if path and not os.path.isfile(path):
-            pl.fail(f"{flag} {path}: no such direction file")
-    for flag, path in (("--patch", args.patch), ("--adapter", args.adapter)):
-        if path and not os.path.isdir(path):
-            pl.fail(f"{flag} {path}: no such folder")
+    for flag, path, folder in (("--ablate", args.ablate, False), ("--steer", args.steer, False),
+                               ("--direction", args.direction, False), ("--patch", args.patch, True),
+                               ("--adapter", args.adapter, True)):
+        if path:
+            pl.check_path(path, "folder" if folder else "direction file", flag, folder)
     judges.check_judges(names)
 
 
 def write_outputs(rows, names, extra, work, args, timing):
     """responses.jsonl with every judge's label, summary.json, summary.md and summary.png; returns summary.md."""
-    path = os.path.join(work, "responses.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(response_record(r, final=True)) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    pl.save_jsonl(os.path.join(work, "responses.jsonl"), [response_record(r, final=True) for r in rows])
     summary = summarise(rows, names)
     for key, reason in (("unparseable", "unparseable"), ("unfinished", "unfinished"), ("not_judged", "not judged")):
         summary[key] = {j: sum((r.get("unjudged") or {}).get(j) == reason for r in rows) for j in names}
@@ -530,8 +531,7 @@ def write_outputs(rows, names, extra, work, args, timing):
         **pl.metadata(args, sorted({f for f in data_files if f}))})
     shown = names + (["human"] if args.labels else [])
     md = markdown(summary, shown, args)
-    with open(os.path.join(work, "summary.md"), "w") as f:
-        f.write(md)
+    pl.save_text(os.path.join(work, "summary.md"), md)
     plot_summary(os.path.join(work, "summary.png"), summary, shown)
     return md
 
@@ -686,6 +686,7 @@ def parse_args(argv=None):
     g.add_argument("--labels", default=None, help="column of --responses with human labels (XSTest's "
                    "1_full_compliance / 2_full_refusal / 3_partial_refusal, or refusal/compliance, 1/0 = refusal)")
     pl.add_model_args(p)
+    p.set_defaults(model=None)  # SmolLM2 where a model runs (main); --responses names its model, or runs none
     pl.add_memory_args(p)
     pl.add_out_args(p, "runs/eval", resume="continue an unfinished run in --out, generating only the responses it "
                     "lacks; every flag that changes the responses must be as it was (the judges may differ: they judge "

@@ -1,7 +1,10 @@
 """plumbing.py: what every script shares and no paper defines, each part a black box with a one-line promise:
 
-    errors and flags     bad input ends in one line and exit status 2; flags are typed and checked as parsed
-    files and metadata   digests, versions, the code's git commit, atomic JSON and torch writes, plots, summary tables
+    errors and flags     bad input ends in one line and exit status 2; flags are typed and checked as parsed; a number
+                         that turns NaN or infinite stops the run, naming the flags most likely to blame
+    files and metadata   paths checked (missing, a folder, unreadable); digests, computed once per file version; models
+                         known by their contents; versions, the code's git commit; strict JSON, torch and text writes
+                         that are atomic and fail in one line; plots, summary tables
     prompt files         JSON, JSONL, CSV, TSV or TXT in, a list of clean prompts out (a seeded sample with --limit)
     loading and chat     a hub id, a local folder or a .gguf in, a model (fp32, bf16 or NF4) and its chat template out
     layers and hooks     the decoder layers of any architecture; forward hooks held for a with block
@@ -28,6 +31,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +55,37 @@ def fail(msg):
     raise UserError(msg)
 
 
+# Flags whose large values are the usual cause of a NaN or an infinity: their usual scale, and the flags of which one
+# puts them in effect (none: always). Used by check_finite to name the likely flag, largest against its scale first.
+SCALING = {"coeff": (1.0, ("steer",)), "coeffs": (1.0, ()), "alpha": (1.0, ()), "alphas": (1.0, ()),
+           "warmup_alpha": (1.0, ("warmup_epochs", "warmup_steps")), "lr": (1e-3, ()), "lrs": (1e-3, ())}
+APPLIED = ("steer", "ablate", "patch", "adapter")  # flags that apply a file to the model
+FLAGS = {}  # the parsed flags of the script running in this process (parser() keeps them), for messages only
+
+
+def check_finite(x, what, after="", neg_inf=False):
+    """x (a tensor or a number) holds no NaN and no infinity (neg_inf: -inf is allowed, a masked logit); else the run
+    stops in one line that names the flags most likely to blame (SCALING, APPLIED) and ends with `after`."""
+    t = torch.as_tensor(x).detach()
+    bad = torch.isnan(t) | (torch.isposinf(t) if neg_inf else torch.isinf(t))
+    if not bad.any():
+        return x
+    value = "NaN" if torch.isnan(t).any() else "infinite"
+    args = FLAGS.get("args")
+    found = []
+    for k, (scale, needs) in SCALING.items():
+        v = getattr(args, k, None)
+        v = max((abs(a) for a in v), default=0) if isinstance(v, list) else abs(v or 0)
+        if v and (not needs or any(getattr(args, n, None) for n in needs)):
+            found.append((-v / scale, f"--{k.replace('_', '-')} {v:g}"))
+    names = [f for _, f in sorted(found)] + [f"what --{k} applies" for k in APPLIED if getattr(args, k, None)]
+    if names:
+        rest = f" (else {', '.join(names[1:])})" if len(names) > 1 else ""
+        fail(f"{what} became {value}; the likely cause: {names[0]}{rest} is too large: try a smaller value{after}")
+    fail(f"{what} became {value}; no flag of this run scales it, so the model's own numbers overflow (its weights, "
+         f"or bf16: try --device cpu){after}")
+
+
 def quiet_libraries():
     """Library chatter that would stand before an error line: FutureWarnings of transformers and peft, and
     bitsandbytes' notes on optional CPU kernels. Real warnings of this project still print."""
@@ -72,6 +107,8 @@ def run_main(main):
     try:
         main()
     except UserError as e:
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar that an error cut short: cleared first
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
@@ -92,7 +129,21 @@ def parser(doc):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --layer must not quietly mean --layer-range
     p.error = lambda message: fail(message)
+    parse = p.parse_args
+
+    def parse_and_keep(*a, **k):  # what check_finite reads to name the likely flag
+        FLAGS["args"] = parse(*a, **k)
+        return FLAGS["args"]
+    p.parse_args = parse_and_keep
     return p
+
+
+def check_applies(rules):
+    """Flags given where they would change nothing: each rule (given, applies, why) whose flag is given but does not
+    apply to this run ends it in one line (a flag silently ignored gives a result the user did not ask for)."""
+    for given, applies, why in rules:
+        if given and not applies:
+            fail(why)
 
 
 def count(lo=1):
@@ -195,8 +246,8 @@ def check_model_args(args):
         check_model_path(args.model)
     check_device(args.device)
     check_device_map(args)
-    if args.chat_template and not os.path.isfile(args.chat_template):
-        fail(f"{args.chat_template}: no such chat template file")
+    if args.chat_template:
+        check_path(args.chat_template, "chat template file")
 
 
 def check_device_map(args):
@@ -235,12 +286,72 @@ def memory_map(text):
 
 
 # ============================================================================ files and metadata
+def check_path(path, what="file", flag=None, folder=False):
+    """A path the run reads: there, of its kind (a file; a folder with folder=True) and readable; else one line that
+    says which: 'no such <what>', 'is a folder, not a <what>' (or 'is a file'), 'not readable'."""
+    label = f"{flag} {path}" if flag else str(path)
+    if not os.path.exists(path):
+        fail(f"{label}: no such {what}")
+    if os.path.isdir(path) != folder:
+        fail(f"{label}: is a {'file' if folder else 'folder'}, not a {what}")
+    if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
+        fail(f"{label}: not readable (permission denied)")
+    return path
+
+
+# [choice] A file's digest is computed once per file version: kept by (path, device, inode, size, mtime, ctime) in this
+# process, and for files of DIGEST_KEEP bytes or more (model weights) in CACHE/digests.json across runs, so a 15 GB
+# model is read once, not at every run (results/identity.md: 13 s at 1.2 GB/s). ctime cannot be set back by a user
+# (touch -r and cp -p set mtime only), so a file rewritten in place is hashed again. A file changed less than
+# DIGEST_RACY seconds before it is hashed is not kept: a change within the same clock tick could leave every field as
+# it was (git's "racy" rule).
+DIGEST_KEEP, DIGEST_RACY, DIGEST_ENTRIES = 16 << 20, 2.0, 1000
+_DIGESTS = {}
+
+
 def sha256(path):
+    """sha256 of a file's contents, computed once per file version (above)."""
+    def version():
+        st = os.stat(path)
+        return f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}", st
+    key, st = version()
+    if key not in _DIGESTS and st.st_size >= DIGEST_KEEP and "_read" not in _DIGESTS:
+        _DIGESTS.update(digest_cache(), _read=True)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > DIGEST_RACY * 1e9
+    if settled and version()[0] == key:  # unchanged while it was read
+        _DIGESTS[key] = h.hexdigest()
+        if st.st_size >= DIGEST_KEEP:
+            digest_cache({key: h.hexdigest()})
     return h.hexdigest()
+
+
+def digest_cache(new=None):
+    """CACHE/digests.json, the digests of large files kept across runs: read, or merged with `new` and replaced at once.
+    A cache that cannot be read or written is no error: it only saves time."""
+    path = os.path.join(CACHE, "digests.json")
+    try:
+        known = json.load(open(path, encoding="utf-8"))
+        known = {k: v for k, v in known.items() if isinstance(v, str)} if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if new:
+        known = dict(list({**known, **new}.items())[-DIGEST_ENTRIES:])
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(CACHE, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(known, f)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    return known
 
 
 def sha256_of(text):
@@ -261,6 +372,67 @@ def digest(path):
     for f in sorted(files):
         h.update((os.path.relpath(f, path) + sha256(f)).encode())
     return h.hexdigest()
+
+
+def model_key(name):
+    """One name per model, whatever it is called by: a .gguf file and its converted folder are 'gguf:<sha256[:12]>', a
+    local folder is its real path (./m/x/ and m/x are one), a hub id is itself."""
+    name = str(name)
+    if name.endswith(".gguf") and os.path.isfile(name):
+        return "gguf:" + sha256(name)[:12]
+    path = os.path.realpath(os.path.expanduser(name))
+    if os.path.isdir(path):
+        m = re.search(r"-([0-9a-f]{12})$", path)
+        if m and os.path.dirname(path) == os.path.realpath(os.path.join(CACHE, "gguf")):
+            return "gguf:" + m.group(1)
+        return path
+    return name
+
+
+NOT_MODEL = re.compile(r"^(readme|license|licence|notice|use_policy)|\.(md|png|jpe?g|gif|pdf)$", re.I)
+
+
+def model_identity(name):
+    """A model known by its contents: {"model": the name given, "key": model_key, "sha256": the digest of its files,
+    "files": {file: sha256}}. [choice] A folder's files are those at its top level (what transformers reads), but hidden
+    ones and documentation (README, LICENSE, *.md, images); a .gguf is its one file; a hub id is its cached snapshot
+    where one is cached, else its name alone (sha256 None), as is a GGUF's converted folder (known by its GGUF's
+    key)."""
+    name, path = str(name), os.path.expanduser(str(name))
+    key = model_key(name)
+    if os.path.isfile(path):
+        files = {os.path.basename(path): sha256(path)}
+        return {"model": name, "key": key, "sha256": files[os.path.basename(path)], "files": files}
+    if not os.path.exists(path):  # a hub id: its snapshot, if the hub's cache holds one
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(name, local_files_only=True)
+        except Exception:  # not cached, or not a hub id: a name
+            return {"model": name, "key": key, "sha256": None, "files": None}
+    if key.startswith("gguf:"):
+        return {"model": name, "key": key, "sha256": None, "files": None}
+    names = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)) and not f.startswith(".")
+                   and not NOT_MODEL.search(f))
+    files = {f: sha256(os.path.join(path, f)) for f in names}
+    return {"model": name, "key": key, "sha256": sha256_of(json.dumps(files, sort_keys=True)) if files else None,
+            "files": files}
+
+
+def model_change(then, now):
+    """None where two models (model_identity's, or bare names) are the same, else what differs: '<files> changed' for
+    the same model whose contents changed, 'another model' otherwise. Known by contents on both sides,
+    a copy or a moved folder is the same model; a name alone is compared by its key."""
+    then, now = ({"key": model_key(x)} if isinstance(x, str) else x or {} for x in (then, now))
+    if then.get("sha256") and now.get("sha256"):
+        if then["sha256"] == now["sha256"]:
+            return None
+        if then.get("key") == now.get("key"):
+            a, b = then.get("files") or {}, now.get("files") or {}
+            changed = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+            return f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed"
+        return "another model"
+    return None if then.get("key") == now.get("key") else "another model"
 
 
 def versions():
@@ -311,17 +483,69 @@ def metadata(args, data_files=()):
     }
 
 
-def save_json(path, obj):
+@contextlib.contextmanager
+def save_guard(path, partial=None):
+    """Writes of `path` whose errors (a full disk, a read-only folder: OSError, safetensors' SafetensorError,
+    torch.save's RuntimeError) end in one line naming it; what was half written (`partial`: a temporary) is removed."""
+    try:
+        yield
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # (a file system that refuses the removal too: the error is the write's)
+            if partial and os.path.lexists(partial):
+                shutil.rmtree(partial, ignore_errors=True) if os.path.isdir(partial) else os.remove(partial)
+        if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise
+        why = (e.strerror if isinstance(e, OSError) else None) or (str(e).strip() or type(e).__name__).splitlines()[0]
+        found = re.search(r'message: "([^"]+)"|I/O error: (.+?) \(os error', why)  # safetensors' wording of an OSError
+        fail(f"could not write {path} ({found.group(found.lastindex) if found else why[:160]}); earlier outputs are "
+             "kept")
+
+
+def save_json_text(obj, where, indent=None):
+    """obj as strict JSON (no NaN, no Infinity). [choice] A number that is NaN or infinite is written as null and named,
+    in a warning and in the object's "non_finite" list, rather than the run lost: every script stops at a non-finite
+    loss, logit or score itself (check_finite), so one that reaches an output is a number no check foresaw."""
+    bad = []
+
+    def clean(x, at):
+        if isinstance(x, float) and not math.isfinite(x):
+            bad.append(at)
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v, f"{at}.{k}" if at else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, f"{at}[{i}]") for i, v in enumerate(x)]
+        return x
+    obj = clean(obj, "")
+    if bad:
+        print(f"warning: {where}: {len(bad)} NaN or infinite numbers written as null ({', '.join(bad[:4])}"
+              f"{', ...' if len(bad) > 4 else ''})", file=sys.stderr)
+        obj = {**obj, "non_finite": bad} if isinstance(obj, dict) else obj
+    return json.dumps(obj, indent=indent, default=str, allow_nan=False)
+
+
+def save_text(path, text):
+    """Text written atomically (a killed run never leaves half a file); a write error is one line (save_guard)."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)  # atomic: a killed run never leaves half a file
+    with save_guard(path, tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+def save_json(path, obj):
+    save_text(path, save_json_text(obj, path, indent=2))
+
+
+def save_jsonl(path, records):
+    save_text(path, "".join(save_json_text(r, path) + "\n" for r in records))
 
 
 def save_torch(path, obj):
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with save_guard(path, tmp):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 def pyplot():
@@ -335,7 +559,8 @@ def pyplot():
 
 def save_figure(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with save_guard(path, path):
+        fig.savefig(path, dpi=110)
     pyplot().close(fig)
 
 
@@ -369,10 +594,7 @@ def seed_everything(seed):
 def read_records(path):
     """Rows of a JSON, JSONL, CSV or TXT file, as a list of dicts (TXT and lists of strings become {"prompt": ...}).
     Text is UTF-8; a byte-order mark is read as one."""
-    if os.path.isdir(path):
-        fail(f"{path}: is a folder, not a prompt file")
-    if not os.path.isfile(path):
-        fail(f"{path}: no such file")
+    check_path(path)
     ext = os.path.splitext(path)[1].lower()
     try:
         with open(path, encoding="utf-8-sig", newline="" if ext in (".csv", ".tsv") else None) as f:
@@ -419,6 +641,32 @@ def text_of(value, path, row, column):
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         fail(f"{path}: row {row} has a {type(value).__name__} in column {column!r}, expected text")
     return str(value).strip()
+
+
+def choice_of(value, options, path, row, column):
+    """A field that must hold one of `options` (case and spaces aside), as that option; None where it is empty."""
+    if value is None or not str(value).strip():
+        return None
+    if str(value).strip().lower() not in options:
+        fail(f"{path}: row {row} has {column} {value!r}; expected {' or '.join(map(repr, options))} (or nothing)")
+    return str(value).strip().lower()
+
+
+# [choice] Data that would silently lose its effect (a training pair whose response --max-length cuts off adds nothing
+# to the loss) is counted, warned about and recorded; where it is more than LOST_LIMIT of its set the run is refused:
+# most of what the user gave would do nothing.
+LOST_LIMIT = 0.5
+
+
+def check_lost(lost, total, what, cause, fix):
+    """`lost` of `total` items have lost their effect through `cause`: refused above LOST_LIMIT, else warned about.
+    Returns lost, for the outputs to record."""
+    if total and lost > LOST_LIMIT * total:
+        fail(f"{cause} {lost} of the {total} {what} (more than {LOST_LIMIT:.0%}); {fix}")
+    if lost:
+        print(f"warning: {cause} {lost} of the {total} {what}; they add nothing (counted in the outputs)",
+              file=sys.stderr)
+    return lost
 
 
 def read_prompts(path, column=None, limit=None, seed=0):
@@ -511,9 +759,10 @@ def gguf_to_hf(path):
     model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None  # now plain fp32 weights
     del model.config.quantization_config
     tmp = out + ".tmp"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with save_guard(out, tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
     return out
 
 
@@ -539,13 +788,12 @@ def check_model_path(name):
     """A local model path (a .gguf file, or a name that is a path rather than a hub id) must exist: checked before
     any work, without loading or converting anything."""
     if name.endswith(".gguf"):
-        if not os.path.isfile(name):
-            fail(f"{name}: no such GGUF file")
+        check_path(name, "GGUF file")
         return
     looks_local = name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1 or \
-        os.path.isdir(name) or os.path.isdir(name.split("/")[0])  # 'runs/x' with a local runs/: a path, not a hub id
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
-        fail(f"{name}: no such model directory")
+        os.path.exists(name) or os.path.isdir(name.split("/")[0])  # 'runs/x' with a local runs/: a path, not a hub id
+    if looks_local:
+        check_path(os.path.expanduser(name), "model directory", folder=True)
 
 
 def resolve_model(name):
@@ -606,8 +854,7 @@ def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=F
     model.eval()
     model.requires_grad_(False)
     if chat_template:
-        if not os.path.isfile(chat_template):
-            fail(f"{chat_template}: no such chat template file")
+        check_path(chat_template, "chat template file")
         tokenizer.chat_template = open(chat_template, encoding="utf-8").read()
     if need_chat and not tokenizer.chat_template:
         fail(f"{name} has no chat template (not a chat model?); pass one with --chat-template FILE")
@@ -905,10 +1152,28 @@ def untie_embeddings(model):
 
 
 # ============================================================================ generation and scoring
+def check_activations(h, what):
+    """Residual-stream activations a model can go on with: their mean square over the hidden size (what every RMS or
+    layer norm computes, in fp32) is finite. Beyond about 1e19 it overflows, and a norm then outputs zeros or NaN: the
+    model's answers would be empty or arbitrary, not wrong in a way a judge can see. Else check_finite stops the run."""
+    check_finite(h.float().pow(2).mean(-1), what)
+    return h
+
+
+def check_overflow(model, desc):
+    """A hook on the output of the model's last layer: activations that overflow stop the run (check_activations)."""
+    def post(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        check_activations(h, f"the mean square of the activations ({desc})")
+    return [(decoder_layers(model)[-1], "post", post)]
+
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, desc="generating", on_batch=None,
              formatted=False):
     """Batched greedy decoding with left padding, prompts sorted by length; returns responses in prompt order.
+    Activations that overflow stop the run (check_overflow), never decode into tokens.
 
     Prompts go through the chat template, unless formatted=True (texts already in their final form).
     on_batch(indices, responses) is called after each batch, so a caller can save progress as it goes.
@@ -918,8 +1183,9 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, desc=
     bar = tqdm(total=len(texts), desc=desc, unit="prompt", leave=False)
     for idx in length_batches(tokenizer, texts, batch_size):
         enc = tokenize(tokenizer, [texts[i] for i in idx], model_device(model))
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.pad_token_id)
+        with hooks(check_overflow(model, desc)):
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                 top_k=None, pad_token_id=tokenizer.pad_token_id)
         decoded = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
         for i, r in zip(idx, decoded):
             responses[i] = r
@@ -932,13 +1198,15 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, desc=
 
 @torch.no_grad()
 def last_logits(model, tokenizer, prompts, batch_size=16, hook_pairs=(), desc="scoring"):
-    """Next-token log-probabilities at the end of each chat-formatted prompt (fp32, [n, vocab])."""
+    """Next-token log-probabilities at the end of each chat-formatted prompt (fp32, [n, vocab]); activations that
+    overflow, or NaN or infinite logits, stop the run (check_overflow, check_finite)."""
     texts = format_chat(tokenizer, prompts)
     out = [None] * len(texts)
-    with hooks(hook_pairs):
+    with hooks(list(hook_pairs) + check_overflow(model, desc)):
         for idx in tqdm(length_batches(tokenizer, texts, batch_size), desc=desc, leave=False):
             enc = tokenize(tokenizer, [texts[i] for i in idx], model_device(model))
-            logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            logits = check_finite(model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float(),
+                                  f"the logits ({desc})", neg_inf=True)
             for i, row in zip(idx, torch.log_softmax(logits, -1).cpu()):
                 out[i] = row
     return torch.stack(out)

@@ -96,9 +96,7 @@ def collate(examples, pad_id):
 def difference_in_means(acts_a, acts_b):
     """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32."""
     diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
-    if not torch.isfinite(diff).all():
-        pl.fail("the difference in means is not finite (NaN or inf activations)")
-    return diff
+    return pl.check_finite(diff, "the difference in means")  # NaN or inf activations: the likely flag is named
 
 
 def unit(v, what="direction"):
@@ -292,9 +290,10 @@ def step(run, batch, alpha):
         z0 = torch.cat([run.z0[i] for i in m], dim=1) if alpha != 0 else None
         loss, ce, reg = training_loss(run.model, micro, run.device, run.r_hat, z0, alpha, run.layers, args, norm,
                                       run.scale)
-        if not torch.isfinite(loss):
-            pl.fail(f"the loss is {loss.item()} at step {run.step + 1}; the last checkpoint is kept for --resume "
-                    "(try a lower --lr or --warmup-alpha)")
+        if not torch.isfinite(loss):  # the flags most likely to blame are named; the checkpoint, where one exists
+            kept = rundir.last_checkpoint(run.work)
+            pl.check_finite(loss, f"the loss at step {run.step + 1}", f" with --overwrite (the checkpoint of step "
+                            f"{kept[0]} is kept)" if kept else " with --overwrite (no checkpoint was written yet)")
         loss.backward()
         ce_step, reg_step = ce_step + ce.item(), reg_step + reg.item()
     ce_step, reg_step = run.parallel.sum_gradients(run.params, ce_step, reg_step)  # all processes': the whole step
@@ -352,7 +351,8 @@ def main(argv=None):
     pl.check_groups({"harmful": probes["harmful"], "harmless": probes["harmless"]})
     pl.check_groups({"probe harmful": probes["probe_harmful"], "probe harmless": probes["probe_harmless"]})
     settings = rundir.settings(args, FILES, ("epochs", "max_steps", "save_every", "save_merged"))
-    with training.run_folder(args.out, outputs(args), args.overwrite, args.resume, settings, KNOWN, True) as work:
+    with training.run_folder(args.out, outputs(args), args.overwrite, args.resume, settings, KNOWN, True,
+                             read=rundir.reads(args)) as work:
         # 2. model, constrained layers, training examples in fixed batches
         model, tok = pl.load(args)
         training.keep_4bit_trainable(model)
@@ -364,7 +364,7 @@ def main(argv=None):
             [encode_pair(tok, p, a, args.max_length, args.constrained_tokens, ce=args.safety_role == "ce+constraint")
              for p, a in safety]
         run.eval_examples = [encode_pair(tok, p, a, args.max_length) for p, a in eval_pairs]
-        check_examples(model, run.examples, run.eval_examples, args)
+        run.cut = check_examples(model, run.examples, run.eval_examples, args, len(safety))
         run.batches = fixed_batches(run.examples, args.batch_size, args.grad_accum, args.seed)
         run.total = min(args.epochs * len(run.batches), args.max_steps or args.epochs * len(run.batches))
         run.warm = args.warmup_steps or args.warmup_epochs * len(run.batches)
@@ -394,13 +394,15 @@ def main(argv=None):
         write_outputs(work, run, pairs, safety, t0)
 
 
-def check_examples(model, examples, eval_examples, args):
-    """Encoded pairs: within the model's context, and with response tokens left after --max-length (else CE would
-    read 0)."""
+def check_examples(model, examples, eval_examples, args, n_safety):
+    """Encoded pairs: within the model's context; those that carry CE (the last n_safety carry none with --safety-role
+    constraint) and those of --eval-data that --max-length leaves without response tokens add nothing: counted, and
+    refused above pl.LOST_LIMIT."""
     pl.check_context(model, [len(e[0]) for e in examples], what="training pairs (after --max-length)")
-    for what, found in (("training pairs", examples), ("held-out pairs of --eval-data", eval_examples)):
-        if found and not any(l != -100 for e in found for l in e[1]):
-            pl.fail(f"--max-length {args.max_length} leaves no response tokens in any of the {what}")
+    n_ce = len(examples) - (n_safety if args.safety_role == "constraint" else 0)
+    return [pl.check_lost(sum(all(l == -100 for l in e[1]) for e in found), len(found), what, f"--max-length "
+                          f"{args.max_length} leaves no response tokens in", "raise --max-length or shorten them")
+            for what, found in (("training pairs", examples[:n_ce]), ("held-out pairs of --eval-data", eval_examples))]
 
 
 def anchors_of_run(work, run, model, probes):
@@ -425,17 +427,17 @@ def write_outputs(work, run, pairs, safety, t0):
     args, log = run.args, run.log
     name = "model" if args.full else "adapter"
     training.trainable_state(run.model, run.step)  # finite, or nothing is written
-    run.model.save_pretrained(os.path.join(work, name))
-    if args.full:
-        run.tok.save_pretrained(os.path.join(work, name))
+    artifacts.save_trained(os.path.join(work, name), run.model, run.tok,
+                           None if args.full else artifacts.record(args.model, run.model.config))
     n_layers = pl.text_config(run.model).num_hidden_layers
     meta = pl.metadata(args, [getattr(args, k) for k in FILES])
     log["epochs"] = epoch_summaries(log, len(run.batches))
     drift_log = {str(e["epoch"]): e["drift"] for e in log["epochs"]}
     pl.save_json(os.path.join(work, "procon.json"), {
         "model": args.model, "layers": run.layers, "activation": "input of each constrained layer",
-        "n_train": len(pairs), "n_safety": len(safety), "seed": args.seed, "refusal_tokens": run.refusal_tokens,
-        "seconds": round(time.time() - t0, 1), "peak_memory_mib": pl.peak_memory_mib(run.device), **log, **meta})
+        "n_train": len(pairs), "n_safety": len(safety), "n_cut_by_max_length": dict(zip(("train", "eval"), run.cut)),
+        "seed": args.seed, "refusal_tokens": run.refusal_tokens, "seconds": round(time.time() - t0, 1),
+        "peak_memory_mib": pl.peak_memory_mib(run.device), **log, **meta})
     pl.save_json(os.path.join(work, "drift.json"), {"model": args.model, "cosine_to_initial": drift_log,
                                                     "layers": list(range(1, n_layers)), **meta})
     pl.line_plot(os.path.join(work, "drift.png"), {f"epoch {e}": ([int(l) for l in c], list(c.values())) for e, c in
@@ -448,8 +450,8 @@ def write_outputs(work, run, pairs, safety, t0):
                    rows)
     if args.save_merged:
         artifacts.save_merged(os.path.join(work, "merged"), "adapter", os.path.join(work, "adapter"), args.model, args)
-    print(f"\nwrote {', '.join(outputs(args))} to {args.out} in {time.time() - t0:.0f}s "
-          f"(peak memory {pl.peak_memory_mib(run.device):.0f} MiB)")
+    print(f"\nwrote {', '.join(outputs(args))} to {args.out} in {time.time() - t0:.0f}s (peak memory "
+          f"{pl.peak_memory_mib(run.device):.0f} MiB; pairs whose response --max-length cut off: {run.cut[0]})")
 
 
 def epoch_summaries(log, per_epoch):

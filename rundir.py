@@ -10,7 +10,8 @@ writer at a time, a resume only with the settings it began with, checkpoints tha
 
 A failed or killed run leaves the earlier outputs byte for byte; --overwrite replaces the whole earlier set (the files
 of another mode included) only when the new run succeeds; --resume continues the run in OUT/.run/ when every setting
-that shapes it (its flags, and the contents of the files they name) is as it was, and says what changed if not.
+that shapes it (its flags, the contents of the files they name, the model's contents) is as it was, and says what
+changed if not. OUT is never a file or folder the run reads, nor inside one, nor holds one (READS).
 """
 import contextlib
 import json
@@ -27,18 +28,25 @@ except ImportError:  # not POSIX: no lock, the rest holds
 
 LOCK, WORK, COMMIT, MANIFEST, SETTINGS = ".lock", ".run", "commit.json", ".outputs.json", "settings.json"
 NOT_SETTINGS = ("out", "overwrite", "resume")  # flags that never shape what a run computes
+# the flags, in every script, that name a file or folder the run reads (a model given as a path included)
+READS = ("model", "merge", "chat_template", "data", "data_dir", "safety_data", "refusals", "eval_data", "harmful",
+         "harmless", "pseudo_harmful", "probe_harmful", "probe_harmless", "patch", "adapter", "ablate", "steer",
+         "direction", "exclude", "responses", "eval_refusal")
 
 
 # ============================================================================ what shapes a run
 def settings(args, files=(), ignore=()):
     """Every flag of a run (but `ignore` and NOT_SETTINGS), the flags in `files` recorded by the contents of the file
-    or folder they name (a file rewritten in place is not the same file; a moved one is)."""
+    or folder they name (a file rewritten in place is not the same file; a moved one is), and --model by its contents
+    (pl.model_identity: its files' digests; a hub id not cached here, by its name)."""
     out = {}
     for k, v in sorted(vars(args).items()):
         if k in NOT_SETTINGS or k in ignore:
             continue
         if k in files:  # "sha256:..." of what the flag names (None: no file given)
             v = [f"sha256:{pl.digest(p)}" for p in v] if isinstance(v, list) else v and f"sha256:{pl.digest(v)}"
+        elif k == "model" and v:
+            v = pl.model_identity(v)
         out[k] = v
     return json.loads(json.dumps(out, default=str))
 
@@ -47,6 +55,12 @@ def check_same(old, new, out):
     """A resume must find the run it continues made with the same settings; the first that differs is named."""
     for k in sorted(set(old) | set(new)):
         was, now = old.get(k), new.get(k)
+        if k == "model" and was and now:  # by contents: a moved or copied model is the same, a rewritten one is not
+            change = pl.model_change(was, now)
+            if change:
+                pl.fail(f"--resume with --model {now['model'] if isinstance(now, dict) else now}, which is not the "
+                        f"model the run in {out} began with ({change}); use that one, or start again with --overwrite")
+            continue
         if was == now:
             continue
         flag = "--" + k.replace("_", "-")
@@ -61,6 +75,30 @@ def check_same(old, new, out):
 
 
 # ============================================================================ the folder
+def reads(args):
+    """(flag, path) of every file or folder that a run's flags (READS) name and that exists here."""
+    found = []
+    for k in READS:
+        for p in (lambda v: v if isinstance(v, list) else [v])(getattr(args, k, None)):
+            if p and isinstance(p, str) and os.path.exists(os.path.expanduser(p)):
+                found.append(("--" + k.replace("_", "-"), os.path.expanduser(p)))
+    return found
+
+
+def check_not_read(out, read):
+    """--out is none of the files and folders the run reads (`read`: (flag, path)), is inside none of them and holds
+    none: an --overwrite there would replace or remove them, and the outputs would change what they are."""
+    o = os.path.realpath(out)
+    for flag, path in read:
+        p = os.path.realpath(path)
+        if o == p:
+            pl.fail(f"--out {out} is what {flag} reads; choose another --out")
+        if o.startswith(p.rstrip(os.sep) + os.sep):
+            pl.fail(f"--out {out} is inside {path}, which {flag} reads; choose an --out outside it")
+        if p.startswith(o.rstrip(os.sep) + os.sep):
+            pl.fail(f"--out {out} holds {path}, which {flag} reads; choose an --out that does not hold it")
+
+
 def lock(out):
     """Hold OUT/.lock for this process (released when it ends, however it ends)."""
     f = open(os.path.join(out, LOCK), "a+", encoding="utf-8")
@@ -146,14 +184,17 @@ def commit(out, outputs, known):
 
 
 @contextlib.contextmanager
-def run_folder(out, outputs, overwrite=False, resume=False, settings=None, known=(), resumable=False, progress=()):
-    """The one way a script writes --out. Checked before any work: OUT is a folder this process can write; no other
+def run_folder(out, outputs, overwrite=False, resume=False, settings=None, known=(), resumable=False, progress=(),
+               read=()):
+    """The one way a script writes --out. Checked before any work: OUT is a folder this process can write, and none of
+    the files and folders the run reads (`read`: (flag, path), from reads(args)) nor inside or around one; no other
     run writes it; earlier outputs are only replaced with --overwrite; an unfinished run there is continued only with
     --resume and the same settings. Yields the work folder OUT/.run/, into which the run writes everything; the names
     in `outputs` (None: all it wrote) are committed to OUT when the block ends without an error. `known`: the names
     any mode of the script writes (an --overwrite removes those of an earlier run too). resumable: the script can
     continue an unfinished run; its work folder is then kept after a failure if it holds progress (a checkpoint, or a
     non-empty file named in `progress`), else it is removed."""
+    check_not_read(out, read)
     if os.path.exists(out) and not os.path.isdir(out):
         pl.fail(f"--out {out}: exists and is not a folder")
     if resume and overwrite:
@@ -186,7 +227,11 @@ def run_folder(out, outputs, overwrite=False, resume=False, settings=None, known
                         "--out")
             remove(work)  # a dead run's work (a non-resumable script's, or one --overwrite starts again)
             os.makedirs(work)
-            pl.save_json(os.path.join(work, SETTINGS), settings or {})
+            try:
+                pl.save_json(os.path.join(work, SETTINGS), settings or {})
+            except BaseException:  # a full disk: no empty work folder is left behind
+                remove(work)
+                raise
         try:
             yield work
         except BaseException:
@@ -217,14 +262,16 @@ def checkpoints(work):
 
 def save_checkpoint(work, step, write):
     """write(folder) fills a new folder; it becomes checkpoint-<step> only once whole (one rename), and only then
-    are the older checkpoints removed: a kill at any moment leaves the last whole checkpoint in place."""
+    are the older checkpoints removed: a kill or a write error at any moment leaves the last whole checkpoint in place
+    (and no half-written one)."""
     final = os.path.join(work, f"checkpoint-{step:07d}")
     tmp = final + ".tmp"
     remove(tmp)
-    os.makedirs(tmp)
-    write(tmp)
-    remove(final)
-    os.replace(tmp, final)
+    with pl.save_guard(final, tmp):  # a write error is one line, and leaves no half checkpoint
+        os.makedirs(tmp)
+        write(tmp)
+        remove(final)
+        os.replace(tmp, final)
     for _, path in checkpoints(work):
         if path != final:
             remove(path)

@@ -159,8 +159,8 @@ def make_trainable(model, args):
 def trainable_state(model, step):
     """The trainable weights, on the CPU; weights that are no longer finite stop the run before anything is written."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad}
-    if not all(torch.isfinite(v).all() for v in state.values()):
-        pl.fail(f"the weights are no longer finite after step {step}; try a lower --lr (nothing was written)")
+    for k, v in state.items():
+        pl.check_finite(v, f"the trained weights after step {step}", " (they were not written)")
     return state
 
 

@@ -305,7 +305,15 @@ def test_search_picks_what_a_hand_made_judge_says(tiny_llama, tmp_path, monkeypa
     assert len(found["candidates"]) == 8 and len(found["baseline"]["candidates"]) == 4
     shift = found["baseline"]["chosen"]
     assert (shift["layer"], shift["coeff"]) == want_shift
-    assert found["baseline"]["evaluate"].endswith(f"--coeff {-want_shift[1]:g}")
+    import shlex
+
+    import evaluate
+
+    command = shlex.split(found["baseline"]["evaluate"])  # what the user passes back: read by evaluate.py, exactly
+    assert command[:2] == ["python", "evaluate.py"]
+    args = evaluate.parse_args(command[2:] + ["--data", files[1]])
+    assert (args.coeff, args.model, args.steer) == (-want_shift[1], tiny_llama,
+                                                    str(tmp_path / "s" / "baseline_direction.pt"))
     d = torch.load(tmp_path / "s" / "baseline_direction.pt", weights_only=True)
     assert d["layer"] == want_shift[0] and d["position"] == -1 and d["mean_diff"].shape == (4, 1, 64)
     for name in ("search.png", "projections.png", "actor_layer.safetensors"):
@@ -379,9 +387,13 @@ BAD = [
     (["--pseudo-harmful", "{lists}"], "row 1 is a list, expected a string or an object"),
     (["--pseudo-harmful", "{objs}"], "row 1 has a dict in column 'prompt', expected text"),
     (["--harmful", "{h}", "--harmless", "{h}"], "the harmful and harmless prompts are the same"),
-    (["--harmless", "{tmp}"], "is a folder, not a prompt file"),
+    (["--harmless", "{tmp}"], "is a folder, not a file"),
     (["--origin", "middle"], "argument --origin: invalid choice"),
     (["--merge", "{tmp}"], "not an ACTOR patch"),
+    (["--merge", "{h}"], "is a file, not a folder"),
+    (["--merge", "{earlier}", "--out", "{earlier}"], "is what --merge reads; choose another --out"),
+    (["--out", "{qdir}", "{q}"], "holds {h}, which --harmful reads"),
+    (["--chat-template", "{tmp}"], "is a folder, not a chat template file"),
 ]
 if not torch.cuda.is_available():
     BAD.append((["--device", "cuda"], "no CUDA device"))
@@ -419,12 +431,13 @@ def test_bad_input_table(tiny_llama, earlier_run, tmp_path, monkeypatch, main, a
     q = search_files(tmp_path, n=2)
     subst = {"{empty}": str(tmp_path / "empty.json"), "{lists}": str(tmp_path / "lists.json"),
              "{objs}": str(tmp_path / "objs.json"),
-             "{h}": q[1], "{tmp}": str(tmp_path)}
+             "{h}": q[1], "{tmp}": str(tmp_path), "{earlier}": str(earlier_run), "{qdir}": os.path.dirname(q[1])}
     argv = [subst.get(x, x) for x in argv]
     if "{q}" in argv:
         argv = [x for x in argv if x != "{q}"] + q
     before = snapshot(earlier_run)
     monkeypatch.setattr(pl, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing bad input"))
+    phrase = phrase.replace("{h}", q[1])
     with pytest.raises(pl.UserError, match=re.escape(phrase)):
         main(["--model", tiny_llama, "--out", str(earlier_run), "--overwrite", *argv])
     assert snapshot(earlier_run) == before
@@ -449,10 +462,10 @@ def test_search_without_a_kept_candidate_writes_no_patch(tiny_llama, tmp_path, m
     monkeypatch.setattr(S, "rates", lambda s, g: dict(zip(("harmful", "pseudo_harmful", "harmless"), next(table)),
                                                       tradeoff=0.0))
     with pytest.raises(pl.UserError, match="no ACTOR candidate kept harmful validation refusal within 5 points"):
-        run_search(tiny_llama, tmp_path, search_files(tmp_path), "--search-layers", "1", "--alphas", "1",
+        run_search(tiny_llama, tmp_path / "s", search_files(tmp_path), "--search-layers", "1", "--alphas", "1",
                    "--lrs", "1e-2", "--coeffs", "0.5,1")
-    assert (tmp_path / "search.json").exists() and not (tmp_path / "actor.json").exists()
-    assert not (tmp_path / "baseline_direction.pt").exists()
+    assert (tmp_path / "s" / "search.json").exists() and not (tmp_path / "s" / "actor.json").exists()
+    assert not (tmp_path / "s" / "baseline_direction.pt").exists()
 
 
 def test_mismatched_patch(tiny_llama, tiny_neox, earlier_run, tmp_path):

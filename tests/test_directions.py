@@ -53,6 +53,17 @@ def test_read_prompts_limit_is_a_fixed_seeded_sample(tmp_path):
     assert pl.read_prompts(path, limit=10, seed=2) != a
 
 
+def test_an_unreadable_file_is_named_as_such(tmp_path, monkeypatch):
+    """A prompt file that is there but cannot be read: 'not readable', not 'no such file' (os.access is faked: root
+    reads anything)."""
+    (tmp_path / "p.json").write_text('["a"]')
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("p.json") else access(p, mode))
+    with pytest.raises(pl.UserError) as e:
+        pl.read_prompts(str(tmp_path / "p.json"))
+    assert str(e.value) == f"{tmp_path / 'p.json'}: not readable (permission denied)"
+
+
 @pytest.mark.parametrize("name,text,msg", [
     ("missing.json", None, "no such file"),
     ("empty.json", "[]", "no prompts"),
@@ -65,7 +76,7 @@ def test_read_prompts_limit_is_a_fixed_seeded_sample(tmp_path):
     ("a.xlsx", "x", "unknown file type"),
     ("objs.json", '[{"prompt": ["a", "b"]}]', "row 1 has a list in column 'prompt', expected text"),
     ("latin1.txt", b"caf\xe9\n", "not UTF-8 text"),
-    ("folder", "", "is a folder, not a prompt file"),
+    ("folder", "", "is a folder, not a file"),
 ])
 def test_read_prompts_bad_input(tmp_path, name, text, msg):
     if name == "folder":
@@ -379,7 +390,7 @@ BAD_INPUT = [
     (["--layer", "9"], "out of range"),
     (["--layer", "0"], "out of range"),
     (["--harmful", "{tmp}/nope.json"], "no such file"),
-    (["--harmful", "{tmp}"], "is a folder, not a prompt file"),
+    (["--harmful", "{tmp}"], "is a folder, not a file"),
     (["--harmless", "{harmful}"], "the harmful and harmless prompts are the same"),
     (["--pseudo-harmful", "{tmp}/nope.json"], "no such file"),
     (["--chat-template", "{tmp}/nope.jinja"], "no such chat template file"),
@@ -387,6 +398,9 @@ BAD_INPUT = [
     (["--out", "{file}"], "exists and is not a folder"),
     (["--out", "/proc/refusal-steering-test/out"], "not a folder this process can write"),
     (["--lyaer", "2"], "unrecognized arguments: --lyaer 2"),
+    (["--out", "{harmful}"], "is what --harmful reads; choose another --out"),
+    (["--chat-template", "{tmp}"], ": is a folder, not a chat template file"),
+    (["--model", "{file}"], "file: is a file, not a model directory"),
     ([], "exists; pass --overwrite"),
 ]
 
@@ -423,8 +437,10 @@ def test_no_nan_direction_is_written(tiny_llama, prompt_files, tmp_path, monkeyp
     """NaN activations end in one line and write nothing."""
     capture = pl.capture
     monkeypatch.setattr(pl, "capture", lambda *a, **k: capture(*a, **k) * float("nan"))
-    with pytest.raises(pl.UserError, match="not finite"):
+    with pytest.raises(pl.UserError) as e:
         run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "1")
+    assert str(e.value) == ("the difference in means became NaN; no flag of this run scales it, so the model's own "
+                            "numbers overflow (its weights, or bf16: try --device cpu)")
     assert not (tmp_path / "direction.pt").exists()
 
 

@@ -170,8 +170,9 @@ def test_patch_and_adapter(tiny_llama, prompt_files, tmp_path):
                                                                          init_lora_weights=False))
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     for name, extra in (("base", []), ("patch", ["--patch", str(patch)]), ("adapter", ["--adapter", str(tmp_path / "adapter")])):
-        run_eval(tiny_llama, tmp_path / name, "--data", prompt_files["harmless"], "--judge", "logit", *extra)
-    base, patched, adapted = ([r["logit_score"] for r in rows_of(tmp_path / n)] for n in ("base", "patch", "adapter"))
+        run_eval(tiny_llama, tmp_path / f"eval-{name}", "--data", prompt_files["harmless"], "--judge", "logit", *extra)
+    base, patched, adapted = ([r["logit_score"] for r in rows_of(tmp_path / f"eval-{n}")] for n in ("base", "patch",
+                                                                                                     "adapter"))
     assert patched != base and adapted != base
 
 
@@ -471,6 +472,54 @@ def test_context_is_warned_about_on_rotary_models(tiny_neox, tmp_path, capsys):
     assert "warning: 1 of 2 prompts run past the model's context of 256 tokens" in capsys.readouterr().err
 
 
+def test_an_artifact_meets_its_model_by_contents(tiny_llama, prompt_files, tmp_path, capsys):
+    """A direction made by directions.py on a model folder fits a copy of it elsewhere (the same contents, no
+    --other-model, no note); once the copy's weights change it is refused, naming the file, unless --other-model."""
+    import shutil
+
+    for name in ("a", "b"):
+        shutil.copytree(tiny_llama, tmp_path / name)
+    directions.main(["--model", str(tmp_path / "a"), "--harmful", prompt_files["harmful"], "--harmless",
+                     prompt_files["harmless"], "--layer", "1", "--n-val", "2", "--out", str(tmp_path / "d")])
+    d = str(tmp_path / "d" / "direction.pt")
+    capsys.readouterr()
+    run_eval(str(tmp_path / "b"), tmp_path / "o", "--data", prompt_files["harmless"], "--judge", "logit", "--ablate", d)
+    assert "was made on" not in capsys.readouterr().err
+    model = pl.load_model(str(tmp_path / "b"))[0]
+    with torch.no_grad():
+        next(model.parameters()).add_(1)
+    model.save_pretrained(str(tmp_path / "b"))
+    with pytest.raises(pl.UserError) as e:
+        run_eval(str(tmp_path / "b"), tmp_path / "o2", "--data", prompt_files["harmless"], "--judge", "logit",
+                 "--ablate", d)
+    assert str(e.value) == (f"{d} was made on {tmp_path / 'a'}, not on {tmp_path / 'b'}; pass --other-model to apply "
+                            "it anyway (e.g. to the model's own fine-tune)")
+    shutil.rmtree(tmp_path / "a")
+    shutil.copytree(tmp_path / "b", tmp_path / "a")  # the folder it was made on, its weights replaced
+    with pytest.raises(pl.UserError) as e:
+        run_eval(str(tmp_path / "a"), tmp_path / "o2", "--data", prompt_files["harmless"], "--judge", "logit",
+                 "--ablate", d)
+    assert str(e.value) == (f"{d} was made on {tmp_path / 'a'}, and {tmp_path / 'a'} has changed since "
+                            "(model.safetensors changed); pass --other-model to apply it anyway (e.g. to the model's "
+                            "own fine-tune)")
+
+
+def test_responses_values_and_flags_that_cannot_apply(tiny_llama, tmp_path):
+    """--responses: expect and label values in any case; a logit judge needs the model that wrote the responses."""
+    (tmp_path / "r.jsonl").write_text('{"prompt": "a", "response": "Sure.", "expect": " Comply"}\n'
+                                      '{"prompt": "b", "response": "I cannot help.", "label": "UNSAFE"}\n')
+    E.main(["--responses", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "o")])
+    assert [(r["benchmark"], r["expect"]) for r in rows_of(tmp_path / "o")] == [("r-safe", "comply"),
+                                                                               ("r-unsafe", "refuse")]
+    with pytest.raises(pl.UserError) as e:
+        E.main(["--responses", str(tmp_path / "r.jsonl"), "--judge", "logit", "--out", str(tmp_path / "l")])
+    assert str(e.value) == ("--judge logit with --responses scores each prompt under --model, not the responses: name "
+                            "the model that wrote them with --model")
+    E.main(["--responses", str(tmp_path / "r.jsonl"), "--judge", "logit", "--model", tiny_llama, "--out",
+            str(tmp_path / "l")])
+    assert json.loads((tmp_path / "l" / "summary.json").read_text())["model"] == tiny_llama
+
+
 def test_another_model_is_refused_unless_asked(tiny_llama, prompt_files, tmp_path, capsys):
     """A direction or an adapter made on another model (here a copy under another name: the same shapes) is refused,
     naming both models; --other-model applies it, saying so."""
@@ -572,8 +621,19 @@ def bad(tiny_llama, tiny_neox, prompt_files, guard_model, no_template_model, tmp
     for name, extra in (("plain", []), ("steered", ["--steer", p["d"], "--coeff", "8"])):
         E.main(BASE(p, t / name) + extra)
         p[name] = str(t / name)
+    import shutil
+
+    for name in ("llama_copy", "llama_copy2"):  # copies of the model whose weights are replaced after use
+        shutil.copytree(tiny_llama, t / name)
+        p[name] = str(t / name)
+    llama = pl.load_model(p["llama_copy2"])[0]
+    (t / "patch_changed").mkdir()  # a patch made on the copy, which records the copy's contents
+    artifacts.save_patch(str(t / "patch_changed"), pl.decoder_layers(llama)[1], {
+        "layer": 1, "base_model": p["llama_copy2"], **artifacts.record(p["llama_copy2"], llama.config)})
+    p["patch_changed"] = str(t / "patch_changed")
     for name, extra in (("killed", []), ("killed_steered", ["--steer", p["d"], "--coeff", "8"]),
-                        ("killed_edited", ["--steer", str(t / "d_edited.pt")])):
+                        ("killed_edited", ["--steer", str(t / "d_edited.pt")]),
+                        ("killed_changed", ["--model", p["llama_copy"]])):
         generate = pl.generate
 
         def dying(*args, on_batch=None, **kwargs):
@@ -590,6 +650,41 @@ def bad(tiny_llama, tiny_neox, prompt_files, guard_model, no_template_model, tmp
         p[name] = str(t / name)
     torch.save(fake_direction(tiny_llama, 64, 4, layer=1), t / "d_edited.pt")  # rewritten in place after its run
     p["d_edited"] = str(t / "d_edited.pt")
+    for name in ("llama_copy", "llama_copy2"):  # the same folders, other weights (as a fine-tune saved over them)
+        changed = pl.load_model(p[name])[0]
+        with torch.no_grad():
+            next(changed.parameters()).add_(1.0)
+        changed.save_pretrained(p[name])
+    # direction files whose other tensors do not fit or are not finite; patches and adapters that are not finite
+    d = fake_direction(tiny_llama, 64, 4)
+    for name, bad_part in (("d_nan", {"mean_diff": d["mean_diff"].index_fill(0, torch.tensor([3]), float("nan"))}),
+                           ("d_wide", {"mean_diff": torch.randn(4, 1, 32)}), ("d_pos", {"position": -3}),
+                           ("d_tokens", {"refusal_tokens": torch.tensor([5, 10 ** 6])})):
+        torch.save({**d, **bad_part}, t / f"{name}.pt")
+        p[name] = str(t / f"{name}.pt")
+    from safetensors.torch import load_file, save_file
+
+    for name, change in (("patch_nan", lambda w: w.index_fill_(0, torch.tensor([0]), float("nan"))),
+                         ("patch_int", lambda w: w.long())):
+        shutil.copytree(p["patch"], t / name)
+        weights = load_file(str(t / name / "actor_layer.safetensors"))
+        key = sorted(weights)[0]
+        save_file({**weights, key: change(weights[key]).contiguous()}, str(t / name / "actor_layer.safetensors"))
+        p[name] = str(t / name)
+    for name, change in (("a_inf", lambda k, w: w.fill_(float("inf")) if "lora_B" in k else w),
+                         ("a_rank", lambda k, w: torch.zeros(3, w.shape[1]) if "lora_A" in k else w)):
+        get_peft_model(pl.load_model(tiny_llama)[0], LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+            str(t / name))
+        weights = load_file(str(t / name / "adapter_model.safetensors"))
+        save_file({k: change(k, w).contiguous() for k, w in weights.items()},
+                  str(t / name / "adapter_model.safetensors"))
+        p[name] = str(t / name)
+    (t / "r_expect.jsonl").write_text('{"prompt": "a", "response": "b", "expect": "Refuse"}\n'
+                                      '{"prompt": "c", "response": "d", "expect": "maybe"}\n')
+    (t / "r_label.csv").write_text("prompt,response,label\na,b,SAFE\nc,d,harmful\n")
+    p.update(r_expect=str(t / "r_expect.jsonl"), r_label=str(t / "r_label.csv"), bad_dir=str(t),
+             inside_model=os.path.join(tiny_llama, "evals"), plain_responses=os.path.join(p["plain"], "mine.jsonl"))
+    (t / "plain" / "mine.jsonl").write_text('{"prompt": "a", "response": "I cannot help."}\n')  # the user's, kept there
     (t / "afile").write_text("an existing file\n")
     (t / "noprompt.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"response": "c"}\n')
     (t / "noresp.jsonl").write_text('{"prompt": "a", "response": ""}\n{"prompt": "b", "response": null}\n')
@@ -661,7 +756,42 @@ BAD_INPUTS = [
     row("plain", "--patch {patch_other} --overwrite", r"was made on big-llama \(hidden size 64, 30 layers\), which does "
         "not match"),
     row("plain", "--patch {patch_trunc} --overwrite", "damaged or not a safetensors file"),
-    row("plain", "--patch {file} --overwrite", "no such folder"),
+    row("plain", "--patch {file} --overwrite", "--patch .*afile: is a file, not a folder"),
+    # issue 27, identity by contents: a resume or a patch meets a model folder whose weights were replaced since
+    row("killed_changed", "--resume --model {llama_copy}", r"--resume with --model {llama_copy}, which is not the "
+        r"model the run in .* began with \(model.safetensors changed\); use that one, or start again with --overwrite"),
+    row("plain", "--patch {patch_changed} --model {llama_copy2} --judge logit --overwrite", r"{patch_changed} was made "
+        r"on {llama_copy2}, and {llama_copy2} has changed since \(model.safetensors changed\); pass --other-model"),
+    # artifacts checked whole: every tensor finite, of its kind and shape
+    row("plain", "--steer {d_nan} --overwrite", "{d_nan}: mean_diff holds NaN or infinite values"),
+    row("plain", "--ablate {d_wide} --overwrite", r"its mean_diff has shape \[4, 1, 32\], which holds no layer 2, "
+        "position -1 of a 64-wide direction"),
+    row("plain", "--steer {d_pos} --overwrite", r"shape \[4, 1, 64\], which holds no layer 2, position -3"),
+    row("plain", "--direction {d_tokens} --judge logit --overwrite", r"refusal_tokens \[5, 1000000\] are not all in "
+        "the model's vocabulary of"),
+    row("plain", "--patch {patch_nan} --overwrite", r"actor_layer.safetensors: .* holds NaN or infinite values"),
+    row("plain", "--patch {patch_int} --overwrite", "holds int64 values, not floating-point numbers"),
+    row("plain", "--adapter {a_inf} --overwrite", r"lora_B.weight holds NaN or infinite values"),
+    row("plain", "--adapter {a_rank} --overwrite", "disagree on their rank"),
+    # inputs are never outputs
+    row("patch", "--patch {patch} --overwrite", "--out {patch} is what --patch reads"),
+    row("plain", "--responses {plain_responses} --data= --overwrite", "--out {plain} holds {plain_responses}, which "
+        "--responses reads"),
+    row("inside_model", "", "--out {inside_model} is inside {llama}, which --model reads"),
+    row("bad_dir", "--ablate {d} --overwrite", "--out {bad_dir} holds {d}, which --ablate reads"),
+    # data that would lose its effect; flags that cannot apply
+    row("plain", "--responses {r_expect} --data= --overwrite", "{r_expect}: row 2 has expect 'maybe'; expected "
+        "'refuse' or 'comply'"),
+    row("plain", "--responses {r_label} --data= --overwrite", "row 2 has label 'harmful'; expected 'safe' or 'unsafe'"),
+    row("plain", "--direction {d} --overwrite", "--direction gives the logit judge its refusal tokens"),
+    row("plain", "--data-dir {bad_dir} --overwrite", "--data-dir holds the --benchmark sets"),
+    row("plain", "--data= --benchmark advbench --column goal --overwrite",
+        "--column names the prompt column of --data"),
+    row("plain", "--responses {r_label} --data= --exclude {harmful} --overwrite", "--exclude leaves prompts out"),
+    # messages that name the cause
+    row("plain", "--steer {patch} --overwrite", "--steer {patch}: is a folder, not a direction file"),
+    row("plain", "--adapter {d} --overwrite", "--adapter {d}: is a file, not a folder"),
+    row("plain", "--chat-template {patch} --overwrite", "{patch}: is a folder, not a chat template file"),
     # --responses: a row without a prompt, nothing but empty answers
     row("plain", "--responses {noprompt} --data= --overwrite", "row 2 has no prompt"),
     row("plain", "--responses {noresp} --data= --overwrite", "every response in column 'response' is empty"),

@@ -273,9 +273,54 @@ def test_a_loss_that_is_not_finite_keeps_the_last_checkpoint(tiny_llama, pairs_f
         out = loss(*args, **kwargs)
         return (out[0] * float("nan"),) + out[1:] if len(calls) == 4 else out
     monkeypatch.setattr(P, "training_loss", nan_on_step_4)
-    with pytest.raises(pl.UserError, match="the loss is nan at step 4; the last checkpoint is kept"):
+    with pytest.raises(pl.UserError) as e:
         run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3")
+    assert str(e.value) == ("the loss at step 4 became NaN; the likely cause: --alpha 0.3 (else --lr 0.0002) is too "
+                            "large: try a smaller value with --overwrite (the checkpoint of step 3 is kept)")
     assert last_checkpoint(tmp_path).endswith("0000003") and not (tmp_path / "adapter").exists()
+
+
+def test_a_loss_that_is_not_finite_before_any_checkpoint_says_so(tiny_llama, pairs_file, tmp_path, monkeypatch):
+    """A NaN loss at the first step: the message names the flag most likely to blame and says that no checkpoint was
+    written (not that one is kept); the work folder goes with the run."""
+    loss = P.training_loss
+    monkeypatch.setattr(P, "training_loss", lambda *a, **k: (loss(*a, **k)[0] * float("nan"),) + loss(*a, **k)[1:])
+    with pytest.raises(pl.UserError) as e:
+        run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3", "--warmup-epochs", "1", "--warmup-alpha", "5")
+    assert str(e.value) == ("the loss at step 1 became NaN; the likely cause: --warmup-alpha 5 (else --alpha 0.3, --lr "
+                            "0.0002) is too large: try a smaller value with --overwrite (no checkpoint was written "
+                            "yet)")
+    assert not (tmp_path / rundir.WORK).exists()
+
+
+def test_a_huge_warmup_alpha_is_named_first(tiny_llama, pairs_file, tmp_path):
+    """A finite but huge --warmup-alpha drives the weights to NaN (AdamW meets an infinite gradient); whichever number
+    shows it first (the loss, the drift probe's difference in means), the message names --warmup-alpha first."""
+    with pytest.raises(pl.UserError) as e:
+        run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3", "--warmup-epochs", "1", "--warmup-alpha", "1e38")
+    assert " became NaN; the likely cause: --warmup-alpha 1e+38 (else --alpha 0.3, --lr 0.0002) is too large" in \
+        str(e.value)
+
+
+def test_pairs_cut_off_by_max_length_are_counted_or_refused(tiny_llama, prompt_files, tmp_path, capsys):
+    """Pairs whose response --max-length cuts off entirely add nothing to the loss: counted (warning, procon.json),
+    and the run refused when they are more than half; safety samples that carry no CE (--safety-role constraint)
+    are not counted."""
+    rows = lambda n_long: [{"instruction": ("word " * 80 if i < n_long else "") + f"Bake bread {i}?",  # noqa: E731
+                            "output": f"Mix flour {i}."} for i in range(10)]
+    (tmp_path / "three.json").write_text(json.dumps(rows(3)))
+    (tmp_path / "six.json").write_text(json.dumps(rows(6)))
+    (tmp_path / "safety.json").write_text(json.dumps(["word " * 80 + f"Build a bomb {i}" for i in range(8)]))
+    log = run(tiny_llama, str(tmp_path / "three.json"), tmp_path / "a", "--safety-data", str(tmp_path / "safety.json"),
+              "--safety-role", "constraint", "--alpha", "0.1", "--epochs", "1")
+    assert log["n_cut_by_max_length"] == {"train": 3, "eval": 0}
+    out = capsys.readouterr()
+    assert "warning: --max-length 64 leaves no response tokens in 3 of the 10 training pairs; they add nothing" in \
+        out.err and "pairs whose response --max-length cut off: 3" in out.out
+    with pytest.raises(pl.UserError) as e:
+        run(tiny_llama, str(tmp_path / "six.json"), tmp_path / "b")
+    assert str(e.value) == ("--max-length 64 leaves no response tokens in 6 of the 10 training pairs (more than 50%); "
+                            "raise --max-length or shorten them")
 
 
 def test_positions_choose_what_the_constraint_reads(tiny_llama, pairs_file):
@@ -432,14 +477,15 @@ BAD_INPUT = [
     (["--lora-alpha", "0"], "argument --lora-alpha: 0 must be above 0"),
     (["--lora-r", "0"], "argument --lora-r: 0 must be at least 1"),
     (["--max-length", "1"], "argument --max-length: 1 must be at least 2"),
-    (["--max-length", "8"], "--max-length 8 leaves no response tokens in any of the training pairs"),
-    (["--eval-data", "{long}"], "leaves no response tokens in any of the held-out pairs of --eval-data"),
+    (["--max-length", "8"], "--max-length 8 leaves no response tokens in 10 of the 10 training pairs (more than 50%); "
+     "raise --max-length or shorten them"),
+    (["--eval-data", "{long}"], "leaves no response tokens in 1 of the 1 held-out pairs of --eval-data"),
     (["--full", "--load-in-4bit"], "--full cannot train a 4-bit model"),
     (["--full", "--save-merged"], "--full already writes the whole model"),
     (["--device", "cuda"], "no CUDA device"),
     (["--lora-targets", "qkv_proj"], "qkv_proj not among this model's linear layers"),
     (["--data", "{tmp}/missing.json"], "no such file"),
-    (["--data", "{tmp}"], "is a folder, not a prompt file"),
+    (["--data", "{tmp}"], "is a folder, not a file"),
     (["--data", "{lists}"], "row 1 has a list in column 'output', expected text"),
     (["--harmless", "{harmful}"], "the harmful and harmless prompts are the same"),
     (["--probe-harmful", "{harmful}", "--probe-harmless", "{harmful}"], "the probe harmful and probe harmless"),
@@ -449,6 +495,11 @@ BAD_INPUT = [
     (["--resume", "--overwrite"], "pass one of them"),
     (["--resume"], "no unfinished run to resume (the last one finished)"),
     (["--merge", "{tmp}"], "not a LoRA adapter folder"),
+    (["--merge", "{file}"], "is a file, not a folder"),
+    (["--out", "{pairs_dir}"], "holds {pairs}, which --data reads; choose an --out that does not hold it"),
+    (["--out", "{harmful}"], "is what --harmful reads; choose another --out"),
+    (["--eval-data", "{tmp}"], "is a folder, not a file"),
+    (["{killed}", "--resume", "--model", "{tmp}/copy"], "which is not the model the run in"),
     (["{killed}", "--no-overwrite"], "holds an unfinished run; continue it with --resume"),
     (["{killed}", "--resume", "--lr", "1e-3"], "--resume with --lr 0.001"),
     (["{killed}", "--resume", "--constrained-tokens", "response"], "--resume with --constrained-tokens 'response'"),
@@ -497,8 +548,15 @@ def test_bad_input_table(tiny_llama, pairs_file, finished_run, killed_run, promp
     (tmp_path / "long.json").write_text(json.dumps([{"instruction": "word " * 80, "output": "ok"}]))
     subst = {"{tmp}": str(tmp_path), "{file}": str(tmp_path / "file"), "{lists}": str(tmp_path / "lists.json"),
              "{long}": str(tmp_path / "long.json"), "{harmful}": prompt_files["harmful"],
-             "{harmless}": prompt_files["harmless"]}
+             "{harmless}": prompt_files["harmless"], "{pairs_dir}": os.path.dirname(pairs_file), "{pairs}": pairs_file}
     extra = [subst.get(a, a).replace("{tmp}", str(tmp_path)) for a in extra if a != "{killed}"]
+    message = message.replace("{pairs}", pairs_file)
+    if f"{tmp_path}/copy" in extra:  # another model: the same architecture and shapes, other weights
+        model = pl.load_model(tiny_llama)[0]
+        with torch.no_grad():
+            next(model.parameters()).add_(1)
+        model.save_pretrained(str(tmp_path / "copy"))
+        pl.load_model(tiny_llama)[1].save_pretrained(str(tmp_path / "copy"))
     if "--truncate" in extra:  # a damaged file from a killed disk write
         i = extra.index("--truncate")
         victim = out / extra.pop(i + 1)

@@ -295,3 +295,206 @@ def test_a_kill_at_any_write_leaves_old_or_new_outputs_and_resume_continues(tiny
         main(argv + ["--overwrite"])  # back to the first run's outputs for the next cut
         first = snapshot(out)
     assert n > 3
+
+
+# ---------------------------------------------------------------------------- identity by contents (issue 27)
+def test_a_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    """pl.sha256 reads a file once per version (path, inode, size, mtime, ctime), in this process and, for large files,
+    across processes (CACHE/digests.json); a file rewritten in place with its mtime set back is read again (ctime), and
+    a file changed within DIGEST_RACY seconds is not kept at all."""
+    import builtins
+
+    monkeypatch.setattr(pl, "CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pl, "_DIGESTS", {})
+    monkeypatch.setattr(pl, "DIGEST_KEEP", 4)
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"aaaa")
+    reads, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (reads.append(f) if str(f) == str(path) else None)
+                        or real_open(f, *a, **k))
+    first = pl.sha256(str(path))
+    assert pl.sha256(str(path)) == first and len(reads) == 2  # changed just now: racy, so read again, not kept
+    monkeypatch.setattr(pl, "DIGEST_RACY", 0.0)
+    assert pl.sha256(str(path)) == first and pl.sha256(str(path)) == first and len(reads) == 3  # kept from now on
+    assert first in json.load(real_open(tmp_path / "cache" / "digests.json")).values()
+    monkeypatch.setattr(pl, "_DIGESTS", {})  # another process: the large file's digest comes from the cache
+    assert pl.sha256(str(path)) == first and len(reads) == 3
+    stat = os.stat(path)
+    path.write_bytes(b"bbbb")  # the same size, and its mtime set back: only ctime tells
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert pl.sha256(str(path)) == pl.sha256_of("bbbb") != first and len(reads) == 4
+
+
+def test_a_model_is_known_by_its_contents(tiny_llama, tmp_path, monkeypatch):
+    """pl.model_identity: a model folder by its files' digests, whatever path names it; a copy is the same model; the
+    same folder with other weights is not, and model_change names the file; documentation does not count."""
+    import shutil
+
+    shutil.copytree(tiny_llama, tmp_path / "m")
+    shutil.copytree(tiny_llama, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    a, b, c = pl.model_identity("./m/"), pl.model_identity(str(tmp_path / "m")), pl.model_identity("copy")
+    assert a["key"] == b["key"] == str(tmp_path / "m") and a["sha256"] == b["sha256"] == c["sha256"]
+    assert "model.safetensors" in a["files"] and "config.json" in a["files"]
+    assert pl.model_change(a, c) is None  # a copy elsewhere: the same model
+    (tmp_path / "m" / "README.md").write_text("notes")
+    assert pl.model_change(a, pl.model_identity("m")) is None
+    model = pl.load_model("m")[0]
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)
+    model.save_pretrained("m")
+    assert pl.model_change(a, pl.model_identity("m")) == "model.safetensors changed"
+    assert pl.model_change(pl.model_identity("m"), c) == "another model"
+    hub = pl.model_identity("no-such-org/no-such-model")
+    assert hub["sha256"] is None and pl.model_change(hub, "no-such-org/no-such-model") is None
+    assert pl.model_change(str(tmp_path / "m"), a) is None  # an older run's setting, a bare path: by its key
+
+
+def test_a_resume_takes_the_same_model_by_any_path_or_copy(tiny_llama, files, tmp_path, monkeypatch):
+    """evaluate.py killed after one batch, resumed with the model named by another path (./m/ for m) and then by a
+    copy: both continue; the same folder with its weights replaced is refused, naming the file."""
+    import shutil
+
+    shutil.copytree(tiny_llama, tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", files["harmful"], "--limit", "6", "--max-new-tokens", "3", "--batch-size", "2", "--out", "o"]
+    generate = pl.generate
+
+    def dying(*args, on_batch=None, **kwargs):
+        def save(idx, responses):
+            on_batch(idx, responses)
+            raise KeyboardInterrupt
+        return generate(*args, on_batch=save, **kwargs)
+    for model in ("m", "./m/"):
+        monkeypatch.setattr(pl, "generate", dying)
+        with pytest.raises(KeyboardInterrupt):
+            E.main(["--model", model] + argv + (["--overwrite"] if model != "m" else []))
+        monkeypatch.setattr(pl, "generate", generate)
+        E.main(["--model", "./m/" if model == "m" else str(tmp_path / "m"), "--resume"] + argv)
+        assert len(open("o/responses.jsonl").read().splitlines()) == 6
+    monkeypatch.setattr(pl, "generate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(["--model", "m", "--overwrite"] + argv)
+    monkeypatch.setattr(pl, "generate", generate)
+    shutil.copytree("m", "copy")
+    model = pl.load_model("m")[0]
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)
+    model.save_pretrained("m")
+    with pytest.raises(pl.UserError) as e:
+        E.main(["--model", "m", "--resume"] + argv)
+    assert str(e.value) == ("--resume with --model m, which is not the model the run in o began with "
+                            "(model.safetensors changed); use that one, or start again with --overwrite")
+    E.main(["--model", "copy", "--resume"] + argv)  # the copy holds what m held when the run began
+
+
+# ---------------------------------------------------------------------------- inputs are never outputs (issue 27)
+@pytest.mark.parametrize("relation", ("model", "inside-model", "holds-data"))
+@pytest.mark.parametrize("name", NAMES)
+def test_out_is_never_a_file_or_folder_the_run_reads(tiny_llama, files, tmp_path, monkeypatch, name, relation):
+    """--out as the model folder, inside it, or holding the data files: refused before anything is loaded or made."""
+    import shutil
+
+    shutil.copytree(tiny_llama, tmp_path / "m")
+    data = os.path.dirname(files["harmful"])
+    out = {"model": str(tmp_path / "m"), "inside-model": str(tmp_path / "m" / "runs" / "x"), "holds-data": data}[
+        relation]
+    main, argv = scripts(str(tmp_path / "m"), files, out)[name]
+    before = snapshot(tmp_path / "m"), snapshot(data)
+    monkeypatch.setattr(pl, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    expected = {"model": f"--out {out} is what --model reads; choose another --out",
+                "inside-model": f"--out {out} is inside {tmp_path / 'm'}, which --model reads; choose an --out outside "
+                                "it",
+                "holds-data": f"--out {out} holds {files['harmful']}, which --harmful reads"}[relation]
+    if relation == "holds-data" and name == "evaluate":
+        expected = f"--out {out} holds {files['harmful']}, which --data reads"
+    with pytest.raises(pl.UserError) as e:
+        main(argv + ["--overwrite"])
+    assert str(e.value).startswith(expected)
+    assert (snapshot(tmp_path / "m"), snapshot(data)) == before and not os.path.exists(tmp_path / "m" / "runs")
+
+
+# ---------------------------------------------------------------------------- every write error is one line (issue 27)
+def raises(error):
+    def writer(*args, **kwargs):
+        raise error
+    return writer
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_library_write_error_is_one_line_and_leaves_no_temporary(tiny_llama, files, tmp_path, monkeypatch, capsys,
+                                                                   name):
+    """A full disk as each library reports it (safetensors' SafetensorError, torch.save's RuntimeError, an OSError from
+    a JSON write), where each script writes: one line naming the file, exit 2, earlier outputs kept, no temporary."""
+    import safetensors
+    import safetensors.torch
+
+    main, argv = scripts(tiny_llama, files, tmp_path / "o")[name]
+    main(argv)
+    before = snapshot(tmp_path / "o")
+    full = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    if name == "directions":  # direction.pt: torch.save
+        monkeypatch.setattr(torch, "save", raises(RuntimeError("PytorchStreamWriter failed writing file data/0: file "
+                                                               "write failed")))
+        target, why = "direction.pt", "PytorchStreamWriter failed writing file data/0: file write failed"
+    elif name == "actor":  # the patch: safetensors
+        monkeypatch.setattr(safetensors.torch, "save_file", raises(safetensors.SafetensorError(full)))
+        target, why = "actor_layer.safetensors", "No space left on device"
+    elif name == "procon":  # a checkpoint's optimizer state: torch.save
+        save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: raises(RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"))() if "optimizer" in str(f) else
+            save(obj, f, *a, **k))
+        target, why = "checkpoint-0000002", "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"
+    else:  # summary.json: the file system's own error, as the atomic rename meets it
+        replace = os.replace
+        monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(
+            errno.ENOSPC), src)) if dst.endswith("summary.json") else replace(src, dst))
+        target, why = "summary.json", "No space left on device"
+    with pytest.raises(SystemExit) as e:
+        pl.run_main(lambda: main(argv + ["--overwrite"]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in "\n".join(lines)
+    assert lines[-1].startswith("error: could not write ") and lines[-1].endswith(
+        f"{target} ({why}); earlier outputs are kept"), lines[-1]
+    after = {k: v for k, v in snapshot(tmp_path / "o").items() if not k.startswith(rundir.WORK)}
+    assert after == before
+    assert not [f for _, _, fs in os.walk(tmp_path / "o") for f in fs if f.endswith(".tmp")]
+    assert not [d for _, ds, _ in os.walk(tmp_path / "o") for d in ds if d.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------- finite on the way out (issue 27)
+def test_json_outputs_are_strict(tmp_path, capsys):
+    """Every JSON and JSONL the scripts write: no NaN, no Infinity; such a number is written as null, named in the
+    object's non_finite list and in a warning."""
+    pl.save_json(str(tmp_path / "a.json"), {"loss": [1.0, float("nan")], "score": {"x": float("-inf")}, "n": 3})
+    text = (tmp_path / "a.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": [1.0, None], "score": {"x": None}, "n": 3, "non_finite": ["loss[1]", "score.x"]}
+    pl.save_jsonl(str(tmp_path / "b.jsonl"), [{"s": float("inf")}, {"s": 1.5}])
+    assert [json.loads(line) for line in open(tmp_path / "b.jsonl")] == [{"s": None, "non_finite": ["s"]}, {"s": 1.5}]
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'a.json'}: 2 NaN or infinite numbers written as null (loss[1], score.x)" in err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["procon.py", "--alpha", "1e30"], "--alpha 1e+30 (else --lr 0.0002)"),
+    (["procon.py", "--alpha", "0.01", "--warmup-epochs", "1", "--warmup-alpha", "1e30"],
+     "--warmup-alpha 1e+30 (else --lr 0.0002, --alpha 0.01)"),
+    (["procon.py", "--lr", "1e3"], "--lr 1000 (else --warmup-alpha"),  # without --warmup-epochs it is not in effect
+    (["actor_search.py", "--coeffs", "0.5,1e30"], "--coeffs 1e+30 (else --lrs 0.002, --alphas 1)"),
+    (["evaluate.py", "--steer", "d.pt", "--coeff=-1e30", "--data", "x"], "--coeff 1e+30 (else what --steer applies)"),
+])
+def test_a_non_finite_number_names_the_likely_flag(argv, expected):
+    """check_finite names the flags of the run most likely to blame, the largest against its usual scale first, and
+    only those in effect."""
+    import actor_search
+
+    {"procon.py": P.parse_args, "actor_search.py": actor_search.parse_args, "evaluate.py": E.parse_args}[argv[0]](
+        argv[1:])
+    with pytest.raises(pl.UserError) as e:
+        pl.check_finite(torch.tensor([1.0, float("nan")]), "the loss")
+    if expected.endswith("--warmup-alpha"):
+        assert str(e.value).startswith("the loss became NaN; the likely cause: --lr 1000 is too large")
+    else:
+        assert str(e.value).startswith(f"the loss became NaN; the likely cause: {expected} is too large")
