@@ -110,6 +110,7 @@ def patched_logprobs(model, layer, cache, n, head, shift=None):
         for i, block in enumerate(layers[layer:]):  # block l* in its own (trained) dtype, the others as the model runs
             a, kw = pl.with_hidden(args, kwargs, h)
             h = A.run_block(block, a, kw, next(block.parameters()).dtype if i == 0 else dtype)
+        pl.check_activations(h, "the mean square of the activations (validation)")  # a shift too large: stop here
         h = h[:, -1:].to(pl.model_device(norm), dtype)
         logp = torch.log_softmax(unembed(norm(h))[:, -1].float(), -1).cpu()
         if out is None:

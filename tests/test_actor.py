@@ -456,6 +456,17 @@ def test_bad_out_and_existing_outputs(tiny_llama, earlier_run, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: argument --epochs: 0 must be at least 1"]
 
 
+def test_a_shift_that_overflows_stops_the_search(tiny_llama, tmp_path):
+    """A --coeffs value so large that the shifted activations overflow (the final norm would turn them into zeros, and
+    the validation rates into a judgement of noise) stops the search, naming --coeffs."""
+    with pytest.raises(pl.UserError) as e:
+        run_search(tiny_llama, tmp_path / "s", search_files(tmp_path), "--search-layers", "1", "--alphas", "1",
+                   "--lrs", "1e-3", "--coeffs", "0.5,1e30", "--tolerance", "100")
+    assert str(e.value).startswith("the mean square of the activations (validation) became infinite; the likely "
+                                   "cause: --coeffs 1e+30 (else --alphas 1, --lrs 0.001) is too large")
+    assert not (tmp_path / "s" / "search.json").exists()
+
+
 def test_search_without_a_kept_candidate_writes_no_patch(tiny_llama, tmp_path, monkeypatch):
     """No candidate keeps harmful refusal: one line, exit 2, search.json written, no patch."""
     table = iter([(80, 60, 10)] + [(10, 0, 0)] * 3)
