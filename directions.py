@@ -416,7 +416,7 @@ def parse_args(argv=None):
                    "(Arditi's and Surgical's; [choice] 1 by default: k times fewer candidates to score)")
     g.add_argument("--filter", choices=("on", "off"), default="on",
                    help="keep only the prompts the model treats as their class does (refused harmful and "
-                   "pseudo-harmful, answered harmless), as the papers' code does, where it has refusal tokens of its own")
+                   "pseudo-harmful, answered harmless), as the papers' code does, where it has its own refusal tokens")
     g.add_argument("--prune-frac", type=pl.number(lo=0, below=1), default=0.2,
                    help="Arditi (and Surgical): skip the last fraction of layers")
     g.add_argument("--max-kl", type=pl.number(lo=0), default=0.1,

@@ -368,9 +368,9 @@ def main(argv=None):
         run.batches = fixed_batches(run.examples, args.batch_size, args.grad_accum, args.seed)
         run.total = min(args.epochs * len(run.batches), args.max_steps or args.epochs * len(run.batches))
         run.warm = args.warmup_steps or args.warmup_epochs * len(run.batches)
-        if args.ce_chunk:
-            first = collate([run.examples[i] for i in run.batches[0][0]], run.pad_id)
-            training.check_ce_chunk(forward, model, first, run.device, args.ce_chunk)
+        if args.ce_chunk:  # the chunked CE must equal the model's own on the first batch
+            training.check_ce_chunk(forward, model, collate([run.examples[i] for i in run.batches[0][0]], run.pad_id),
+                                    run.device, args.ce_chunk)
 
         # 3. the r-directions of the initial model, frozen, and the probe direction that drift is measured against
         # 4. the anchors z0 = r_hat_l . x_{l,j} under the initial weights (kept in the run's folder for --resume)
@@ -385,9 +385,8 @@ def main(argv=None):
         run.opt = torch.optim.AdamW(run.params, lr=args.lr, weight_decay=0.0)
         run.log = {"steps": [], "evals": []}
         state = training.restore(work, run.model, run.opt) if args.resume else None
-        if state:
+        if state:  # resuming after the checkpoint's step
             run.step, run.log = state["step"], {"evals": [], **state["log"]}
-            print(f"resuming after step {run.step}")
 
         # 6. the loop, then 7. the outputs: the adapter or full model, the log, the drift, the merged model if asked
         train(run)

@@ -221,6 +221,7 @@ def restore(work, model, opt):
                     v.copy_(weights[k])
     except Exception as e:
         pl.fail(f"{work}: damaged checkpoint ({type(e).__name__}: {str(e)[:80]}); start again with --overwrite")
+    print(f"resuming after step {state['step']}")
     return state
 
 
