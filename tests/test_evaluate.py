@@ -103,7 +103,7 @@ def test_benchmarks_from_data_dir(benchdata):
     assert len(alpaca) == 1000 and sum("\n\n" in r["prompt"] for r in alpaca) >= 392  # inputs follow instructions
     # --exclude acts before the --limit sample: still 8 prompts, none of them excluded
     sample = {r["prompt"] for r in E.load_benchmark("oktest", benchdata, 8, 0)}
-    kept = E.load_benchmark("oktest", benchdata, 8, 0, exclude=sample)
+    kept = E.load_benchmark("oktest", benchdata, 8, 0, exclude={"comply": sorted(sample), "refuse": []})
     assert len(kept) == 8 and not sample & {r["prompt"] for r in kept}
 
 
