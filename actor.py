@@ -18,10 +18,9 @@ whose outputs best separate harmful from harmless queries (silhouette score).
 [choice] Two departures from the formula as the summaries print it, both measured on the test model
 (results/actor.md): the projection is measured from the harmless mean and only its refusal side counts (--origin, see
 targets()), and r_hat and the targets are made once, from the initial weights (--renew never). Renewed from the
-current activations each epoch, every target moves again from wherever the last epoch left its query: the shifts
-compound (harmful queries are pushed further out each epoch, the harmless mean the projections are measured from sinks
-with the others), there is no fixed point, and harmful refusal collapses (HarmBench 94.0% -> 17.7% on the test model,
-3 seeds, logit judge, where targets made once keep it at 94.0%).
+current activations, every target moves again from wherever the last update left its query: the shifts compound,
+there is no fixed point, and refusal is destroyed (--renew step: 0% refused on every set, HarmBench 92.2% before, on
+the test model, 3 seeds, logit judge; targets made once keep HarmBench at 96.9%).
 
     python actor.py --out runs/actor                                   # SmolLM2 and the data/ prompt sets
     python actor.py --model M --pseudo-harmful FILE --layer auto --alpha 1 --epochs 3 --out runs/actor
