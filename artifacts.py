@@ -317,6 +317,8 @@ def check_adapter(folder, name, cfg, other_model=False, skel=None):
     for key, shape in shapes.items():
         m = re.match(r"base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
         twin = m and shapes.get(key[:-len("A.weight")] + ("B" if m.group(2) == "A" else "A") + ".weight")
+        if m and not twin:  # peft would leave the missing half at its initial value (B: zero) with a warning
+            pl.fail(f"{weights}: {key} has no lora_{'B' if m.group(2) == 'A' else 'A'} twin; the adapter is not whole")
         if twin and (shape[0] if m.group(2) == "A" else twin[0]) != (twin[1] if m.group(2) == "A" else shape[1]):
             pl.fail(f"{weights}: the LoRA weights of {m.group(1)} disagree on their rank ({key}: {shape})")
         if not m or not modules:
@@ -432,7 +434,7 @@ def merge(kind, artifact, args):
                                                          skeleton(cfg, args.trust_remote_code))
     settings = rundir.settings(args)
     with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",),
-                           read=rundir.reads(args)) as work:
+                           read=rundir.reads(args, ("the base model", base))) as work:
         model = save_merged(work, kind, artifact, base, args, args.other_model)
     print(f"wrote {base} with {artifact} merged to {args.out}")
     return model
@@ -498,6 +500,7 @@ def orthogonalise_into(path, args, save):
     load_direction(path, name, cfg, args.other_model)
     check_orthogonalisable(cfg, args.trust_remote_code)
     settings = rundir.settings(args, ("ablate_weights",))
-    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",)) as work:
+    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",),
+                           read=rundir.reads(args)) as work:
         save(work, args, path)
     print(f"wrote {name} with the vector of {path} orthogonalised out of its weights to {args.out}")

@@ -136,9 +136,10 @@ def excluded(files):
     out = {"refuse": [], "comply": []}
     for f in files:
         pl.read_prompts(f)  # the file's own checks: readable, with a prompt column
-        for r in pl.read_records(f):
+        for i, r in enumerate(pl.read_records(f)):
             p = str(next((r[c] for c in pl.PROMPT_COLUMNS if r.get(c) is not None), "")).strip()
-            for e in [r["expect"]] if r.get("expect") in out else out:
+            e = pl.choice_of(r.get("expect"), tuple(out), f, i + 1, "expect")  # as --responses reads it
+            for e in [e] if e else out:
                 out[e].append(p)
     return out
 
@@ -180,6 +181,10 @@ def load_responses(path, labels, expect, limit, seed):
                      **({"human": r.get(labels)} if labels else {})})
     if not any(r["response"] for r in rows):
         pl.fail(f"{path}: every response in column {column!r} is empty")
+    if labels and not any(judges.human_label(r["human"]) is not None for r in rows):  # agreement with nothing
+        pl.fail(f"{path}: no value of column {labels!r} reads as a human label (refusal or compliance: e.g. "
+                f"{', '.join(map(repr, list(judges.LABEL_MAP)[:2]))}, refuse/comply, 1/0); found "
+                f"{', '.join(sorted({repr(str(r['human'])) for r in rows})[:4])}")
     names = {}
     for r in rows:
         names.setdefault(r["benchmark"], set()).add(r["expect"])
@@ -492,7 +497,7 @@ def check_args(args, names):
     pl.check_model_args(args)
     for flag, path, folder in (("--ablate", args.ablate, False), ("--steer", args.steer, False),
                                ("--direction", args.direction, False), ("--patch", args.patch, True),
-                               ("--adapter", args.adapter, True)):
+                               ("--adapter", args.adapter, True), ("--data-dir", args.data_dir, True)):
         if path:
             pl.check_path(path, "folder" if folder else "direction file", flag, folder)
     judges.check_judges(names)

@@ -113,7 +113,7 @@ def run_main(main):
         sys.exit(2)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}; earlier outputs are kept", file=sys.stderr)
+        print(f"error: {e.strerror or e}{where}; any earlier outputs are kept", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, torch.OutOfMemoryError):
         print("error: out of memory; lower --batch-size (or --max-length), or pass --load-in-4bit", file=sys.stderr)
@@ -497,8 +497,11 @@ def save_guard(path, partial=None):
             raise
         why = (e.strerror if isinstance(e, OSError) else None) or (str(e).strip() or type(e).__name__).splitlines()[0]
         found = re.search(r'message: "([^"]+)"|I/O error: (.+?) \(os error', why)  # safetensors' wording of an OSError
-        fail(f"could not write {path} ({found.group(found.lastindex) if found else why[:160]}); earlier outputs are "
-             "kept")
+        why = found.group(found.lastindex) if found else why[:160]
+        with contextlib.suppress(OSError):  # torch.save words a full disk as its own ("unexpected pos ...")
+            if not isinstance(e, OSError) and shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2 ** 20:
+                why = "No space left on device"
+        fail(f"could not write {path} ({why}); any earlier outputs are kept")
 
 
 def save_json_text(obj, where, indent=None):

@@ -31,7 +31,7 @@ NOT_SETTINGS = ("out", "overwrite", "resume")  # flags that never shape what a r
 # the flags, in every script, that name a file or folder the run reads (a model given as a path included)
 READS = ("model", "merge", "chat_template", "data", "data_dir", "safety_data", "refusals", "eval_data", "harmful",
          "harmless", "pseudo_harmful", "probe_harmful", "probe_harmless", "patch", "adapter", "ablate", "steer",
-         "direction", "exclude", "responses", "eval_refusal")
+         "direction", "exclude", "responses", "eval_refusal", "ablate_weights")
 
 
 # ============================================================================ what shapes a run
@@ -75,9 +75,10 @@ def check_same(old, new, out):
 
 
 # ============================================================================ the folder
-def reads(args):
-    """(flag, path) of every file or folder that a run's flags (READS) name and that exists here."""
-    found = []
+def reads(args, *more):
+    """(flag, path) of every file or folder that a run's flags (READS) name, and of `more` ((what, path): e.g. the
+    base model a --merge artifact records), that exists here."""
+    found = [(what, os.path.expanduser(p)) for what, p in more if p and os.path.exists(os.path.expanduser(p))]
     for k in READS:
         for p in (lambda v: v if isinstance(v, list) else [v])(getattr(args, k, None)):
             if p and isinstance(p, str) and os.path.exists(os.path.expanduser(p)):

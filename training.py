@@ -37,8 +37,11 @@ def read_pairs(path, refusals=None, seed=0):
             pairs.append((text("prompt"), text("response" if r.get("response") else "completion")))
         elif r.get("question") is not None and r.get("answer") is not None:  # GSM8K
             pairs.append((text("question"), text("answer")))
-        elif refusals:
-            pairs.append((next((text(c) for c in pl.PROMPT_COLUMNS if r.get(c) is not None), ""), rng.choice(refusals)))
+        elif refusals and any(r.get(c) is not None for c in pl.PROMPT_COLUMNS):
+            pairs.append((next(text(c) for c in pl.PROMPT_COLUMNS if r.get(c) is not None), rng.choice(refusals)))
+        else:  # a row no format reads would silently add nothing
+            pl.fail(f"{path}: row {i + 1} is not usable: expected " + (", ".join(pl.PROMPT_COLUMNS) if refusals else
+                    "instruction/output, prompt/response or question/answer") + f" (it has {', '.join(map(str, r))})")
     pairs = [(p, a) for p, a in pairs if p and a]
     if not pairs:
         kind = "prompts" if refusals else "instruction-response pairs"
@@ -179,9 +182,27 @@ def read_saved(work, name, out):
     if not os.path.isfile(path):
         return None
     try:
-        return torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True)
     except Exception as e:
         pl.fail(f"{out}: the unfinished run's {name} is damaged ({type(e).__name__}); start again with --overwrite")
+    check_whole(saved, f"{out}: the unfinished run's {name}")
+    return saved
+
+
+def check_whole(tensors, what, like=None):
+    """Every floating-point tensor in `tensors` (a dict, list or tensor, nested) finite, and, where `like` gives the
+    model's own tensors by name, of their shape and a floating-point dtype: a resume never trains on from NaN."""
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors if isinstance(tensors, (list, tuple))
+                                                                        else [tensors])
+    for k, v in items:
+        if isinstance(v, (dict, list, tuple)):
+            check_whole(v, what)
+        elif torch.is_tensor(v):
+            if like is not None and (not v.is_floating_point() or k not in like or v.shape != like[k].shape):
+                pl.fail(f"{what}: {k} is not the model's ({v.dtype}, shape {list(v.shape)}); start again with "
+                        "--overwrite")
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                pl.fail(f"{what}: {k} holds NaN or infinite values; start again with --overwrite")
 
 
 def checkpoint(work, step, model, opt, state):
@@ -213,6 +234,9 @@ def restore(work, model, opt):
     if found is None:
         return None
     weights, opt_state, state = found
+    params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    check_whole(weights, f"{work}: the checkpoint's weights", params)
+    check_whole(opt_state.get("state", {}), f"{work}: the checkpoint's optimizer state")
     try:
         opt.load_state_dict(opt_state)
         with torch.no_grad():

@@ -672,16 +672,19 @@ def bad(tiny_llama, tiny_neox, prompt_files, guard_model, no_template_model, tmp
         save_file({**weights, key: change(weights[key]).contiguous()}, str(t / name / "actor_layer.safetensors"))
         p[name] = str(t / name)
     for name, change in (("a_inf", lambda k, w: w.fill_(float("inf")) if "lora_B" in k else w),
-                         ("a_rank", lambda k, w: torch.zeros(3, w.shape[1]) if "lora_A" in k else w)):
+                         ("a_rank", lambda k, w: torch.zeros(3, w.shape[1]) if "lora_A" in k else w),
+                         ("a_half", lambda k, w: None if "lora_B" in k else w)):  # every lora_B left out
         get_peft_model(pl.load_model(tiny_llama)[0], LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
             str(t / name))
         weights = load_file(str(t / name / "adapter_model.safetensors"))
-        save_file({k: change(k, w).contiguous() for k, w in weights.items()},
+        save_file({k: change(k, w).contiguous() for k, w in weights.items() if change(k, w) is not None},
                   str(t / name / "adapter_model.safetensors"))
         p[name] = str(t / name)
     (t / "r_expect.jsonl").write_text('{"prompt": "a", "response": "b", "expect": "Refuse"}\n'
                                       '{"prompt": "c", "response": "d", "expect": "maybe"}\n')
     (t / "r_label.csv").write_text("prompt,response,label\na,b,SAFE\nc,d,harmful\n")
+    (t / "r_unknown.csv").write_text("prompt,response,human\na,b,R\nc,d,C\n")
+    p["r_unknown"] = str(t / "r_unknown.csv")
     p.update(r_expect=str(t / "r_expect.jsonl"), r_label=str(t / "r_label.csv"), bad_dir=str(t),
              inside_model=os.path.join(tiny_llama, "evals"), plain_responses=os.path.join(p["plain"], "mine.jsonl"))
     (t / "plain" / "mine.jsonl").write_text('{"prompt": "a", "response": "I cannot help."}\n')  # the user's, kept there
@@ -773,6 +776,7 @@ BAD_INPUTS = [
     row("plain", "--patch {patch_int} --overwrite", "holds int64 values, not floating-point numbers"),
     row("plain", "--adapter {a_inf} --overwrite", r"lora_B.weight holds NaN or infinite values"),
     row("plain", "--adapter {a_rank} --overwrite", "disagree on their rank"),
+    row("plain", "--adapter {a_half} --overwrite", "lora_A.weight has no lora_B twin; the adapter is not whole"),
     # inputs are never outputs
     row("patch", "--patch {patch} --overwrite", "--out {patch} is what --patch reads"),
     row("plain", "--responses {plain_responses} --data= --overwrite", "--out {plain} holds {plain_responses}, which "
@@ -783,6 +787,11 @@ BAD_INPUTS = [
     row("plain", "--responses {r_expect} --data= --overwrite", "{r_expect}: row 2 has expect 'maybe'; expected "
         "'refuse' or 'comply'"),
     row("plain", "--responses {r_label} --data= --overwrite", "row 2 has label 'harmful'; expected 'safe' or 'unsafe'"),
+    row("plain", "--responses {r_unknown} --labels human --data= --overwrite", "no value of column 'human' reads as a "
+        "human label"),  # every label unknown: an agreement over nothing
+    row("plain", "--exclude {r_expect} --overwrite", "{r_expect}: row 2 has expect 'maybe'; expected 'refuse' or "
+        "'comply'"),  # read as --responses reads it: 'Refuse' is refuse, an unknown value is not both
+    row("plain", "--benchmark advbench --data-dir {file} --overwrite", "--data-dir {file}: is a file, not a folder"),
     row("plain", "--direction {d} --overwrite", "--direction gives the logit judge its refusal tokens"),
     row("plain", "--data-dir {bad_dir} --overwrite", "--data-dir holds the --benchmark sets"),
     row("plain", "--data= --benchmark advbench --column goal --overwrite",

@@ -252,8 +252,12 @@ def test_resume_checks_what_it_resumes(tiny_llama, pairs_file, tmp_path, monkeyp
 
 def test_bad_input(tiny_llama, pairs_file, tmp_path):
     (tmp_path / "prompts.json").write_text(json.dumps(["just a prompt"]))
-    with pytest.raises(pl.UserError, match="no usable instruction-response pairs"):
+    with pytest.raises(pl.UserError, match="row 1 is not usable: expected instruction/output, prompt/response"):
         run(tiny_llama, str(tmp_path / "prompts.json"), tmp_path / "a")
+    (tmp_path / "mixed.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"Instruction": "c",
+                                                                                         "Output": "d"}]))
+    with pytest.raises(pl.UserError, match="row 2 is not usable.*it has Instruction, Output"):  # not dropped silently
+        run(tiny_llama, str(tmp_path / "mixed.json"), tmp_path / "a")
     with pytest.raises(pl.UserError, match="layer 9 is out of range"):
         run(tiny_llama, pairs_file, tmp_path / "b", "--layers", "1,9")
     (tmp_path / "safety.jsonl").write_text('{"prompt": "x"}\n{broken\n')
@@ -507,6 +511,11 @@ BAD_INPUT = [
     (["{killed}", "--resume", "--truncate", ".run/anchors.pt"], "the unfinished run's anchors.pt is damaged"),
     (["{killed}", "--resume", "--truncate", ".run/checkpoint-0000001/trainable.safetensors"], "damaged checkpoint"),
     (["{killed}", "--resume", "--truncate", ".run/checkpoint-0000001/optimizer.pt"], "damaged checkpoint"),
+    (["{killed}", "--resume", "--nan", ".run/checkpoint-0000001/trainable.safetensors"],
+     "the checkpoint's weights: .* holds NaN or infinite values"),  # not blamed on --alpha or --lr after a step
+    (["{killed}", "--resume", "--nan", ".run/anchors.pt"], "the unfinished run's anchors.pt: .* holds NaN"),
+    (["{killed}", "--resume", "--int", ".run/checkpoint-0000001/trainable.safetensors"],
+     "the checkpoint's weights: .* is not the model's"),  # not cast silently by copy_
 ]
 
 
@@ -562,6 +571,20 @@ def test_bad_input_table(tiny_llama, pairs_file, finished_run, killed_run, promp
         victim = out / extra.pop(i + 1)
         extra.pop(i)
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    for flag in ("--nan", "--int"):  # a file whole on disk, with numbers no run writes
+        if flag in extra:
+            i = extra.index(flag)
+            victim = str(out / extra.pop(i + 1))
+            extra.pop(i)
+            if victim.endswith(".safetensors"):
+                from safetensors.torch import load_file, save_file
+                w = load_file(victim)
+                save_file({k: (v * float("nan") if flag == "--nan" else v.long()) for k, v in w.items()}, victim)
+            else:
+                saved = torch.load(victim, weights_only=True)
+                key = next(k for k, v in saved.items() if torch.is_tensor(v) and v.is_floating_point())
+                saved[key] = saved[key] * float("nan")
+                torch.save(saved, victim)
     before = snapshot(out)
     overwrite = [] if "--resume" in extra or "--out" in extra or "--no-overwrite" in extra else ["--overwrite"]
     extra = [a for a in extra if a != "--no-overwrite"]

@@ -160,7 +160,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_outputs(tiny_llama, files
     with pytest.raises(SystemExit) as e:
         pl.run_main(lambda: main(argv + ["--overwrite"]))
     lines = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and lines[-1] == "error: No space left on device (somewhere); earlier outputs are kept"
+    assert e.value.code == 2 and lines[-1] == "error: No space left on device (somewhere); any earlier outputs are kept"
     assert "Traceback" not in "\n".join(lines) and snapshot(tmp_path / "o") == before
 
 
@@ -212,6 +212,38 @@ def test_merge_refuses_an_adapter_or_patch_of_another_model(tiny_llama, tiny_neo
     with pytest.raises(pl.UserError, match=f"was made on {tiny_llama} \\(llama\\), not on {tiny_neox}"):
         A.main(["--merge", str(tmp_path / "p"), "--model", tiny_neox, "--out", str(tmp_path / "m2")])
     assert not (tmp_path / "m").exists() or snapshot(tmp_path / "m") == {}
+
+
+def test_exports_never_overwrite_what_they_read(files, tmp_path):
+    """--out of a merge or an export is refused when it is the base model the artifact records (no --model given),
+    the model, or the folder of the direction it reads: an --overwrite there would replace its own input."""
+    from conftest import build_tiny
+
+    m = build_tiny(tmp_path / "m", "llama")
+    main, argv = scripts(m, files, tmp_path / "a")["actor"]
+    main(argv)
+    main, argv = scripts(m, files, tmp_path / "d")["directions"]
+    main(argv)
+    before = {k: snapshot(tmp_path / k) for k in ("m", "a", "d")}
+    with pytest.raises(pl.UserError, match="is what the base model reads"):
+        A.main(["--merge", str(tmp_path / "a"), "--out", m, "--overwrite"])
+    with pytest.raises(pl.UserError, match="is what --model reads"):
+        D.main(["--model", m, "--ablate-weights", str(tmp_path / "d" / "direction.pt"), "--out", m, "--overwrite"])
+    with pytest.raises(pl.UserError, match="holds .*direction.pt, which --ablate-weights reads"):
+        D.main(["--model", m, "--ablate-weights", str(tmp_path / "d" / "direction.pt"), "--out", str(tmp_path / "d"),
+                "--overwrite"])
+    assert {k: snapshot(tmp_path / k) for k in ("m", "a", "d")} == before
+
+
+def test_every_output_folder_names_what_its_run_reads():
+    """Every rundir.run_folder of the scripts is given the files and folders its run reads (read=), so that the check
+    of inputs against --out covers every mode of every script."""
+    import ast
+
+    for name in ("actor.py", "actor_search.py", "directions.py", "procon.py", "evaluate.py", "artifacts.py"):
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, name)).read())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "run_folder":
+                assert "read" in {k.arg for k in node.keywords}, f"{name}:{node.lineno} run_folder without read="
 
 
 # ---------------------------------------------------------------------------- kills, in fresh processes
@@ -451,7 +483,7 @@ def test_a_library_write_error_is_one_line_and_leaves_no_temporary(tiny_llama, f
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "Traceback" not in "\n".join(lines)
     assert lines[-1].startswith("error: could not write ") and lines[-1].endswith(
-        f"{target} ({why}); earlier outputs are kept"), lines[-1]
+        f"{target} ({why}); any earlier outputs are kept"), lines[-1]
     after = {k: v for k, v in snapshot(tmp_path / "o").items() if not k.startswith(rundir.WORK)}
     assert after == before
     assert not [f for _, _, fs in os.walk(tmp_path / "o") for f in fs if f.endswith(".tmp")]
