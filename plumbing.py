@@ -797,6 +797,8 @@ def check_model_path(name):
         os.path.exists(name) or os.path.isdir(name.split("/")[0])  # 'runs/x' with a local runs/: a path, not a hub id
     if looks_local:
         check_path(os.path.expanduser(name), "model directory", folder=True)
+        if not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+            fail(f"--model {name}: not a model folder (no config.json)")
 
 
 def resolve_model(name):

@@ -101,9 +101,9 @@ def difference_in_means(acts_a, acts_b):
 
 def unit(v, what="direction"):
     """v / |v| along the last axis; a zero vector has no direction, and is an error, not a silent 0."""
-    norm = v.norm(dim=-1, keepdim=True)
-    if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any() or not torch.isfinite(norm).all():
-        pl.fail(f"the {what} is zero (or not finite): the two prompt groups give the same mean activation")
+    norm = pl.check_finite(v.norm(dim=-1, keepdim=True), f"the length of the {what}")  # flags to blame named
+    if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any():
+        pl.fail(f"the {what} is zero: the two prompt groups give the same mean activation")
     return v / norm
 
 

@@ -401,6 +401,7 @@ BAD_INPUT = [
     (["--out", "{harmful}"], "is what --harmful reads; choose another --out"),
     (["--chat-template", "{tmp}"], ": is a folder, not a chat template file"),
     (["--model", "{file}"], "file: is a file, not a model directory"),
+    (["--model", "{tmp}"], "not a model folder"),  # not the tokenizer's complaint
     ([], "exists; pass --overwrite"),
 ]
 
