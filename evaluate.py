@@ -130,9 +130,8 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
 
 
 def excluded(files):
-    """The prompts of --exclude files by the behaviour they were trained towards, {"refuse": [...], "comply": [...]}:
-    a row whose 'expect' column says one counts for it only (a contrast twin trained the other way stays a test of
-    telling them apart), any other row for both."""
+    """The prompts of --exclude files by the behaviour they were trained towards, {"refuse": [...], "comply": [...]}: a
+    row whose 'expect' says one counts for it only (a contrast twin stays a test), any other row for both."""
     out = {"refuse": [], "comply": []}
     for f in files:
         pl.read_prompts(f)  # the file's own checks: readable, with a prompt column
@@ -181,10 +180,8 @@ def load_responses(path, labels, expect, limit, seed):
                      **({"human": r.get(labels)} if labels else {})})
     if not any(r["response"] for r in rows):
         pl.fail(f"{path}: every response in column {column!r} is empty")
-    if labels and not any(judges.human_label(r["human"]) is not None for r in rows):  # agreement with nothing
-        pl.fail(f"{path}: no value of column {labels!r} reads as a human label (refusal or compliance: e.g. "
-                f"{', '.join(map(repr, list(judges.LABEL_MAP)[:2]))}, refuse/comply, 1/0); found "
-                f"{', '.join(sorted({repr(str(r['human'])) for r in rows})[:4])}")
+    if labels and all(judges.human_label(r["human"]) is None for r in rows):  # an agreement with nothing
+        pl.fail(f"{path}: no value of column {labels!r} reads as a human label (refuse/comply, 1/0, ...)")
     names = {}
     for r in rows:
         names.setdefault(r["benchmark"], set()).add(r["expect"])
