@@ -40,7 +40,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import artifacts
 import plumbing as pl
@@ -187,63 +186,15 @@ def silhouette(x, labels):
     return torch.cat(scores).mean().item()
 
 
-# ============================================================================ the cache: the inputs of block l*
-class _Stop(Exception):
-    """Raised inside the forward pass once block l*'s inputs are recorded: the layers above are never run."""
-
-
-def _move(x, device, dtype=None):
-    """Tensors (also inside tuples, e.g. the rotary (cos, sin)) to a device; floating ones to dtype if given."""
-    if torch.is_tensor(x):
-        return x.to(device, dtype if dtype is not None and x.is_floating_point() else x.dtype)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_move(v, device, dtype) for v in x)
-    return x
-
-
-@torch.no_grad()
-def cache_block_inputs(model, tok, prompts, layer, batch_size, device=None, mix_seed=None):
-    """Run layers 0..l*-1 once per batch and keep everything block l* receives.
-
-    A forward pre-hook on block l* records its positional and keyword arguments as the model passes them (hidden
-    states [B, T, d], the attention mask as this attention implementation wants it, rotary (cos, sin), position ids)
-    and stops the forward pass. Batches are fixed, left padded, so the last token is position -1: sorted by length
-    (least padding), or, with mix_seed, a seeded shuffle of all queries (each batch then mixes the query groups).
-    Returns a list of (prompt indices, args, kwargs).
-    """
-    block = pl.decoder_layers(model)[layer]
-    texts = pl.format_chat(tok, prompts)
-    if mix_seed is None:
-        batches = pl.length_batches(tok, texts, batch_size)
-    else:
-        order = list(range(len(texts)))
-        random.Random(mix_seed).shuffle(order)
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    device = device or pl.model_device(model)
-    cache, idx = [], None
-
-    def grab(module, args, kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        cache.append((idx, _move(tuple(args), device), {k: _move(v, device) for k, v in kwargs.items()}))
-        raise _Stop
-
-    with pl.hooks([(block, "pre", grab)]):
-        for idx in tqdm(batches, desc=f"caching inputs of layer {layer}", leave=False):
-            try:
-                model(**pl.tokenize(tok, [texts[i] for i in idx], pl.model_device(model)), use_cache=False)
-            except _Stop:
-                pass
-    return cache
-
-
+# ============================================================================ a: block l* alone on its cached inputs
 def run_block(block, args, kwargs, dtype):
     """One decoder block on cached inputs, computed in dtype on the block's device: its output [batch, T, d]."""
     device = pl.model_device(block)  # where it computes (its weights may wait on the CPU or disk: --device-map)
-    kwargs = {k: _move(v, device, None if k == "attention_mask" else dtype) for k, v in kwargs.items()}
+    kwargs = {k: pl.move_tensors(v, device, None if k == "attention_mask" else dtype) for k, v in kwargs.items()}
     mask = kwargs.get("attention_mask")
     if torch.is_tensor(mask) and mask.is_floating_point() and mask.dtype != dtype:  # an additive mask
         kwargs["attention_mask"] = mask.clamp(min=torch.finfo(dtype).min).to(dtype)
-    out = block(*_move(args, device, dtype), use_cache=False, **kwargs)
+    out = block(*pl.move_tensors(args, device, dtype), use_cache=False, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -293,9 +244,9 @@ def main(argv=None):
                                                                              args.batch_size)
 
         # 3. the cache: the inputs of block l*, computed once (the layers above l* are not run)
-        cache = cache_block_inputs(model, tok, prompts, layer, args.batch_size,
-                                   "cpu" if args.cache_device == "cpu" else None,
-                                   args.seed if args.batches == "mixed" else None)
+        cache = pl.cache_block_inputs(model, tok, prompts, layer, args.batch_size,
+                                      "cpu" if args.cache_device == "cpu" else None,
+                                      args.seed if args.batches == "mixed" else None)
         cache_mib = sum(t.numel() * t.element_size() for _, a, kw in cache for t in pl.tensors_in((a, kw))) / 2 ** 20
         print(f"ACTOR on layer {layer} of {len(pl.decoder_layers(model))} ({'silhouette' if sil else 'fixed'}): "
               f"{', '.join(f'{int((groups == g).sum())} {n}' for g, n in enumerate(GROUPS))} queries, "

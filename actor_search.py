@@ -138,9 +138,9 @@ def setup(args, model, tok, p_tr, g_tr, p_va, band):
     if note:
         print("note: " + note, file=sys.stderr)
     device = "cpu" if args.cache_device == "cpu" else None
-    caches = {l: (A.cache_block_inputs(model, tok, p_tr, l, args.batch_size, device,
+    caches = {l: (pl.cache_block_inputs(model, tok, p_tr, l, args.batch_size, device,
                                        args.seed if args.batches == "mixed" else None),
-                  A.cache_block_inputs(model, tok, p_va, l, args.batch_size, device)) for l in layers}
+                  pl.cache_block_inputs(model, tok, p_va, l, args.batch_size, device)) for l in layers}
     return {"silhouette": sil, "silhouette_choice": best, "layers": layers, "mean_diff": mean_diff, "tokens": tokens,
             "tokens_note": note, "caches": caches}
 

@@ -444,6 +444,23 @@ def merge(kind, artifact, args):
 ABLATION_META = "ablation.json"
 
 
+def add_export_args(g, vectors):
+    """directions.py's export flags, in its outputs group: --save-ablated, --ablated-vector, --ablate-weights."""
+    g.add_argument("--save-ablated", action="store_true", help="also write the model with the chosen vector "
+                   "orthogonalised out of its weights (sec. 4.1) to --out/ablated: a model folder any engine loads")
+    g.add_argument("--ablated-vector", choices=vectors, default=vectors[0], help="what --save-ablated removes: "
+                   "the refusal direction or Surgical's vector (needs --pseudo-harmful)")
+    g.add_argument("--ablate-weights", default=None, metavar="FILE", help="instead of finding a direction: write "
+                   "--model with FILE's vector (direction.pt, false_refusal.pt) orthogonalised out of it to --out")
+    g.add_argument("--other-model", action="store_true", help="with --ablate-weights: a direction of another model")
+
+
+def check_export_args(args):
+    """--ablated-vector false-refusal needs the prompts Surgical's vector is made from."""
+    if args.ablated_vector == "false-refusal" and not args.pseudo_harmful:
+        pl.fail("--ablated-vector false-refusal: Surgical's vector is made from --pseudo-harmful prompts; pass them")
+
+
 def check_orthogonalisable(cfg, trust_remote_code=False):
     """A direction can be orthogonalised out of this architecture's weights exactly (pl.residual_write_weights): checked
     on its modules on the meta device, before any weight is read."""

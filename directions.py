@@ -31,7 +31,6 @@ The same difference in means is the r-direction of ProCon (procon.py) and the re
 Every place where the code chooses what a paper leaves open carries the tag [choice].
 """
 import os
-import random
 import sys
 import time
 
@@ -153,19 +152,7 @@ def silhouette(x, labels):
     return torch.cat(scores).mean().item()
 
 
-# the post-instruction positions i (sec. 2.3) and the papers' filter of the prompts (Arditi's code, and Surgical's)
-def post_instruction_positions(tok):
-    """How many template tokens follow the user's instruction before the answer begins (for ChatML: '<|im_end|>',
-    '\\n', '<|im_start|>', 'assistant', '\\n'): Arditi's candidate positions."""
-    text, marker = pl.chat_text(tok, "Sphinx of black quartz, judge my vow"), "judge my vow"
-    end = text.rindex(marker) + len(marker)
-    try:
-        spans = tok(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
-        return sum(a >= end for a, _ in spans)
-    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: the template's tail on its own
-        return len(tok(text[end:], add_special_tokens=False).input_ids)
-
-
+# the papers' prompt filter (Arditi's and Surgical's code); the positions i (sec. 2.3): pl.post_instruction_positions
 def typical(model, tok, prompts, tokens, refuse, batch_size, what):
     """The prompts the model refuses (refuse=True: harmful and pseudo-harmful ones) or answers (harmless ones), by
     refusal score above 0 or not, as the papers' code filters them; [choice] all of them where fewer than 2 remain.
@@ -180,11 +167,10 @@ def typical(model, tok, prompts, tokens, refuse, batch_size, what):
 
 def typical_split(args, model, tok, split, tokens):
     """typical() on every class of a split (the training or the held-out prompts), in place; the notes, joined."""
-    notes = []
+    notes = {}
     for k in split:
-        split[k], why = typical(model, tok, split[k], tokens, k != "harmless", args.batch_size, k)
-        notes.append(why)
-    return "; ".join(n for n in notes if n) or None
+        split[k], notes[k] = typical(model, tok, split[k], tokens, k != "harmless", args.batch_size, k)
+    return "; ".join(n for n in notes.values() if n) or None
 
 
 def candidate_directions(acts_harmful, acts_harmless, n_layers):
@@ -259,16 +245,6 @@ def surgical(args, model, tok, acts_harmless, mean_diff, train, val, val_harmles
 
 
 # ============================================================================ main
-def split(path, column, n_train, n_val, seed):
-    """A file's prompts, shuffled with the seed: n_train for the means and up to n_val held out (at least 2 and 1)."""
-    prompts = pl.read_prompts(path, column)
-    random.Random(seed).shuffle(prompts)
-    if len(prompts) < 4:
-        pl.fail(f"{path}: {len(prompts)} prompts; at least 4 are needed (2 for the mean, 2 held out)")
-    n = min(n_train, len(prompts) - min(n_val, len(prompts) // 4))
-    return prompts[:n], prompts[n:n + n_val]
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.ablate_weights:  # instead of finding a direction: a saved one, out of the weights (sec. 4.1)
@@ -281,7 +257,7 @@ def main(argv=None):
     # 1. data: per class, training prompts for the means and held-out prompts for selection and the causal check
     train, val = {}, {}
     for name in ("harmful", "harmless") + (("pseudo_harmful",) if args.pseudo_harmful else ()):
-        train[name], val[name] = split(getattr(args, name), args.column, args.n_train, args.n_val, args.seed)
+        train[name], val[name] = pl.split_prompts(getattr(args, name), args.column, args.n_train, args.n_val, args.seed)
     pl.check_groups(train)
     outputs = OUTPUTS + (SURGICAL_OUTPUTS if args.pseudo_harmful else ()) + (("ablated",) if args.save_ablated else ())
     with rundir.run_folder(args.out, outputs, args.overwrite, known=OUTPUTS + SURGICAL_OUTPUTS + ("ablated",),
@@ -289,7 +265,7 @@ def main(argv=None):
         # 2. model
         model, tok = pl.load(args)
         n_layers = pl.text_config(model).num_hidden_layers
-        args.positions = post_instruction_positions(tok) if args.positions == "post" else args.positions
+        args.positions = pl.post_instruction_positions(tok) if args.positions == "post" else args.positions
         if args.layer is not None and not 1 <= args.layer < n_layers:
             pl.fail(f"--layer {args.layer} is out of range: this model has layers 1..{n_layers - 1} to choose from")
         pl.check_context(model, pl.token_lengths(tok, pl.format_chat(tok, sum([*train.values(), *val.values()], []))),
@@ -382,21 +358,18 @@ def save_ablated(folder, args, path, model=None, tok=None):
 
 def plot_layers(path, per_layer, layer, model_name, surgical=None):
     """Per layer (last position): silhouette, bypass, induce and KL of the refusal direction; Surgical's score."""
-    plt = pl.pyplot()
     last = [r for r in per_layer if r["position"] == -1]
-    keys = [k for k in ("silhouette", "bypass", "induce", "kl") if k in last[0]]
-    rows = [(k, last) for k in keys] + ([("pseudo_harmful", [r for r in surgical["per_layer"] if r["position"] == -1])]
-                                        if surgical else [])
-    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.2), squeeze=False)
-    for ax, (k, rs) in zip(axes[0], rows):
-        ax.plot([r["layer"] for r in rs], [r[k] for r in rs], marker=".")
-        ax.axvline(surgical["layer"] if k == "pseudo_harmful" else layer, color="red", ls="--", lw=1)
-        ax.set_xlabel("layer")
-        ax.set_title({"silhouette": "silhouette (harmful vs harmless)", "bypass": "refusal score, harmful, ablated",
-                      "induce": "refusal score, harmless, added", "kl": "KL on harmless, ablated",
-                      "pseudo_harmful": "Surgical: pseudo-harmful, ablated"}[k], fontsize=9)
-    fig.suptitle(f"{os.path.basename(model_name.rstrip('/'))}: chosen layer {layer}", fontsize=10)
-    pl.save_figure(fig, path)
+    panels = [(name, [r["layer"] for r in last], [r[k] for r in last], layer) for k, name in PANELS.items()
+              if k in last[0]]
+    if surgical:
+        s = [r for r in surgical["per_layer"] if r["position"] == -1]
+        panels.append(("Surgical: pseudo-harmful, ablated", [r["layer"] for r in s], [r["pseudo_harmful"] for r in s],
+                       surgical["layer"]))
+    pl.panel_plot(path, panels, f"{os.path.basename(model_name.rstrip('/'))}: chosen layer {layer}")
+
+
+PANELS = {"silhouette": "silhouette (harmful vs harmless)", "bypass": "refusal score, harmful, ablated",
+          "induce": "refusal score, harmless, added", "kl": "KL on harmless, ablated"}
 
 
 # ============================================================================ arguments
@@ -433,24 +406,13 @@ def parse_args(argv=None):
     g.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"), help="file of harmless prompts")
     g.add_argument("--pseudo-harmful", default=None,
                    help="Surgical: benign prompts that look harmful; also write their false-refusal vector")
-    g.add_argument("--column", default=None, help="column holding the prompt (default: the first known name)")
-    g.add_argument("--n-train", type=pl.count(2), default=64, help="prompts per class for the difference in means")
-    g.add_argument("--n-val", type=pl.count(1), default=32,
-                   help="held-out prompts per class for layer selection and the causal check")
+    pl.add_split_args(g)
     pl.add_model_args(p)
     pl.add_memory_args(p)
-    g = pl.add_out_args(p, "runs/direction")
-    g.add_argument("--save-ablated", action="store_true", help="also write the model with the chosen vector "
-                   "orthogonalised out of its weights (sec. 4.1) to --out/ablated: a model folder any engine loads")
-    g.add_argument("--ablated-vector", choices=tuple(VECTORS), default="refusal", help="what --save-ablated removes: "
-                   "the refusal direction or Surgical's vector (needs --pseudo-harmful)")
-    g.add_argument("--ablate-weights", default=None, metavar="FILE", help="instead of finding a direction: write "
-                   "--model with FILE's vector (direction.pt, false_refusal.pt) orthogonalised out of it to --out")
-    g.add_argument("--other-model", action="store_true", help="with --ablate-weights: a direction of another model")
+    artifacts.add_export_args(pl.add_out_args(p, "runs/direction"), tuple(VECTORS))
     args = p.parse_args(argv)
     pl.check_model_args(args)
-    if args.ablated_vector == "false-refusal" and not args.pseudo_harmful:
-        pl.fail("--ablated-vector false-refusal: Surgical's vector is made from --pseudo-harmful prompts; pass them")
+    artifacts.check_export_args(args)
     return args
 
 

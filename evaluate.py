@@ -20,7 +20,6 @@ import gc
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -137,8 +136,8 @@ def excluded(files):
         pl.read_prompts(f)  # the file's own checks: readable, with a prompt column
         for i, r in enumerate(pl.read_records(f)):
             p = str(next((r[c] for c in pl.PROMPT_COLUMNS if r.get(c) is not None), "")).strip()
-            e = pl.choice_of(r.get("expect"), tuple(out), f, i + 1, "expect")  # as --responses reads it
-            for e in [e] if e else out:
+            said = pl.choice_of(r.get("expect"), tuple(out), f, i + 1, "expect")  # as --responses reads it
+            for e in [said] if said else out:
                 out[e].append(p)
     return out
 

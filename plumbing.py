@@ -8,7 +8,8 @@
     prompt files         JSON, JSONL, CSV, TSV or TXT in, a list of clean prompts out (a seeded sample with --limit)
     loading and chat     a hub id, a local folder or a .gguf in, a model (fp32, bf16 or NF4) and its chat template out
     layers and hooks     the decoder layers of any architecture; forward hooks held for a with block
-    activations         the residual stream at the input of every layer, at the prompts' last tokens
+    activations         the residual stream at the input of every layer, at the prompts' last tokens; what one block
+                         receives, recorded once (actor.py trains that block alone on it)
     generation, scoring  batched greedy answers; next-token log-probabilities
 
 Layers, in every script and every output: layer l is decoder block l (0-based). The input of layer l is the residual
@@ -579,6 +580,19 @@ def line_plot(path, series, xlabel, ylabel, title):
     save_figure(fig, path)
 
 
+def panel_plot(path, panels, title, xlabel="layer"):
+    """A row of small line plots, one per (title, xs, ys, x to mark with a dashed line), written to path."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (name, xs, ys, mark) in zip(axes[0], panels):
+        ax.plot(xs, ys, marker=".")
+        ax.axvline(mark, color="red", ls="--", lw=1)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+
+
 def print_table(header, rows):
     """A run's summary table on stdout: right-aligned columns, as wide as their widest cell."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
@@ -687,6 +701,24 @@ def read_prompts(path, column=None, limit=None, seed=0):
     if not prompts:
         fail(f"{path}: column {col!r} holds no non-empty prompts")
     return sample(prompts, limit, seed)
+
+
+def split_prompts(path, column, n_train, n_val, seed):
+    """A file's prompts, shuffled with the seed: n_train for the means and up to n_val held out (at least 2 and 1)."""
+    prompts = read_prompts(path, column)
+    random.Random(seed).shuffle(prompts)
+    if len(prompts) < 4:
+        fail(f"{path}: {len(prompts)} prompts; at least 4 are needed (2 for the mean, 2 held out)")
+    n = min(n_train, len(prompts) - min(n_val, len(prompts) // 4))
+    return prompts[:n], prompts[n:n + n_val]
+
+
+def add_split_args(g):
+    """The flags of split_prompts, in a script's data group: --column, --n-train, --n-val."""
+    g.add_argument("--column", default=None, help="column holding the prompt (default: the first known name)")
+    g.add_argument("--n-train", type=count(2), default=64, help="prompts per class for the difference in means")
+    g.add_argument("--n-val", type=count(1), default=32,
+                   help="held-out prompts per class for layer selection and the causal check")
 
 
 def sample(items, limit, seed):
@@ -908,6 +940,18 @@ def format_chat(tokenizer, prompts):
     return [chat_text(tokenizer, p) for p in prompts]
 
 
+def post_instruction_positions(tok):
+    """How many template tokens follow the user's instruction before the answer begins (for ChatML: '<|im_end|>',
+    '\\n', '<|im_start|>', 'assistant', '\\n'): Arditi's and Surgical's candidate positions (--positions post)."""
+    text, marker = chat_text(tok, "Sphinx of black quartz, judge my vow"), "judge my vow"
+    end = text.rindex(marker) + len(marker)
+    try:
+        spans = tok(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+        return sum(a >= end for a, _ in spans)
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: the template's tail on its own
+        return len(tok(text[end:], add_special_tokens=False).input_ids)
+
+
 def tokenize(tokenizer, texts, device, max_length=None):
     # the chat template already holds BOS and the like, so no special tokens are added again
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
@@ -1063,6 +1107,57 @@ def capture(model, tokenizer, prompts, positions=1, batch_size=16, desc="activat
     return out
 
 
+# ============================================================================ one block on cached inputs
+# (actor.py's single-layer training: what block `layer` receives, recorded once; actor.run_block runs it alone)
+class _Stop(Exception):
+    """Raised inside the forward pass once block `layer`'s inputs are recorded: the layers above are never run."""
+
+
+def move_tensors(x, device, dtype=None):
+    """Tensors (also inside tuples, e.g. the rotary (cos, sin)) to a device; floating ones to dtype if given."""
+    if torch.is_tensor(x):
+        return x.to(device, dtype if dtype is not None and x.is_floating_point() else x.dtype)
+    if isinstance(x, (tuple, list)):
+        return type(x)(move_tensors(v, device, dtype) for v in x)
+    return x
+
+
+@torch.no_grad()
+def cache_block_inputs(model, tok, prompts, layer, batch_size, device=None, mix_seed=None):
+    """Run layers 0..layer-1 once per batch and keep everything block `layer` receives.
+
+    A forward pre-hook on block `layer` records its positional and keyword arguments as the model passes them (hidden
+    states [B, T, d], the attention mask as this attention implementation wants it, rotary (cos, sin), position ids)
+    and stops the forward pass. Batches are fixed, left padded, so the last token is position -1: sorted by length
+    (least padding), or, with mix_seed, a seeded shuffle of all queries (each batch then mixes the query groups).
+    Returns a list of (prompt indices, args, kwargs).
+    """
+    block = decoder_layers(model)[layer]
+    texts = format_chat(tok, prompts)
+    if mix_seed is None:
+        batches = length_batches(tok, texts, batch_size)
+    else:
+        order = list(range(len(texts)))
+        random.Random(mix_seed).shuffle(order)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    device = device or model_device(model)
+    cache, idx = [], None
+
+    def grab(module, args, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        kept = {k: move_tensors(v, device) for k, v in kwargs.items()}
+        cache.append((idx, move_tensors(tuple(args), device), kept))
+        raise _Stop
+
+    with hooks([(block, "pre", grab)]):
+        for idx in tqdm(batches, desc=f"caching inputs of layer {layer}", leave=False):
+            try:
+                model(**tokenize(tok, [texts[i] for i in idx], model_device(model)), use_cache=False)
+            except _Stop:
+                pass
+    return cache
+
+
 # ============================================================================ hooks
 def hidden_of(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
@@ -1171,7 +1266,6 @@ def check_overflow(model, desc):
         h = output[0] if isinstance(output, tuple) else output
         check_activations(h, f"the mean square of the activations ({desc})")
     return [(decoder_layers(model)[-1], "post", post)]
-
 
 
 @torch.no_grad()

@@ -5,17 +5,21 @@ Instruction-response pair files (Alpaca, prompt/response, GSM8K, or prompts answ
 parameters (LoRA on the attention projections of any architecture, QLoRA on a 4-bit model, or every weight) and
 gradient checkpointing; a training checkpoint's files (trainable weights, optimizer, state); data parallel training
 under torchrun or accelerate launch (one process per device; the sum of the processes' gradients is the one-process
-step's, and rank 0 alone writes). How a pair is encoded, the forward pass, the loss and the loop are procon.py's.
+step's, and rank 0 alone writes); procon.py's run around its method: its data and run flags, the checks of its flags
+and encoded pairs, its outputs. How a pair is encoded, the forward pass, the loss and the loop are procon.py's.
 """
 import atexit
 import contextlib
 import json
 import os
 import random
+import statistics
 import sys
+import time
 
 import torch
 
+import artifacts
 import plumbing as pl
 import rundir
 
@@ -339,3 +343,153 @@ def run_folder(out, *args, **kwargs):
         if error:
             pl.fail(error)
         yield work
+
+
+# ============================================================================ procon.py's run: flags, checks, outputs
+# (what surrounds the method in procon.py: its data and run flags, the checks of its flags and encoded pairs, and
+# what it writes; the method itself, from the encoding of a pair to the optimizer step, stays in procon.py)
+FILES = ("data", "safety_data", "refusals", "eval_data", "eval_refusal", "direction", "harmful", "harmless",
+         "probe_harmful", "probe_harmless", "chat_template")  # resume compares their contents
+KNOWN = ("procon.json", "drift.json", "drift.png", "adapter", "model", "merged", "checkpoint", "anchors.pt")
+
+
+def outputs(args):
+    """What a run of procon.py writes to --out."""
+    return ("procon.json", "drift.json", "drift.png", "model" if args.full else "adapter") + \
+        (("merged",) if args.save_merged else ())
+
+
+def add_data_args(p):
+    """The data flags: training pairs, safety samples, held-out pairs, the prompts of r_hat_l and of the drift probe."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=os.path.join(pl.DATA, "instructions.json"),
+                   help="instruction-response pairs: JSON/JSONL/CSV with instruction(+input)/output, prompt/response "
+                   "or question/answer")
+    g.add_argument("--limit", type=pl.count(1), default=None, help="at most N training pairs (a seeded sample)")
+    g.add_argument("--safety-data", default=None,
+                   help="ProCon_safe: safety samples mixed into training; pairs, or prompts answered with --refusals")
+    g.add_argument("--safety-n", type=pl.count(1), default=None, help="use at most N safety samples")
+    g.add_argument("--safety-role", choices=("ce+constraint", "constraint"), default="ce+constraint",
+                   help="safety samples enter the CE loss and the constraint ([choice]: the abstract's 'broaden the "
+                   "data distribution'), or the constraint only (no CE on their refusals)")
+    g.add_argument("--refusals", default=os.path.join(pl.DATA, "refusals.json"),
+                   help="refusal answers for safety prompts that come without one")
+    g.add_argument("--eval-data", default=None, help="held-out pairs: their CE is logged at every evaluation point")
+    g.add_argument("--eval-refusal", action="append", default=[], help="prompt file whose refusal rate (the logit "
+                   "judge: the first answer token's refusal score above 0) is logged at every evaluation point; "
+                   "repeatable")
+    g.add_argument("--direction", default=None, help="direction.pt (directions.py) whose refusal tokens the logit "
+                   "judge reads (default: the model's tokens for 'I', 'Sorry', 'As', 'Unfortunately')")
+    g.add_argument("--eval-every", type=pl.count(0), default=0, help="an evaluation point (held-out CE, drift, "
+                   "refusal) before training and every N optimizer steps, besides each epoch's end (0: epochs only)")
+    g.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"), help="harmful prompts for r_hat_l")
+    g.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"), help="harmless prompts for r_hat_l")
+    g.add_argument("--probe-harmful", default=os.path.join(pl.DATA, "probe_harmful.json"),
+                   help="fixed harmful probe set for the per-epoch drift of the refusal direction")
+    g.add_argument("--probe-harmless", default=os.path.join(pl.DATA, "probe_harmless.json"),
+                   help="fixed harmless probe set for the per-epoch drift")
+
+
+def add_run_args(p, method):
+    """procon.py's memory and output flags (and the trainable ones, in its method group)."""
+    g = pl.add_memory_args(p, batch_size=8)
+    add_trainable_args(method, g)
+    g.add_argument("--grad-accum", type=pl.count(1), default=1,
+                   help="micro-batches of --batch-size per optimizer step (effective batch: their product; under "
+                   "torchrun a multiple of the processes, which share them)")
+    g.add_argument("--ce-chunk", type=pl.count(0), default=0, help="make the logits this many tokens at a time, "
+                   "recomputed in backward (less memory with a large vocabulary; 0: all at once)")
+    g.add_argument("--max-length", type=pl.count(2), default=256, help="truncate chat-formatted pairs to this many "
+                   "tokens")
+    g = pl.add_out_args(p, "runs/procon", resume="continue the unfinished run in --out from its last checkpoint; every "
+                        "setting but --epochs, --max-steps, --save-every and --save-merged must be as it was")
+    g.add_argument("--save-every", type=pl.count(0), default=0,
+                   help="also checkpoint every N optimizer steps (0: at each epoch's end only)")
+    g.add_argument("--save-merged", action="store_true", help="after training, also write the merged model "
+                   "(unquantised base + adapter) to --out/merged")
+    g.add_argument("--merge", default=None, metavar="ADAPTER_DIR",
+                   help="instead of training: write the unquantised base model with this adapter merged to --out")
+    g.add_argument("--other-model", action="store_true",
+                   help="with --merge: merge an adapter trained on another model than --model")
+
+
+def check_args(args):
+    """What the flags' types cannot check alone, before any work."""
+    pl.check_model_args(args)
+    if args.warmup_epochs > args.epochs:
+        pl.fail(f"--warmup-epochs {args.warmup_epochs}: must be at most --epochs {args.epochs}")
+    if args.warmup_epochs and args.warmup_steps:
+        pl.fail("--warmup-epochs and --warmup-steps both set the warm-up's length; pass one of them")
+    if args.full and args.save_merged:
+        pl.fail("--save-merged merges a LoRA adapter; --full already writes the whole model to --out/model")
+    if args.full and args.load_in_4bit:
+        pl.fail("--full cannot train a 4-bit model; use LoRA (QLoRA) with --load-in-4bit")
+
+
+def check_examples(model, examples, eval_examples, args, n_safety):
+    """Encoded pairs: within the model's context; those that carry CE (the last n_safety carry none with --safety-role
+    constraint) and those of --eval-data that --max-length leaves without response tokens add nothing: counted, and
+    refused above pl.LOST_LIMIT."""
+    pl.check_context(model, [len(e[0]) for e in examples], what="training pairs (after --max-length)")
+    n_ce = len(examples) - (n_safety if args.safety_role == "constraint" else 0)
+    return [pl.check_lost(sum(all(l == -100 for l in e[1]) for e in found), len(found), what, f"--max-length "
+                          f"{args.max_length} leaves no response tokens in", "raise --max-length or shorten them")
+            for what, found in (("training pairs", examples[:n_ce]), ("held-out pairs of --eval-data", eval_examples))]
+
+
+def write_outputs(work, run, pairs, safety, t0):
+    """The adapter (or full model), procon.json (the log: steps, epochs, evaluation points), drift.json and drift.png;
+    the merged model with --save-merged; the summary table of the evaluation points. Rank 0 alone (data parallel)."""
+    if RANK:
+        return
+    args, log = run.args, run.log
+    name = "model" if args.full else "adapter"
+    trainable_state(run.model, run.step)  # finite, or nothing is written
+    artifacts.save_trained(os.path.join(work, name), run.model, run.tok,
+                           None if args.full else artifacts.record(args.model, run.model.config))
+    n_layers = pl.text_config(run.model).num_hidden_layers
+    meta = pl.metadata(args, [getattr(args, k) for k in FILES])
+    log["epochs"] = epoch_summaries(log, len(run.batches))
+    drift_log = {str(e["epoch"]): e["drift"] for e in log["epochs"]}
+    pl.save_json(os.path.join(work, "procon.json"), {
+        "model": args.model, "layers": run.layers, "activation": "input of each constrained layer",
+        "n_train": len(pairs), "n_safety": len(safety), "n_cut_by_max_length": dict(zip(("train", "eval"), run.cut)),
+        "seed": args.seed, "refusal_tokens": run.refusal_tokens, "seconds": round(time.time() - t0, 1),
+        "peak_memory_mib": pl.peak_memory_mib(run.device), **log, **meta})
+    pl.save_json(os.path.join(work, "drift.json"), {"model": args.model, "cosine_to_initial": drift_log,
+                                                    "layers": list(range(1, n_layers)), **meta})
+    pl.line_plot(os.path.join(work, "drift.png"), {f"epoch {e}": ([int(l) for l in c], list(c.values())) for e, c in
+                                                   drift_log.items()}, "layer (its input)", "cosine to the initial "
+                 "direction", f"refusal-direction drift: {os.path.basename(str(args.model).rstrip('/'))}")
+    deep = lambda e: statistics.mean(v for l, v in e["drift"].items() if int(l) >= n_layers // 2)  # noqa: E731
+    rows = [[e["step"], "-" if e["eval_ce"] is None else f"{e['eval_ce']:.4f}", f"{deep(e):.4f}",
+             *[f"{100 * v:.1f}" for v in e["refusal"].values()]] for e in sorted(log["evals"], key=lambda e: e["step"])]
+    pl.print_table(["step", "held-out CE", "drift cos (deep half)", *[f"% refused: {k}" for k in run.refusal_sets]],
+                   rows)
+    if args.save_merged:
+        artifacts.save_merged(os.path.join(work, "merged"), "adapter", os.path.join(work, "adapter"), args.model, args)
+    print(f"\nwrote {', '.join(outputs(args))} to {args.out} in {time.time() - t0:.0f}s (peak memory "
+          f"{pl.peak_memory_mib(run.device):.0f} MiB; pairs whose response --max-length cut off: {run.cut[0]})")
+
+
+def epoch_summaries(log, per_epoch):
+    """Each epoch's mean CE and constraint, its last alpha, and the evaluation point at its end."""
+    out = []
+    for epoch in sorted({s["epoch"] for s in log["steps"]}):
+        steps = [s for s in log["steps"] if s["epoch"] == epoch]
+        point = next(e for e in log["evals"] if e["step"] == (epoch - 1) * per_epoch + len(steps))
+        out.append({"epoch": epoch, "alpha": steps[-1]["alpha"], "steps": len(steps), "ce": statistics.mean(
+            s["ce"] for s in steps), "constraint": statistics.mean(s["constraint"] for s in steps),
+            **{k: point[k] for k in ("eval_ce", "drift", "refusal")}})
+    return out
+
+
+def constrained_layers(spec, n_layers):
+    """--layers: 'all' is 1..L-1. [choice] The abstract says the constraint is on "the hidden state"; the input of
+    layer 0 is the token embedding, and every chat-formatted prompt ends in the same template token, so r_hat_0 is 0."""
+    layers = list(range(1, n_layers)) if spec == "all" else spec
+    bad = [l for l in layers if not 1 <= l < n_layers]
+    if bad:
+        pl.fail(f"--layers: layer {bad[0]} is out of range for a model with {n_layers} layers (1..{n_layers - 1}; "
+                "the input of layer 0 is the embedding, whose r_hat_0 is 0)")
+    return layers

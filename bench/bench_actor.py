@@ -332,7 +332,7 @@ def speed(args):
     layer = A.choose_layer(model, tok, prompts, groups, list(range(n_layers // 4, 3 * n_layers // 4)), 16)[0]
     block = pl.decoder_layers(model)[layer]
     original = {k: v.clone() for k, v in block.state_dict().items()}
-    t_cache, cache = timed(lambda: A.cache_block_inputs(model, tok, prompts, layer, 16))
+    t_cache, cache = timed(lambda: pl.cache_block_inputs(model, tok, prompts, layer, 16))
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-4)
     t_cached, loss_cached = timed(lambda: cached_epoch(block, cache, groups, opt))
     block.load_state_dict(original)

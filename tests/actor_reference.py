@@ -19,12 +19,12 @@ def uncached_epoch(model, block, batches, groups, opt):
 
     def stop(module, args, output):
         out["h"] = output[0] if isinstance(output, tuple) else output
-        raise A._Stop
+        raise pl._Stop
 
     def block_output(enc):
         try:
             model(**enc, use_cache=False)
-        except A._Stop:
+        except pl._Stop:
             pass
         return out.pop("h")[:, -1].float()
 

@@ -27,7 +27,7 @@ def test_cached_block_matches_full_forward(tiny_model, device, mix_seed):
     model, tok = pl.load_model(tiny_model)
     full = pl.capture(model, tok, QUERIES, batch_size=4)  # index l + 1 is the output of layer l
     for layer in (0, 2, 3):
-        cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4, device=device, mix_seed=mix_seed)
+        cache = pl.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4, device=device, mix_seed=mix_seed)
         assert sorted(i for idx, _, _ in cache for i in idx) == list(range(len(QUERIES)))
         a = A.activations(pl.decoder_layers(model)[layer], cache, len(QUERIES))
         torch.testing.assert_close(a, full[:, layer + 1, -1], atol=1e-5, rtol=1e-5)
@@ -39,7 +39,7 @@ def test_cached_training_equals_training_through_layers_below(tiny_model):
     layer = 2
     block = pl.decoder_layers(model)[layer]
     start = {k: v.clone() for k, v in block.state_dict().items()}
-    cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=3)
+    cache = pl.cache_block_inputs(model, tok, QUERIES, layer, batch_size=3)
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-3)
     loss_cached = cached_epoch(block, cache, GROUPS, opt)
     after_cached = {k: v.clone() for k, v in block.state_dict().items()}
@@ -83,7 +83,7 @@ def test_step0_loss_is_one_minus_cos_of_initial_activation_and_target(tiny_model
     a0 = pl.capture(model, tok, QUERIES)[:, 3, -1]  # output of layer 2, through the full model
     tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 0.7, A.origin_of(origin, a0, a0, GROUPS))
     want = (1 - torch.nn.functional.cosine_similarity(a0, tgt, dim=-1)).mean()
-    cache = A.cache_block_inputs(model, tok, QUERIES, 2, batch_size=len(QUERIES))  # one batch: step 0 sees all
+    cache = pl.cache_block_inputs(model, tok, QUERIES, 2, batch_size=len(QUERIES))  # one batch: step 0 sees all
     block = pl.decoder_layers(model)[2]
     got = A.train_epoch(block, cache, tgt, torch.optim.SGD(A.trainable(block, "all"), lr=0.0), [0])
     assert want > 0 and abs(got - want.item()) < 1e-5
@@ -92,7 +92,7 @@ def test_step0_loss_is_one_minus_cos_of_initial_activation_and_target(tiny_model
 def test_only_block_l_star_changes(tiny_model):
     model, tok = pl.load_model(tiny_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cache = A.cache_block_inputs(model, tok, QUERIES, 1, 4)
+    cache = pl.cache_block_inputs(model, tok, QUERIES, 1, 4)
     history, a0, a1 = A.actor(pl.decoder_layers(model)[1], cache, GROUPS, 1.0, 1e-2, 3, log=lambda s: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.layers.1.") for k in changed)
@@ -103,7 +103,7 @@ def test_only_block_l_star_changes(tiny_model):
 
 def test_training_lowers_the_loss_against_fixed_targets(tiny_model):
     model, tok = pl.load_model(tiny_model)
-    cache = A.cache_block_inputs(model, tok, QUERIES, 2, 3)
+    cache = pl.cache_block_inputs(model, tok, QUERIES, 2, 3)
     block = pl.decoder_layers(model)[2]
     a0 = A.activations(block, cache, len(QUERIES))
     tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 1.0, a0[GROUPS == 2].mean(0))
@@ -118,7 +118,7 @@ def test_targets_renewed_each_step_each_epoch_or_kept(tiny_model, renew, monkeyp
     """--renew never: the targets of the initial weights throughout; epoch: made again before every epoch; step: before
     every update too, each time from the layer's current activations (the paper's renewal)."""
     model, tok = pl.load_model(tiny_model)
-    cache = A.cache_block_inputs(model, tok, QUERIES, 2, 3)
+    cache = pl.cache_block_inputs(model, tok, QUERIES, 2, 3)
     block = pl.decoder_layers(model)[2]
     seen = []
     monkeypatch.setattr(A, "targets", lambda a, *rest, f=A.targets: seen.append(a.clone()) or f(a, *rest))
@@ -133,7 +133,7 @@ def test_targets_renewed_each_step_each_epoch_or_kept(tiny_model, renew, monkeyp
 def test_train_part_of_the_block(tiny_llama, train):
     model, tok = pl.load_model(tiny_llama)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cache = A.cache_block_inputs(model, tok, QUERIES, 2, 4)
+    cache = pl.cache_block_inputs(model, tok, QUERIES, 2, 4)
     A.actor(pl.decoder_layers(model)[2], cache, GROUPS, 1.0, 1e-2, 1, train=train, log=lambda s: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(f"model.layers.2.{'mlp' if train == 'mlp' else 'self_attn'}.") for k in changed)
@@ -251,7 +251,7 @@ def test_fast_validation_logits_match_the_whole_model(tiny_model):
     a uniform shift, equal the whole model's with the block in place / the shift hooked in as evaluate.py --steer."""
     model, tok = pl.load_model(tiny_model)
     layer = 2
-    cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4)
+    cache = pl.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4)
     A.actor(pl.decoder_layers(model)[layer], cache, GROUPS, 1.0, 1e-2, 2, log=lambda s: None)
     head = S.final_head(model)
     assert head is not None

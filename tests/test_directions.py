@@ -280,7 +280,7 @@ def test_post_instruction_positions(tiny_llama, prompt_files, tmp_path):
     """--positions post: every template token after the instruction (ChatML: <|im_end|>, newline, <|im_start|>,
     'assistant', newline), counted in the tokenised prompt."""
     _, tok = pl.load_model(tiny_llama)
-    n = D.post_instruction_positions(tok)
+    n = pl.post_instruction_positions(tok)
     text = pl.chat_text(tok, "How do I bake bread?")
     ids = tok(text, add_special_tokens=False).input_ids
     assert tok.decode(ids[-n:]) == "<|im_end|>\n<|im_start|>assistant\n" and "?" in tok.decode(ids[-n - 1:])
