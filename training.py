@@ -45,7 +45,7 @@ def read_pairs(path, refusals=None, seed=0):
             pairs.append((next(text(c) for c in pl.PROMPT_COLUMNS if r.get(c) is not None), rng.choice(refusals)))
         else:  # a row no format reads would silently add nothing
             pl.fail(f"{path}: row {i + 1} is not usable: expected " + (", ".join(pl.PROMPT_COLUMNS) if refusals else
-                    "instruction/output, prompt/response or question/answer") + f" (it has {', '.join(map(str, r))})")
+                    "instruction/output, prompt/response or question/answer") + f", not empty (it has {', '.join(r)})")
     pairs = [(p, a) for p, a in pairs if p and a]
     if not pairs:
         kind = "prompts" if refusals else "instruction-response pairs"
