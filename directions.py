@@ -196,8 +196,9 @@ def causal_check(at, base, tokens):
 
 def choose_layer(args, model, tok, mean_diff, r_hat, candidates, sil, val, base, tokens, refuses):
     """The layer: fixed (--layer), the paper's selection by bypass / induce / KL, or, where the model refuses too
-    little (no refusal tokens of its own) or no candidate passes, the best silhouette ([choice]: ACTOR's criterion).
-    Returns (candidate, how, scores, note)."""
+    little (no refusal tokens of its own) or no candidate passes, the best silhouette ([choice]: ACTOR's criterion)
+    among the layers past the first and before the last --prune-frac of depth ([choice]: the middle; early layers
+    separate the two groups by their words alone). Returns (candidate, how, scores, note)."""
     n_layers = mean_diff.shape[0]
     if args.layer is not None:
         return (args.layer, max(range(args.positions), key=lambda p: sil[(args.layer, p)])), "fixed", {}, None
@@ -212,7 +213,8 @@ def choose_layer(args, model, tok, mean_diff, r_hat, candidates, sil, val, base,
             return chosen, "refusal", scores, None
         note = "no candidate passed Arditi's filters; fell back to silhouette"
         print(f"note: {note}", file=sys.stderr)
-    return max(candidates, key=lambda c: sil[c]), "silhouette", scores, note
+    band = [c for c in candidates if args.prune_frac * n_layers <= c[0] < n_layers * (1 - args.prune_frac)]
+    return max(band or candidates, key=lambda c: sil[c]), "silhouette", scores, note
 
 
 # ============================================================================ Surgical's false-refusal vector
@@ -318,8 +320,7 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
     per_layer = [{"layer": l, "position": p - args.positions, "silhouette": found["silhouette"][(l, p)],
                   **found["scores"].get((l, p), {})} for l, p in found["candidates"]]
     meta = {"model": args.model, "layer": layer, "activation": f"input of layer {layer}",
-            "position": pos - args.positions, "select": found["select"],
-            "note": found["note"], "filter": args.filter,
+            "position": pos - args.positions, "select": found["select"], "note": found["note"], "filter": args.filter,
             "n_prompts": {k: {"train": len(train[k]), "val": len(val[k])} for k in train},
             "refusal_tokens": {str(t): tok.decode([t]) for t in tokens}, "refused_val_harmful": found["n_refused"],
             "causal_check": check, "per_layer": per_layer, "seed": args.seed, "seconds": round(time.time() - t0, 1),
@@ -329,8 +330,7 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
         artifacts.save_direction(os.path.join(work, "false_refusal.pt"), unit(w[fl, fp]), fl, fp - args.positions,
                                  w, tokens, made_on, method="Surgical (Wang et al. 2025)",
                                  ortho_lambda=args.ortho_lambda)
-        meta["surgical"] = {"layer": fl, "position": fp - args.positions,
-                            "ortho_lambda": args.ortho_lambda,
+        meta["surgical"] = {"layer": fl, "position": fp - args.positions, "ortho_lambda": args.ortho_lambda,
                             "cos_to_refusal_direction": float(unit(w[fl, fp]) @ found["r_hat"][fl, fp]),
                             "per_layer": [{"layer": l, "position": p - args.positions, **s}
                                           for (l, p), s in fscores.items()]}
@@ -391,7 +391,7 @@ def parse_args(argv=None):
                    help="keep only the prompts the model treats as their class does (refused harmful and "
                    "pseudo-harmful, answered harmless), as the papers' code does, where it has its own refusal tokens")
     g.add_argument("--prune-frac", type=pl.number(lo=0, below=1), default=0.2,
-                   help="Arditi (and Surgical): skip the last fraction of layers")
+                   help="Arditi (and Surgical): skip the last fraction of layers (the silhouette: the first too)")
     g.add_argument("--max-kl", type=pl.number(lo=0), default=0.1,
                    help="Arditi: discard directions whose ablation KL exceeds this")
     g.add_argument("--min-refusals", type=pl.count(0), default=4,

@@ -66,9 +66,8 @@ def encode_pair(tok, prompt, response, max_length, tokens="prompt", ce=True):
 
 
 def fixed_batches(examples, batch_size, grad_accum, seed):
-    """Optimizer batches of batch_size * grad_accum samples of similar length, composed once (every epoch, and the
-    anchors' pass before training, see the same ones), each split into grad_accum micro-batches: 2 x 4 holds what 1 x
-    8 holds."""
+    """Optimizer batches of batch_size * grad_accum samples of similar length, composed once (every epoch and the
+    anchors' pass see the same ones), each split into grad_accum micro-batches: 2 x 4 holds what 1 x 8 holds."""
     size = batch_size * grad_accum
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), i))
     batches = [order[i:i + size] for i in range(0, len(order), size)]
@@ -178,8 +177,7 @@ def constraint(z, z0, kind="abs", reduce="sum", n_samples=1, n_positions=None, s
     [choice] The abstract gives no normalisation; with --scale anchor-rms each layer's deviation is divided by the RMS
     of its anchors (scale: [n_layers])."""
     diff = (z - z0).abs() if kind == "abs" else (z - z0) ** 2
-    if scale is not None:
-        diff = diff / scale[:, None]
+    diff = diff / scale[:, None] if scale is not None else diff
     if reduce == "mean":
         return diff.sum() / (z.shape[0] * max(n_positions or z.shape[1], 1))
     return diff.sum() / n_samples
@@ -201,8 +199,7 @@ def training_loss(model, micro, device, r_hat, z0, alpha, layers, args, norm, sc
 
 # alpha_t: the warm-up schedule
 def alpha_at(step, args, warm):
-    """ProCon_wu: --warmup-alpha for the first `warm` steps (--warmup-steps, or --warmup-epochs' steps), then --alpha
-    (0: plain IFT)."""
+    """ProCon_wu: --warmup-alpha for the first `warm` steps (--warmup-steps or --warmup-epochs), then --alpha."""
     return args.warmup_alpha if step < warm else args.alpha
 
 
@@ -314,8 +311,12 @@ def evaluation(run):
     t = time.time()
     eval_ce = evaluate_ce(run.model, run.eval_examples, run.args.batch_size, run.pad_id, run.device) \
         if run.eval_examples else None
-    r_probe = r_directions(run.model, run.tok, run.probes["probe_harmful"], run.probes["probe_harmless"],
-                           run.args.batch_size, "drift probe")
+    try:  # the probe prompts passed at step 0: after a step, a zero direction is the training's doing, not theirs
+        r_probe = r_directions(run.model, run.tok, run.probes["probe_harmful"], run.probes["probe_harmless"],
+                               run.args.batch_size, "drift probe")
+    except pl.UserError as e:
+        raise pl.UserError(f"after step {run.step}, {e}: training diverged; a smaller --lr or --alpha" if run.step
+                           else str(e)) from None
     point = {"step": run.step, "eval_ce": eval_ce, "drift": drift(run.r_probe0, r_probe, range(1, len(r_probe))),
              "refusal": judges.refusal_rates(run.model, run.tok, run.refusal_sets, run.refusal_tokens,
                                              run.args.batch_size)}

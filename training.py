@@ -46,7 +46,8 @@ def read_pairs(path, refusals=None, seed=0):
         else:  # a row no format reads would silently add nothing
             pl.fail(f"{path}: row {i + 1} is not usable: expected " + (", ".join(pl.PROMPT_COLUMNS) if refusals else
                     "instruction/output, prompt/response or question/answer") + f", not empty (it has {', '.join(r)})")
-    pairs = [(p, a) for p, a in pairs if p and a]
+        if not all(pairs[-1]):  # an empty prompt or answer, dropped, would change the data without a word
+            pl.fail(f"{path}: row {i + 1} has an empty {'prompt' if not pairs[-1][0] else 'response'}")
     if not pairs:
         kind = "prompts" if refusals else "instruction-response pairs"
         pl.fail(f"{path}: no usable {kind} (expected instruction/output, prompt/response or question/answer)")

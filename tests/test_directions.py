@@ -235,6 +235,21 @@ def test_silhouette_against_brute_force():
     assert D.silhouette(far, torch.tensor([1] * 6 + [0] * 6)) > 0.95
 
 
+def test_silhouette_fallback_keeps_to_the_middle_layers():
+    # early layers separate harmful from harmless by their words alone: the fallback takes the best silhouette among
+    # the layers past the first and before the last --prune-frac of depth, and any layer where that band is empty
+    candidates = [(l, 0) for l in range(1, 30)]
+    sil = {c: (0.9 if c[0] <= 3 else 0.6 if c[0] == 28 else 0.1 + c[0] / 100) for c in candidates}
+    mean_diff = torch.zeros(30, 1, 4)
+    args = D.parse_args(["--select", "silhouette"])
+    chosen, how, _, _ = D.choose_layer(args, None, None, mean_diff, mean_diff, candidates, sil, {}, {}, [], True)
+    assert (chosen, how) == ((23, 0), "silhouette")  # 6 <= l < 24 at --prune-frac 0.2
+    args = D.parse_args(["--select", "silhouette", "--prune-frac", "0.5"])
+    chosen, *_ = D.choose_layer(args, None, None, mean_diff[:3], mean_diff[:3], [(1, 0), (2, 0)],
+                                {(1, 0): 0.9, (2, 0): 0.1}, {}, {}, [], True)
+    assert chosen == (1, 0)  # three layers at 0.5: 1.5 <= l < 1.5 holds none, so every candidate counts
+
+
 def test_keyword_judge_basics():
     assert keywords.is_refusal("I'm sorry, but I can't help with that.")
     assert keywords.is_refusal("  **I cannot** provide that.")

@@ -258,6 +258,10 @@ def test_bad_input(tiny_llama, pairs_file, tmp_path):
                                                                                          "Output": "d"}]))
     with pytest.raises(pl.UserError, match="row 2 is not usable.*it has Instruction, Output"):  # not dropped silently
         run(tiny_llama, str(tmp_path / "mixed.json"), tmp_path / "a")
+    for i, row in enumerate(({"instruction": "a", "output": " "}, {"prompt": "", "response": "b"})):
+        (tmp_path / "blank.json").write_text(json.dumps([{"instruction": "c", "output": "d"}, row]))
+        with pytest.raises(pl.UserError, match=f"row 2 has an empty {('response', 'prompt')[i]}"):  # not dropped
+            T.read_pairs(str(tmp_path / "blank.json"))
     with pytest.raises(pl.UserError, match="layer 9 is out of range"):
         run(tiny_llama, pairs_file, tmp_path / "b", "--layers", "1,9")
     (tmp_path / "safety.jsonl").write_text('{"prompt": "x"}\n{broken\n')
@@ -304,6 +308,14 @@ def test_a_huge_warmup_alpha_is_named_first(tiny_llama, pairs_file, tmp_path):
         run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3", "--warmup-epochs", "1", "--warmup-alpha", "1e38")
     assert " became NaN; the likely cause: --warmup-alpha 1e+38 (else --alpha 0.3, --lr 0.0002) is too large" in \
         str(e.value)
+
+
+def test_a_collapse_after_training_blames_the_training_not_the_prompts(tiny_llama, pairs_file, tmp_path):
+    """One full step at --lr 1e30 leaves finite weights that give every prompt the same activation: the drift probe's
+    direction is zero, and the line says that training diverged (the probe prompts passed at step 0)."""
+    with pytest.raises(pl.UserError) as e:
+        run(tiny_llama, pairs_file, tmp_path, "--full", "--lr", "1e30", "--max-steps", "1")
+    assert str(e.value).startswith("after step 1, ") and "training diverged; a smaller --lr or --alpha" in str(e.value)
 
 
 def test_pairs_cut_off_by_max_length_are_counted_or_refused(tiny_llama, prompt_files, tmp_path, capsys):
