@@ -37,8 +37,9 @@ def read_pairs(path, refusals=None, seed=0):
         if r.get("instruction") is not None and r.get("output") is not None:  # Alpaca
             prompt = text("instruction") + ("\n\n" + text("input") if str(r.get("input") or "").strip() else "")
             pairs.append((prompt, text("output")))
-        elif r.get("prompt") is not None and (r.get("response") or r.get("completion")) is not None:
-            pairs.append((text("prompt"), text("response" if r.get("response") else "completion")))
+        elif r.get("prompt") is not None and (r.get("response"), r.get("completion")) != (None, None):
+            pairs.append((text("prompt"), text("response" if r.get("response") or r.get("completion") is None
+                                               else "completion")))
         elif r.get("question") is not None and r.get("answer") is not None:  # GSM8K
             pairs.append((text("question"), text("answer")))
         elif refusals and any(r.get(c) is not None for c in pl.PROMPT_COLUMNS):

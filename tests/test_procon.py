@@ -258,9 +258,10 @@ def test_bad_input(tiny_llama, pairs_file, tmp_path):
                                                                                          "Output": "d"}]))
     with pytest.raises(pl.UserError, match="row 2 is not usable.*it has Instruction, Output"):  # not dropped silently
         run(tiny_llama, str(tmp_path / "mixed.json"), tmp_path / "a")
-    for i, row in enumerate(({"instruction": "a", "output": " "}, {"prompt": "", "response": "b"})):
+    for row, empty in (({"instruction": "a", "output": " "}, "response"), ({"prompt": "", "response": "b"}, "prompt"),
+                       ({"prompt": "a", "response": ""}, "response")):
         (tmp_path / "blank.json").write_text(json.dumps([{"instruction": "c", "output": "d"}, row]))
-        with pytest.raises(pl.UserError, match=f"row 2 has an empty {('response', 'prompt')[i]}"):  # not dropped
+        with pytest.raises(pl.UserError, match=f"row 2 has an empty {empty}"):  # not dropped
             T.read_pairs(str(tmp_path / "blank.json"))
     with pytest.raises(pl.UserError, match="layer 9 is out of range"):
         run(tiny_llama, pairs_file, tmp_path / "b", "--layers", "1,9")
