@@ -40,10 +40,15 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import artifacts
-import plumbing as pl
 import rundir
+import chat
+import cli
+import inference
+import loading
+import runrecord
 
 GROUPS = ("harmful", "pseudo_harmful", "harmless")  # group ids 0, 1, 2
 
@@ -54,14 +59,14 @@ GROUPS = ("harmful", "pseudo_harmful", "harmless")  # group ids 0, 1, 2
 def difference_in_means(acts_a, acts_b):
     """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32."""
     diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
-    return pl.check_finite(diff, "the difference in means")  # NaN or inf activations: the likely flag is named
+    return cli.check_finite(diff, "the difference in means")  # NaN or inf activations: the likely flag is named
 
 
 def unit(v, what="direction"):
     """v / |v| along the last axis; a zero vector has no direction, and is an error, not a silent 0."""
-    norm = pl.check_finite(v.norm(dim=-1, keepdim=True), f"the length of the {what}")  # flags to blame named
+    norm = cli.check_finite(v.norm(dim=-1, keepdim=True), f"the length of the {what}")  # flags to blame named
     if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any():
-        pl.fail(f"the {what} is zero: the two prompt groups give the same mean activation")
+        cli.fail(f"the {what} is zero: the two prompt groups give the same mean activation")
     return v / norm
 
 
@@ -111,7 +116,7 @@ def train_epoch(block, cache, a_tgt, opt, order, renew=None):
         a = block_forward(block, cache[b])
         loss = loss_fn(a, a_tgt[idx].to(a.device))
         if not torch.isfinite(loss):  # the flags most likely to blame are named
-            pl.check_finite(loss, "the loss", " (nothing was written)")
+            cli.check_finite(loss, "the loss", " (nothing was written)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -158,7 +163,7 @@ def trainable(block, which):
             p.requires_grad_(True)
     params = [p for p in block.parameters() if p.requires_grad]
     if not params:
-        pl.fail(f"--train {which}: block l* has no such parameters")
+        cli.fail(f"--train {which}: block l* has no such parameters")
     return params
 
 
@@ -167,7 +172,7 @@ def choose_layer(model, tok, prompts, groups, band, batch_size):
     """l*: the best silhouette score of harmful vs harmless last-token outputs among the layers of `band` (the paper
     chooses a middle layer by t-SNE and silhouette; [choice] --layer-range bounds 'middle'). Returns (layer, scores)."""
     keep = groups != 1
-    acts = pl.capture(model, tok, [p for p, k in zip(prompts, keep.tolist()) if k], 1, batch_size, "choosing layer")
+    acts = inference.capture(model, tok, [p for p, k in zip(prompts, keep.tolist()) if k], 1, batch_size, "choosing layer")
     labels = (groups[keep] == 0).long()
     scores = {l: silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
     return max(scores, key=scores.get), scores
@@ -187,14 +192,76 @@ def silhouette(x, labels):
 
 
 # ============================================================================ a: block l* alone on its cached inputs
+# (actor.py's single-layer training: what block `layer` receives, recorded once; actor.run_block runs it alone)
+class _Stop(Exception):
+    """Raised inside the forward pass once block `layer`'s inputs are recorded: the layers above are never run."""
+
+
+def move_tensors(x, device, dtype=None):
+    """Tensors (also inside tuples, e.g. the rotary (cos, sin)) to a device; floating ones to dtype if given."""
+    if torch.is_tensor(x):
+        return x.to(device, dtype if dtype is not None and x.is_floating_point() else x.dtype)
+    if isinstance(x, (tuple, list)):
+        return type(x)(move_tensors(v, device, dtype) for v in x)
+    return x
+
+
+@torch.no_grad()
+def cache_block_inputs(model, tok, prompts, layer, batch_size, device=None, mix_seed=None):
+    """Run layers 0..layer-1 once per batch and keep everything block `layer` receives.
+
+    A forward pre-hook on block `layer` records its positional and keyword arguments as the model passes them (hidden
+    states [B, T, d], the attention mask as this attention implementation wants it, rotary (cos, sin), position ids)
+    and stops the forward pass. Batches are fixed, left padded, so the last token is position -1: sorted by length
+    (least padding), or, with mix_seed, a seeded shuffle of all queries (each batch then mixes the query groups).
+    Returns a list of (prompt indices, args, kwargs).
+    """
+    block = loading.decoder_layers(model)[layer]
+    texts = chat.format_chat(tok, prompts)
+    if mix_seed is None:
+        batches = chat.length_batches(tok, texts, batch_size)
+    else:
+        order = list(range(len(texts)))
+        random.Random(mix_seed).shuffle(order)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    device = device or loading.model_device(model)
+    cache, idx = [], None
+
+    def grab(module, args, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        kept = {k: move_tensors(v, device) for k, v in kwargs.items()}
+        cache.append((idx, move_tensors(tuple(args), device), kept))
+        raise _Stop
+
+    with inference.hooks([(block, "pre", grab)]):
+        for idx in tqdm(batches, desc=f"caching inputs of layer {layer}", leave=False):
+            try:
+                model(**chat.tokenize(tok, [texts[i] for i in idx], loading.model_device(model)), use_cache=False)
+            except _Stop:
+                pass
+    return cache
+
+
+def tensors_in(x):
+    """Every tensor inside nested tuples, lists and dicts (e.g. a module's cached arguments)."""
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from tensors_in(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from tensors_in(v)
+
+
 def run_block(block, args, kwargs, dtype):
     """One decoder block on cached inputs, computed in dtype on the block's device: its output [batch, T, d]."""
-    device = pl.model_device(block)  # where it computes (its weights may wait on the CPU or disk: --device-map)
-    kwargs = {k: pl.move_tensors(v, device, None if k == "attention_mask" else dtype) for k, v in kwargs.items()}
+    device = loading.model_device(block)  # where it computes (its weights may wait on the CPU or disk: --device-map)
+    kwargs = {k: move_tensors(v, device, None if k == "attention_mask" else dtype) for k, v in kwargs.items()}
     mask = kwargs.get("attention_mask")
     if torch.is_tensor(mask) and mask.is_floating_point() and mask.dtype != dtype:  # an additive mask
         kwargs["attention_mask"] = mask.clamp(min=torch.finfo(dtype).min).to(dtype)
-    out = block(*pl.move_tensors(args, device, dtype), use_cache=False, **kwargs)
+    out = block(*move_tensors(args, device, dtype), use_cache=False, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -219,7 +286,7 @@ def activations(block, cache, n):
 def trainable_block(model, layer, block_dtype="auto"):
     """Block l* as a trainable copy: dequantized from 4-bit if need be, in the chosen dtype (auto: the model's)."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(block_dtype)
-    block = pl.dequantize_block(pl.decoder_layers(model)[layer], dtype)
+    block = loading.dequantize_block(loading.decoder_layers(model)[layer], dtype)
     return block.to(dtype) if dtype is not None else block
 
 
@@ -228,9 +295,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         return artifacts.merge("patch", args.merge, args)
-    args.model = args.model or pl.default_model()
-    pl.check_model_args(args)
-    pl.seed_everything(args.seed)
+    args.model = args.model or loading.default_model()
+    cli.check_model_args(args)
+    runrecord.seed_everything(args.seed)
     t0 = time.time()
 
     # 1. the three query groups (0 harmful, 1 pseudo-harmful, 2 harmless) and the layers l* may be chosen from
@@ -239,16 +306,16 @@ def main(argv=None):
     band = layer_band(args, artifacts.shape_of(artifacts.model_config(args.model, args.trust_remote_code))[2])
     with rundir.run_folder(args.out, OUTPUTS, args.overwrite, known=KNOWN, read=rundir.reads(args)) as work:
         # 2. the model, frozen everywhere; l*, the best silhouette in the band (or fixed)
-        model, tok = pl.load(args)
+        model, tok = loading.load(args)
         layer, sil = (band[0], {}) if args.layer != "auto" else choose_layer(model, tok, prompts, groups, band,
                                                                              args.batch_size)
 
         # 3. the cache: the inputs of block l*, computed once (the layers above l* are not run)
-        cache = pl.cache_block_inputs(model, tok, prompts, layer, args.batch_size,
+        cache = cache_block_inputs(model, tok, prompts, layer, args.batch_size,
                                       "cpu" if args.cache_device == "cpu" else None,
                                       args.seed if args.batches == "mixed" else None)
-        cache_mib = sum(t.numel() * t.element_size() for _, a, kw in cache for t in pl.tensors_in((a, kw))) / 2 ** 20
-        print(f"ACTOR on layer {layer} of {len(pl.decoder_layers(model))} ({'silhouette' if sil else 'fixed'}): "
+        cache_mib = sum(t.numel() * t.element_size() for _, a, kw in cache for t in tensors_in((a, kw))) / 2 ** 20
+        print(f"ACTOR on layer {layer} of {len(loading.decoder_layers(model))} ({'silhouette' if sil else 'fixed'}): "
               f"{', '.join(f'{int((groups == g).sum())} {n}' for g, n in enumerate(GROUPS))} queries, "
               f"cache {cache_mib:.1f} MiB on {args.cache_device}")
 
@@ -267,9 +334,9 @@ def main(argv=None):
                                                   "batch_size", "load_in_4bit", "seed")},
                 "block_dtype": str(next(block.parameters()).dtype), "cache_mib": round(cache_mib, 2),
                 "n_queries": {name: int((groups == g).sum()) for g, name in enumerate(GROUPS)},
-                "data_sha256": {name: pl.sha256(f) for name, f in files.items()}, "train_seconds": round(t_train, 2),
-                "seconds": round(time.time() - t0, 1), "peak_memory_mib": pl.peak_memory_mib(pl.model_device(model)),
-                **pl.metadata(args, list(files.values()))}
+                "data_sha256": {name: runrecord.sha256(f) for name, f in files.items()}, "train_seconds": round(t_train, 2),
+                "seconds": round(time.time() - t0, 1), "peak_memory_mib": loading.peak_memory_mib(loading.model_device(model)),
+                **runrecord.metadata(args, list(files.values()))}
         before, after = save(work, block, a_init, a_final, groups, meta)
     print(f"\nACTOR on layer {layer}, alpha {args.alpha}, lr {args.lr}, {args.epochs} epochs in {t_train:.1f}s")
     print(f"{'group':>15} {'n':>4} {'proj before':>12} {'proj after':>11}   (onto the initial r_hat)")
@@ -281,8 +348,8 @@ def main(argv=None):
 
 def read_groups(files, column, limit, seed):
     """The three query groups (0 harmful, 1 pseudo-harmful, 2 harmless): prompts and a tensor of group ids."""
-    found = {name: pl.read_prompts(files[name], column, limit, seed) for name in GROUPS}
-    pl.check_groups({"harmful": found["harmful"], "harmless": found["harmless"]})
+    found = {name: chat.read_prompts(files[name], column, limit, seed) for name in GROUPS}
+    chat.check_groups({"harmful": found["harmful"], "harmless": found["harmless"]})
     return sum(found.values(), []), torch.tensor([g for g, name in enumerate(GROUPS) for _ in found[name]])
 
 
@@ -290,14 +357,14 @@ def layer_band(args, n_layers):
     """The layers l* may be: --layer, or those within --layer-range of depth; either must exist in the model."""
     if args.layer != "auto":
         if not 0 <= int(args.layer) < n_layers:
-            pl.fail(f"--layer {args.layer} is out of range: this model has layers 0..{n_layers - 1}")
+            cli.fail(f"--layer {args.layer} is out of range: this model has layers 0..{n_layers - 1}")
         return [int(args.layer)]
     if len(args.layer_range) != 2 or args.layer_range[0] >= args.layer_range[1]:
-        pl.fail(f"--layer-range {args.layer_range}: expected two fractions of depth, low then high, like 0.25,0.75")
+        cli.fail(f"--layer-range {args.layer_range}: expected two fractions of depth, low then high, like 0.25,0.75")
     lo, hi = args.layer_range
     band = [l for l in range(n_layers) if lo * n_layers <= l < hi * n_layers]
     if not band:
-        pl.fail(f"--layer-range {lo:g},{hi:g} holds none of this model's {n_layers} layers; widen it")
+        cli.fail(f"--layer-range {lo:g},{hi:g} holds none of this model's {n_layers} layers; widen it")
     return band
 
 
@@ -316,7 +383,7 @@ def save(work, block, a_init, a_final, groups, meta):
 
 def plot_projections(path, before, after, groups, layer, model_name):
     """Histograms of each group's projection onto the initial r_hat, before and after ACTOR."""
-    plt = pl.pyplot()
+    plt = runrecord.pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     lo, hi = min(before.min(), after.min()).item(), max(before.max(), after.max()).item()
     bins = torch.linspace(lo, hi, 40).tolist()
@@ -329,7 +396,7 @@ def plot_projections(path, before, after, groups, layer, model_name):
     axes[0].legend(fontsize=8)
     axes[1].set_xlabel(f"projection onto r_hat (output of layer {layer}, last token; r_hat before training)")
     fig.suptitle(f"ACTOR: {os.path.basename(str(model_name).rstrip('/'))}", fontsize=10)
-    pl.save_figure(fig, path)
+    runrecord.save_figure(fig, path)
 
 
 # ============================================================================ arguments
@@ -348,14 +415,14 @@ def add_actor_args(p):
     """ACTOR's flags (actor_search.py shares them): the method's, then data, model, memory and outputs. Returns the
     method and outputs groups, for each script's own flags."""
     method = g = p.add_argument_group("method (ACTOR)")
-    g.add_argument("--layer-range", type=pl.listed(pl.number(lo=0, hi=1)), default=[0.25, 0.75],
+    g.add_argument("--layer-range", type=cli.listed(cli.number(lo=0, hi=1)), default=[0.25, 0.75],
                    help="layers l* is chosen from, as two fractions of depth ([choice]: the paper chooses 'a middle "
                    "layer')")
     g.add_argument("--origin", choices=("harmless", "harmless-initial", "zero"), default="harmless",
                    help="where projections are measured from ([choice]; see targets()): the harmless mean of the "
                    "activations the targets are made from, the harmless mean under the initial weights, or 0 (the "
                    "formula as the summaries print it)")
-    g.add_argument("--epochs", type=pl.count(1), default=3,
+    g.add_argument("--epochs", type=cli.count(1), default=3,
                    help="rounds of training; r_hat and the targets are made before each (3: the epochs of the paper's "
                    "timing, as the summaries give it)")
     g.add_argument("--renew", choices=("never", "epoch", "step"), default="never",
@@ -368,32 +435,32 @@ def add_actor_args(p):
                    help="training batches ([choice]): sorted by length (least padding; most batches then hold one "
                    "query group) or seeded random mixes of the groups (measured: no steadier, results/actor.md)")
     g = p.add_argument_group("data")
-    g.add_argument("--pseudo-harmful", default=os.path.join(pl.DATA, "pseudo_harmful.json"),
+    g.add_argument("--pseudo-harmful", default=os.path.join(cli.DATA, "pseudo_harmful.json"),
                    help="harmless queries that look harmful: moved away from refusal")
-    g.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"),
+    g.add_argument("--harmful", default=os.path.join(cli.DATA, "harmful.json"),
                    help="harmful queries: moved towards refusal")
-    g.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"),
+    g.add_argument("--harmless", default=os.path.join(cli.DATA, "harmless.json"),
                    help="ordinary harmless queries (the paper's benign ones): moved away from refusal, and the "
                    "harmless side of r_hat")
     g.add_argument("--column", default=None, help="prompt column of the query files (default: the first known name)")
-    g.add_argument("--limit", type=pl.count(1), default=None, help="at most N queries per group (a seeded sample)")
-    pl.add_model_args(p)
+    g.add_argument("--limit", type=cli.count(1), default=None, help="at most N queries per group (a seeded sample)")
+    cli.add_model_args(p)
     p.set_defaults(model=None)  # filled in by main; with --merge the base model comes from the patch
-    g = pl.add_memory_args(p)
+    g = cli.add_memory_args(p)
     g.add_argument("--block-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="dtype layer l* is trained in (auto: the model's, bf16 for a 4-bit model on GPU)")
     g.add_argument("--cache-device", choices=("model", "cpu"), default="model",
                    help="keep the cached inputs of layer l* on the model's device or in CPU memory")
-    return method, pl.add_out_args(p, "runs/actor")
+    return method, cli.add_out_args(p, "runs/actor")
 
 
 def parse_args(argv=None):
-    p = pl.parser(__doc__)
+    p = cli.parser(__doc__)
     m, g = add_actor_args(p)
     m.add_argument("--layer", type=layer_arg, default="auto", help="l*: 'auto' (best silhouette) or a layer index")
-    m.add_argument("--alpha", type=pl.number(lo=0), default=1.0, help="size of the shift, in units of the query's "
+    m.add_argument("--alpha", type=cli.number(lo=0), default=1.0, help="size of the shift, in units of the query's "
                    "projection ([choice] 1: pseudo-harmful queries move to the origin's level)")
-    m.add_argument("--lr", type=pl.number(above=0), default=1e-3,
+    m.add_argument("--lr", type=cli.number(above=0), default=1e-3,
                    help="AdamW learning rate (not in the summaries of the paper: [choice], measured in "
                    "results/actor.md)")
     g.add_argument("--merge", default=None, metavar="PATCH_DIR",
@@ -404,4 +471,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    pl.run_main(main)
+    cli.run_main(main)

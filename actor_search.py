@@ -30,8 +30,11 @@ import torch
 import actor as A
 import artifacts
 import judges
-import plumbing as pl
 import rundir
+import cli
+import inference
+import loading
+import runrecord
 
 OUTPUTS = A.OUTPUTS + ("search.json", "search.png", "baseline_direction.pt")
 
@@ -46,7 +49,7 @@ def split(groups, val_frac, seed):
         random.Random(seed * len(A.GROUPS) + g).shuffle(idx)
         n_val = max(1, round(val_frac * len(idx)))
         if len(idx) - n_val < 2:
-            pl.fail(f"--val-frac {val_frac}: the {name} group has {len(idx)} queries, too few to keep at least 2 for "
+            cli.fail(f"--val-frac {val_frac}: the {name} group has {len(idx)} queries, too few to keep at least 2 for "
                     "training and 1 for validation")
         val, train = val + idx[:n_val], train + idx[n_val:]
     return sorted(train), sorted(val)
@@ -82,7 +85,7 @@ def final_head(model):
     """(final norm, unembedding) as applied to the last layer's output, or None where a model does more between them
     (logit soft-capping or scaling) or keeps them elsewhere: the search then runs the whole model instead."""
     cfg = model.config
-    if any(getattr(c, k, None) not in (None, 1, 1.0) for c in (cfg, pl.text_config(model))
+    if any(getattr(c, k, None) not in (None, 1, 1.0) for c in (cfg, loading.text_config(model))
            for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return None
     try:
@@ -100,18 +103,18 @@ def patched_logprobs(model, layer, cache, n, head, shift=None):
     """Next-token log-probabilities [n, vocab] at the end of every cached query, with block l* as it is now and, if
     given, `shift` added to block l*'s input at every position: block l* and the layers above it on the cached inputs
     of l* (the layers below are what the cache saves), then the final norm and the unembedding."""
-    layers, (norm, unembed) = pl.decoder_layers(model), head
+    layers, (norm, unembed) = loading.decoder_layers(model), head
     out = None
     for idx, args, kwargs in cache:
-        h = pl.hidden_of(args, kwargs)
+        h = inference.hidden_of(args, kwargs)
         dtype = h.dtype  # what the model itself passes between layers
         if shift is not None:
             h = h + shift.to(h.device, h.dtype)
         for i, block in enumerate(layers[layer:]):  # block l* in its own (trained) dtype, the others as the model runs
-            a, kw = pl.with_hidden(args, kwargs, h)
+            a, kw = inference.with_hidden(args, kwargs, h)
             h = A.run_block(block, a, kw, next(block.parameters()).dtype if i == 0 else dtype)
-        pl.check_activations(h, "the mean square of the activations (validation)")  # a shift too large: stop here
-        h = h[:, -1:].to(pl.model_device(norm), dtype)
+        inference.check_activations(h, "the mean square of the activations (validation)")  # a shift too large: stop here
+        h = h[:, -1:].to(loading.model_device(norm), dtype)
         logp = torch.log_softmax(unembed(norm(h))[:, -1].float(), -1).cpu()
         if out is None:
             out = torch.zeros(n, logp.shape[1])
@@ -124,11 +127,11 @@ def setup(args, model, tok, p_tr, g_tr, p_va, band):
     """What every candidate shares: the layers searched, the difference in means at every layer (for the shift), the
     refusal tokens of the base model, the cached inputs of every searched layer (training and validation split)."""
     hb = g_tr != 1
-    acts = pl.capture(model, tok, [p for p, k in zip(p_tr, hb.tolist()) if k], 1, args.batch_size, "training split")
+    acts = inference.capture(model, tok, [p for p, k in zip(p_tr, hb.tolist()) if k], 1, args.batch_size, "training split")
     labels = (g_tr[hb] == 0).long()
     sil = {l: A.silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
     best = max(sil, key=sil.get)
-    layers = search_layers(args.search_layers, best, band, pl.text_config(model).num_hidden_layers)
+    layers = search_layers(args.search_layers, best, band, loading.text_config(model).num_hidden_layers)
     mean_diff = A.difference_in_means(acts[labels == 1], acts[labels == 0])[:-1]  # [L, 1, d]: input of layer l
     rng = random.Random(args.seed)  # [choice] refusal tokens from 32 training queries of each kind
     harmful, harmless = [p for p, g in zip(p_tr, g_tr.tolist()) if g == 0], [p for p, g in zip(p_tr, g_tr.tolist())
@@ -138,9 +141,9 @@ def setup(args, model, tok, p_tr, g_tr, p_va, band):
     if note:
         print("note: " + note, file=sys.stderr)
     device = "cpu" if args.cache_device == "cpu" else None
-    caches = {l: (pl.cache_block_inputs(model, tok, p_tr, l, args.batch_size, device,
+    caches = {l: (A.cache_block_inputs(model, tok, p_tr, l, args.batch_size, device,
                                        args.seed if args.batches == "mixed" else None),
-                  pl.cache_block_inputs(model, tok, p_va, l, args.batch_size, device)) for l in layers}
+                  A.cache_block_inputs(model, tok, p_va, l, args.batch_size, device)) for l in layers}
     return {"silhouette": sil, "silhouette_choice": best, "layers": layers, "mean_diff": mean_diff, "tokens": tokens,
             "tokens_note": note, "caches": caches}
 
@@ -178,9 +181,9 @@ def candidates(args, model, tok, s, g_tr, judge):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.model = args.model or pl.default_model()
-    pl.check_model_args(args)
-    pl.seed_everything(args.seed)
+    args.model = args.model or loading.default_model()
+    cli.check_model_args(args)
+    runrecord.seed_everything(args.seed)
     t0 = time.time()
 
     # 1. the split: every group split once, seeded; [choice] a query given twice is kept once (its first group)
@@ -197,10 +200,10 @@ def main(argv=None):
     n_layers = artifacts.shape_of(artifacts.model_config(args.model, args.trust_remote_code))[2]
     band = A.layer_band(args, n_layers)
     if args.search_layers != "auto" and max(args.search_layers) >= n_layers:
-        pl.fail(f"--search-layers {max(args.search_layers)} is out of range: this model has layers 0..{n_layers - 1}")
+        cli.fail(f"--search-layers {max(args.search_layers)} is out of range: this model has layers 0..{n_layers - 1}")
     with rundir.run_folder(args.out, OUTPUTS, args.overwrite, known=A.KNOWN, read=rundir.reads(args)) as work:
         # 2. the model; what every candidate shares; the base model on validation
-        model, tok = pl.load(args)
+        model, tok = loading.load(args)
         s = setup(args, model, tok, p_tr, g_tr, p_va, band)
         head = final_head(model)
 
@@ -209,10 +212,10 @@ def main(argv=None):
                 logp = patched_logprobs(model, layer, s["caches"][layer][1], len(p_va), head, shift)
             else:  # the whole model, block l* in place (and the shift hooked in)
                 hooks = artifacts.addition_hooks(model, shift, layer) if shift is not None else ()
-                logp = pl.last_logits(model, tok, p_va, args.batch_size, hooks, "validation")
+                logp = inference.last_logits(model, tok, p_va, args.batch_size, hooks, "validation")
             return rates(judges.refusal_score(logp, s["tokens"]), g_va)
 
-        s["base"] = rates(judges.refusal_score(pl.last_logits(model, tok, p_va, args.batch_size, desc="base model"),
+        s["base"] = rates(judges.refusal_score(inference.last_logits(model, tok, p_va, args.batch_size, desc="base model"),
                                                s["tokens"]), g_va)
         s["setup_seconds"] = round(time.time() - t0, 1)
         print(f"search: layers {s['layers']} (silhouette choice {s['silhouette_choice']}), {len(p_tr)} training and "
@@ -226,7 +229,7 @@ def main(argv=None):
         write_outputs(work, args, model, tok, s, (p_tr, g_tr, p_va, g_va), files, found, shifts, chosen,
                       chosen_shift, kept, t0)
     if chosen is None:
-        pl.fail(f"no ACTOR candidate kept harmful validation refusal within {args.tolerance:g} points of the base "
+        cli.fail(f"no ACTOR candidate kept harmful validation refusal within {args.tolerance:g} points of the base "
                 f"model's {s['base']['harmful']:.1f}%; {args.out} holds search.json, no patch (a wider grid or a "
                 "larger --tolerance may help)")
     print(f"\nchosen: ACTOR layer {chosen['layer']}, alpha {chosen['alpha']:g}, lr {chosen['lr']:g}; wrote {args.out} "
@@ -261,25 +264,25 @@ def write_outputs(work, args, model, tok, s, parts, files, found, shifts, chosen
                          for part, ps, gs in (("train", p_tr, g_tr), ("val", p_va, g_va))},
                "candidates": found, "chosen": chosen, "seconds": seconds,
                "baseline": {"candidates": shifts, "chosen": chosen_shift, "evaluate": steer},
-               "peak_memory_mib": pl.peak_memory_mib(pl.model_device(model)), **pl.metadata(args, list(files.values()))}
-    pl.save_json(os.path.join(work, "search.json"), summary)
+               "peak_memory_mib": loading.peak_memory_mib(loading.model_device(model)), **runrecord.metadata(args, list(files.values()))}
+    runrecord.save_json(os.path.join(work, "search.json"), summary)
     plot_search(os.path.join(work, "search.png"), s["base"], found, chosen, shifts, chosen_shift, args.model,
                 args.tolerance)
     if chosen is None:
         return
     state, history, a_init, a_final = kept
-    block = pl.decoder_layers(model)[chosen["layer"]]
+    block = loading.decoder_layers(model)[chosen["layer"]]
     block.load_state_dict(state)
     A.save(work, block, a_init, a_final, g_tr, {
         "base_model": args.model, **artifacts.record(args.model, model.config), "layer": chosen["layer"],
         "layer_choice": "search", "alpha": chosen["alpha"], "lr": chosen["lr"], "epochs_log": history,
         **{k: getattr(args, k) for k in ("origin", "epochs", "renew", "train", "batches", "batch_size",
                                           "load_in_4bit", "seed")},
-        "n_queries": n_of(g_tr), "data_sha256": {name: pl.sha256(f) for name, f in files.items()},
+        "n_queries": n_of(g_tr), "data_sha256": {name: runrecord.sha256(f) for name, f in files.items()},
         "search": {"val": chosen["val"], "base_val": s["base"], "tolerance": args.tolerance, "n_candidates": len(found),
                    "baseline": chosen_shift, "seconds": seconds, "file": "search.json"},
         "train_seconds": chosen["seconds"], "seconds": seconds["total"], "peak_memory_mib": summary["peak_memory_mib"],
-        **pl.metadata(args, list(files.values()))})
+        **runrecord.metadata(args, list(files.values()))})
     if steer:
         print(f"uniform shift: layer {chosen_shift['layer']}, coeff {chosen_shift['coeff']:g}\n  reproduce: {steer}")
 
@@ -287,7 +290,7 @@ def write_outputs(work, args, model, tok, s, parts, files, found, shifts, chosen
 def plot_search(path, base, found, chosen, shifts, chosen_shift, model_name, tolerance=None):
     """Pseudo-harmful compliance against harmful refusal on validation: a point per candidate, base and chosen
     marked."""
-    plt = pl.pyplot()
+    plt = runrecord.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     x = lambda c: c["val"]["harmful"]  # noqa: E731
     y = lambda c: 100 - c["val"]["pseudo_harmful"]  # noqa: E731
@@ -309,28 +312,28 @@ def plot_search(path, base, found, chosen, shifts, chosen_shift, model_name, tol
     ax.set_ylabel("pseudo-harmful compliance, validation (%)")
     ax.set_title(f"ACTOR search: {os.path.basename(str(model_name).rstrip('/'))} (logit judge)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
-    pl.save_figure(fig, path)
+    runrecord.save_figure(fig, path)
 
 
 # ============================================================================ arguments
 def parse_args(argv=None):
-    p = pl.parser(__doc__)
+    p = cli.parser(__doc__)
     g, _ = A.add_actor_args(p)
     p.set_defaults(out="runs/actor_search")
-    g.add_argument("--search-layers", type=lambda t: t if t == "auto" else pl.listed(pl.count(0))(t), default="auto",
+    g.add_argument("--search-layers", type=lambda t: t if t == "auto" else cli.listed(cli.count(0))(t), default="auto",
                    help="layers to search: 'auto' (the silhouette choice and the layers n_layers/6 either side, "
                    "clipped to --layer-range; [choice]) or a comma list of indices")
-    g.add_argument("--alphas", type=pl.listed(pl.number(above=0)), default=[0.5, 1.0],
+    g.add_argument("--alphas", type=cli.listed(cli.number(above=0)), default=[0.5, 1.0],
                    help="alphas to search ([choice]: with --lrs and 3 layers, 12 candidates, so that the search costs "
                    "at most about 10 ACTOR runs)")
-    g.add_argument("--lrs", type=pl.listed(pl.number(above=0)), default=[1e-3, 2e-3],
+    g.add_argument("--lrs", type=cli.listed(cli.number(above=0)), default=[1e-3, 2e-3],
                    help="learning rates to search ([choice])")
-    g.add_argument("--coeffs", type=pl.listed(pl.number(above=0)), default=[0.125, 0.25, 0.5, 0.75, 1.0],
+    g.add_argument("--coeffs", type=cli.listed(cli.number(above=0)), default=[0.125, 0.25, 0.5, 0.75, 1.0],
                    help="uniform-shift baseline: coefficients C of 'subtract C x (difference in means)' to search at "
                    "every searched layer ([choice])")
-    g.add_argument("--val-frac", type=pl.number(above=0, below=1), default=0.25,
+    g.add_argument("--val-frac", type=cli.number(above=0, below=1), default=0.25,
                    help="fraction of each query group held out for validation (a seeded split; [choice] 0.25)")
-    g.add_argument("--tolerance", type=pl.number(lo=0), default=5.0,
+    g.add_argument("--tolerance", type=cli.number(lo=0), default=5.0,
                    help="keep only candidates whose harmful validation refusal is at most this many points below the "
                    "base model's ([choice] 5)")
     args = p.parse_args(argv)
@@ -339,4 +342,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    pl.run_main(main)
+    cli.run_main(main)

@@ -8,12 +8,11 @@ in, checked whole, applied or merged), each format with one save, one load-and-c
 Every artifact is checked whole against the model it meets before that model's weights are read (from its config, and
 its modules built on the meta device): every tensor is read, and one that is not floating point, not finite, or of
 another shape than the model's is refused, as is a size or layout that does not fit; so is a recorded model that is
-not this one, known by its contents (pl.model_identity: a copy is the same model, the same folder with other weights
+not this one, known by its contents (runrecord.model_identity: a copy is the same model, the same folder with other weights
 is not), naming both and what changed, unless the user passes --other-model (a base model's direction on its own
 fine-tune is a legitimate study). A file cut short or of another kind is one line, never a traceback; so is an error
-while one is written (pl.save_guard).
+while one is written (runrecord.save_guard).
 """
-import contextlib
 import json
 import os
 import re
@@ -21,8 +20,11 @@ import sys
 
 import torch
 
-import plumbing as pl
 import rundir
+import cli
+import inference
+import loading
+import runrecord
 
 
 # ============================================================================ which model
@@ -33,13 +35,13 @@ def shape_of(cfg):
 
 
 def record(name, cfg):
-    """What an artifact records of the model it was made on: its name, its contents (pl.model_identity: the digest of
+    """What an artifact records of the model it was made on: its name, its contents (runrecord.model_identity: the digest of
     its files, and each file's), its shape, and the code."""
     arch, hidden, layers = shape_of(cfg)
-    ident = pl.model_identity(name)
+    ident = runrecord.model_identity(name)
     return {"model": str(name), "model_key": ident["key"], "model_sha256": ident["sha256"],
             "model_files": ident["files"], "arch": arch, "hidden_size": hidden, "n_layers": layers,
-            "code": pl.provenance()}
+            "code": runrecord.provenance()}
 
 
 def model_config(name, trust_remote_code=False):
@@ -47,9 +49,9 @@ def model_config(name, trust_remote_code=False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(pl.resolve_model(name), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(loading.resolve_model(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        pl.fail(f"could not load model {name!r}: {str(e).strip().splitlines()[0]}")
+        cli.fail(f"could not load model {name!r}: {str(e).strip().splitlines()[0]}")
 
 
 def skeleton(cfg, trust_remote_code=False):
@@ -73,18 +75,18 @@ def check_model(path, made_on, name, cfg, other_model=False):
     then = (made_on.get("arch"), made_on.get("hidden_size"), made_on.get("n_layers"))
     desc = lambda a, h, n: f"{a + ', ' if a else ''}hidden size {h}, {n} layers"  # noqa: E731
     if then[1:] != (None, None) and then[1:] != (hidden, layers):
-        pl.fail(f"{path} was made on {made_on.get('model')} ({desc(*then)}), which does not match {name} "
+        cli.fail(f"{path} was made on {made_on.get('model')} ({desc(*then)}), which does not match {name} "
                 f"({desc(arch, hidden, layers)})")
     if not made_on.get("model"):
         return
-    then_model = {"key": made_on.get("model_key") or pl.model_key(made_on["model"]),
+    then_model = {"key": made_on.get("model_key") or runrecord.model_key(made_on["model"]),
                   "sha256": made_on.get("model_sha256"), "files": made_on.get("model_files")}
-    change = "another model" if then[0] not in (None, arch) else pl.model_change(then_model, pl.model_identity(name))
+    change = "another model" if then[0] not in (None, arch) else runrecord.model_change(then_model, runrecord.model_identity(name))
     if change:
         if not other_model:
             what = f", not on {name}" if change == "another model" else f", and {name} has changed since ({change})"
             what = f" ({then[0]})" + what if then[0] not in (None, arch) else what
-            pl.fail(f"{path} was made on {made_on['model']}{what}; pass --other-model to apply it anyway (e.g. to the "
+            cli.fail(f"{path} was made on {made_on['model']}{what}; pass --other-model to apply it anyway (e.g. to the "
                     "model's own fine-tune)")
         print(f"note: {path} was made on {made_on['model']}, applied to {name} (--other-model)", file=sys.stderr)
 
@@ -97,17 +99,17 @@ def safetensors_shapes(path):
         with safe_open(path, "pt") as f:
             return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
     except Exception as e:
-        pl.fail(f"{path}: damaged or not a safetensors file ({str(e).strip().splitlines()[0][:120]})")
+        cli.fail(f"{path}: damaged or not a safetensors file ({str(e).strip().splitlines()[0][:120]})")
 
 
 def check_tensor(path, name, t, shape=None):
     """One tensor of an artifact: floating-point numbers, all finite, and (given the model's) of the model's shape."""
     if not t.is_floating_point():
-        pl.fail(f"{path}: {name} holds {str(t.dtype).replace('torch.', '')} values, not floating-point numbers")
+        cli.fail(f"{path}: {name} holds {str(t.dtype).replace('torch.', '')} values, not floating-point numbers")
     if shape is not None and list(t.shape) != list(shape):
-        pl.fail(f"{path}: {name} has shape {list(t.shape)}, where the model's is {list(shape)}")
+        cli.fail(f"{path}: {name} has shape {list(t.shape)}, where the model's is {list(shape)}")
     if not torch.isfinite(t).all():
-        pl.fail(f"{path}: {name} holds NaN or infinite values (written by a run that diverged?); it cannot be applied")
+        cli.fail(f"{path}: {name} holds NaN or infinite values (written by a run that diverged?); it cannot be applied")
 
 
 def safetensors_tensors(path):
@@ -118,17 +120,17 @@ def safetensors_tensors(path):
         with safe_open(path, "pt") as f:
             for k in f.keys():
                 yield k, f.get_tensor(k)
-    except pl.UserError:
+    except cli.UserError:
         raise
     except Exception as e:
-        pl.fail(f"{path}: damaged or not a safetensors file ({str(e).strip().splitlines()[0][:120]})")
+        cli.fail(f"{path}: damaged or not a safetensors file ({str(e).strip().splitlines()[0][:120]})")
 
 
 # ============================================================================ direction files
 def save_direction(path, direction, layer, position, mean_diff, refusal_tokens, made_on, **extra):
     """A unit direction, the layer and position (offset from the prompt's end) it was read at, the raw difference in
     means at every layer (what activation addition adds), the refusal tokens found, and the model."""
-    pl.save_torch(path, {"direction": direction.contiguous(), "layer": int(layer), "position": int(position),
+    runrecord.save_torch(path, {"direction": direction.contiguous(), "layer": int(layer), "position": int(position),
                          "mean_diff": mean_diff.contiguous(), "refusal_tokens": torch.tensor(refusal_tokens),
                          **made_on, **extra})
 
@@ -138,88 +140,46 @@ def load_direction(path, name=None, cfg=None, other_model=False):
     means holding its layer and position, refusal tokens that are token ids; given the model: its size, its layer,
     every row of the difference in means, its tokens in the vocabulary, and its model (by contents)."""
     rundir.settle(os.path.dirname(os.path.abspath(path)))
-    pl.check_path(path, "direction file")
+    cli.check_path(path, "direction file")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
         layer, position = int(d["layer"]), int(d.get("position", -1))
     except Exception as e:  # a truncated or foreign file
-        pl.fail(f"{path}: not a direction file ({type(e).__name__})")
+        cli.fail(f"{path}: not a direction file ({type(e).__name__})")
     if not isinstance(d, dict) or not torch.is_tensor(d.get("direction")):
-        pl.fail(f"{path}: not a direction file (no 'direction' and 'layer')")
+        cli.fail(f"{path}: not a direction file (no 'direction' and 'layer')")
     r_hat = d["direction"].float()
     if r_hat.dim() != 1 or not torch.isfinite(r_hat).all() or abs(r_hat.norm().item() - 1) > 1e-3:
-        pl.fail(f"{path}: its direction is not a finite unit vector")
+        cli.fail(f"{path}: its direction is not a finite unit vector")
     for k, v in d.items():
         if torch.is_tensor(v) and k != "refusal_tokens":
             check_tensor(path, k, v)
     md, tokens = d.get("mean_diff"), d.get("refusal_tokens")
     if md is not None and (md.dim() != 3 or md.shape[2] != len(r_hat) or not 0 <= layer < md.shape[0] or
                            not -md.shape[1] <= position < md.shape[1]):
-        pl.fail(f"{path}: its mean_diff has shape {list(md.shape)}, which holds no layer {layer}, position {position} "
+        cli.fail(f"{path}: its mean_diff has shape {list(md.shape)}, which holds no layer {layer}, position {position} "
                 f"of a {len(r_hat)}-wide direction")
     if tokens is not None and (not torch.is_tensor(tokens) or tokens.is_floating_point() or tokens.dim() != 1):
-        pl.fail(f"{path}: its refusal_tokens are not a list of token ids")
+        cli.fail(f"{path}: its refusal_tokens are not a list of token ids")
     if cfg is not None:
         n_layers, vocab = d.get("n_layers", shape_of(cfg)[2]), cfg.get_text_config().vocab_size
         check_model(path, {**d, "hidden_size": r_hat.shape[0], "n_layers": n_layers}, name, cfg, other_model)
         if not 0 <= layer < n_layers:
-            pl.fail(f"{path}: layer {d['layer']} is outside the model's layers 0..{n_layers - 1}")
+            cli.fail(f"{path}: layer {d['layer']} is outside the model's layers 0..{n_layers - 1}")
         if md is not None and md.shape[0] != n_layers:
-            pl.fail(f"{path}: its mean_diff has {md.shape[0]} rows, not one per layer of the model ({n_layers})")
+            cli.fail(f"{path}: its mean_diff has {md.shape[0]} rows, not one per layer of the model ({n_layers})")
         if tokens is not None and len(tokens) and not (0 <= tokens.min() and tokens.max() < vocab):
-            pl.fail(f"{path}: its refusal_tokens {tokens.tolist()} are not all in the model's vocabulary of {vocab}")
+            cli.fail(f"{path}: its refusal_tokens {tokens.tolist()} are not all in the model's vocabulary of {vocab}")
     return d
-
-
-def direction_hooks(model, d, ablate=False, coeff=None):
-    """Apply a direction file: ablate its unit direction everywhere (Arditi eq. 4), or add coeff x its raw difference
-    in means at the input of its layer (eq. 3; coeff 1 is the paper's activation addition)."""
-    if ablate:
-        return ablation_hooks(model, d["direction"])
-    if "mean_diff" not in d or "position" not in d:
-        pl.fail("the direction file holds no difference in means to add (not written by directions.py?)")
-    return addition_hooks(model, d["mean_diff"][d["layer"], d["position"]], d["layer"], coeff)
-
-
-# The same lines as directions.py's (tests/test_layout.py keeps the copies equal): evaluate.py applies a direction file
-# through this module, never by importing a method file.
-def ablation_hooks(model, r_hat):
-    """Directional ablation (Arditi eq. 4): x <- x - (x . r_hat) r_hat for every write to the residual stream.
-
-    The direction is projected out of the input of every layer (which covers the embeddings) and out of the output of
-    every attention and MLP sublayer, at every position, so no sublayer ever reads a component along r_hat, not even
-    the MLP reading what its own layer's attention just wrote.
-    """
-    def project_out(h):
-        u = r_hat.to(h.device, h.dtype)
-        return h - (h @ u).unsqueeze(-1) * u
-
-    def pre(module, args, kwargs):
-        return pl.with_hidden(args, kwargs, project_out(pl.hidden_of(args, kwargs)))
-
-    def post(module, args, output):
-        if isinstance(output, tuple):
-            return (project_out(output[0]),) + tuple(output[1:])
-        return project_out(output)
-
-    pairs = []
-    for block in pl.decoder_layers(model):
-        writes = pl.residual_writes(block)
-        if not writes:  # an unknown layout: layer boundaries only, and say so
-            print(f"warning: {type(block).__name__}: attention and MLP not found; the direction is ablated at layer "
-                  "inputs and outputs only", file=sys.stderr)
-            writes = [block]
-        pairs += [(block, "pre", pre)] + [(w, "post", post) for w in writes]
-    return pairs
 
 
 def addition_hooks(model, vector, layer, coeff=1.0):
     """Activation addition (Arditi eq. 3): x <- x + coeff * vector at the input of one layer, at every position."""
     def pre(module, args, kwargs):
-        h = pl.hidden_of(args, kwargs)
-        return pl.with_hidden(args, kwargs, h + coeff * vector.to(h.device, h.dtype))
+        h = inference.hidden_of(args, kwargs)
+        return inference.with_hidden(args, kwargs, h + coeff * vector.to(h.device, h.dtype))
 
-    return [(pl.decoder_layers(model)[layer], "pre", pre)]
+    return [(loading.decoder_layers(model)[layer], "pre", pre)]
 
 
 # ============================================================================ ACTOR patches
@@ -235,32 +195,32 @@ def save_patch(folder, block, meta):
     fits = {k: meta.get(k) for k in ("layer", "base_model", "model_key", "model_sha256", "model_files", "arch",
                                      "hidden_size", "n_layers")}
     path = os.path.join(folder, PATCH_WEIGHTS)
-    with pl.save_guard(path, path):
-        save_file(state, path, metadata={"actor": pl.save_json_text(fits, path)})
-    pl.save_json(os.path.join(folder, PATCH_META), meta)
+    with runrecord.save_guard(path, path):
+        save_file(state, path, metadata={"actor": runrecord.save_json_text(fits, path)})
+    runrecord.save_json(os.path.join(folder, PATCH_META), meta)
 
 
 def check_patch(folder, name, cfg, other_model=False, skel=None, whole=True):
     """An ACTOR patch against a model: its model (by contents), its layer, its weights' names and shapes against that
     layer's, and (whole) every weight read: floating point and finite. Returns its metadata."""
-    pl.check_path(folder, "folder", folder=True)
+    cli.check_path(folder, "folder", folder=True)
     rundir.settle(folder)
     weights = os.path.join(folder, PATCH_WEIGHTS)
     if not os.path.isfile(weights):
-        pl.fail(f"{folder}: not an ACTOR patch (no {PATCH_WEIGHTS})")
+        cli.fail(f"{folder}: not an ACTOR patch (no {PATCH_WEIGHTS})")
     shapes, header = safetensors_shapes(weights)
     try:
         meta = json.loads(header["actor"]) if "actor" in header else json.load(open(os.path.join(folder, PATCH_META)))
         layer = int(meta["layer"])
     except (OSError, ValueError, KeyError, TypeError):
-        pl.fail(f"{folder}: damaged ACTOR patch (no readable layer in its metadata)")
+        cli.fail(f"{folder}: damaged ACTOR patch (no readable layer in its metadata)")
     check_model(folder, {"model": meta.get("base_model"), **meta}, name, cfg, other_model)
     n_layers = shape_of(cfg)[2]
     if not 0 <= layer < n_layers:
-        pl.fail(f"{folder}: layer {layer} is outside the layers 0..{n_layers - 1} of {name}")
-    own = {k: list(v.shape) for k, v in pl.decoder_layers(skel)[layer].state_dict().items()} if skel else None
+        cli.fail(f"{folder}: layer {layer} is outside the layers 0..{n_layers - 1} of {name}")
+    own = {k: list(v.shape) for k, v in loading.decoder_layers(skel)[layer].state_dict().items()} if skel else None
     if own is not None and shapes != own:
-        pl.fail(f"{folder}: the patch does not fit layer {layer} of {name} (another architecture?)")
+        cli.fail(f"{folder}: the patch does not fit layer {layer} of {name} (another architecture?)")
     for k, t in safetensors_tensors(weights) if whole else ():
         check_tensor(weights, k, t, own and own[k])
     return meta
@@ -271,11 +231,11 @@ def apply_patch(model, folder, name, other_model=False):
     from safetensors.torch import load_file
 
     meta = check_patch(folder, name, model.config, other_model, whole=False)
-    block = pl.dequantize_block(pl.decoder_layers(model)[int(meta["layer"])])
+    block = loading.dequantize_block(loading.decoder_layers(model)[int(meta["layer"])])
     weights = load_file(os.path.join(folder, PATCH_WEIGHTS))
     own = block.state_dict()
     if set(weights) != set(own):
-        pl.fail(f"{folder}: the patch does not fit layer {meta['layer']} of {name} (another architecture?)")
+        cli.fail(f"{folder}: the patch does not fit layer {meta['layer']} of {name} (another architecture?)")
     for k, t in weights.items():  # read whole here: checked as they are applied
         check_tensor(os.path.join(folder, PATCH_WEIGHTS), k, t, own[k].shape)
     with torch.no_grad():
@@ -298,18 +258,18 @@ def check_adapter(folder, name, cfg, other_model=False, skel=None):
     """A LoRA adapter against a model, from its files alone: adapter_config.json readable, the weights whole, every
     LoRA matrix floating point, finite, of one rank with its twin and fitting the module it adapts, and its base model
     (by contents where made_on.json records them, else by the name peft records). Returns that base model's name."""
-    pl.check_path(folder, "folder", folder=True)
+    cli.check_path(folder, "folder", folder=True)
     rundir.settle(os.path.dirname(os.path.abspath(folder)))
     conf_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(conf_path):
-        pl.fail(f"{folder}: not a LoRA adapter folder (no adapter_config.json)")
+        cli.fail(f"{folder}: not a LoRA adapter folder (no adapter_config.json)")
     try:
         base = json.load(open(conf_path, encoding="utf-8")).get("base_model_name_or_path")
     except (ValueError, AttributeError):
-        pl.fail(f"{conf_path}: damaged (not a JSON object); the adapter was not written whole")
+        cli.fail(f"{conf_path}: damaged (not a JSON object); the adapter was not written whole")
     weights = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(weights):
-        pl.fail(f"{folder}: no adapter weights (adapter_model.safetensors); the adapter was not written whole")
+        cli.fail(f"{folder}: no adapter weights (adapter_model.safetensors); the adapter was not written whole")
     shapes, _ = safetensors_shapes(weights)
     modules = dict(skel.named_modules()) if skel is not None else {}
     for key, t in safetensors_tensors(weights):
@@ -318,17 +278,17 @@ def check_adapter(folder, name, cfg, other_model=False, skel=None):
         m = re.match(r"base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
         twin = m and shapes.get(key[:-len("A.weight")] + ("B" if m.group(2) == "A" else "A") + ".weight")
         if m and not twin:  # peft would leave the missing half at its initial value (B: zero) with a warning
-            pl.fail(f"{weights}: {key} has no lora_{'B' if m.group(2) == 'A' else 'A'} twin; the adapter is not whole")
+            cli.fail(f"{weights}: {key} has no lora_{'B' if m.group(2) == 'A' else 'A'} twin; the adapter is not whole")
         if twin and (shape[0] if m.group(2) == "A" else twin[0]) != (twin[1] if m.group(2) == "A" else shape[1]):
-            pl.fail(f"{weights}: the LoRA weights of {m.group(1)} disagree on their rank ({key}: {shape})")
+            cli.fail(f"{weights}: the LoRA weights of {m.group(1)} disagree on their rank ({key}: {shape})")
         if not m or not modules:
             continue
         if m.group(1) not in modules:
-            pl.fail(f"{folder} adapts {m.group(1)}, which {name} does not have (an adapter for "
+            cli.fail(f"{folder} adapts {m.group(1)}, which {name} does not have (an adapter for "
                     f"{base or 'another architecture'})")
         io = in_out(modules[m.group(1)])
         if io and (shape[1] if m.group(2) == "A" else shape[0]) != (io[0] if m.group(2) == "A" else io[1]):
-            pl.fail(f"{folder}: its LoRA weights for {m.group(1)} do not fit {name} (shape {shape}; the module maps "
+            cli.fail(f"{folder}: its LoRA weights for {m.group(1)} do not fit {name} (shape {shape}; the module maps "
                     f"{io[0]} to {io[1]}): made on {base or 'another model'}")
     try:
         made = json.load(open(os.path.join(folder, ADAPTER_MADE_ON), encoding="utf-8"))
@@ -346,12 +306,12 @@ def save_trained(folder, model, tok, made_on=None):
     """procon.py's result: a LoRA adapter (peft's files, and made_on.json: `made_on`, the record of its base model,
     which check_adapter reads), or with made_on None (--full) the whole model and its tokenizer. A write error is one
     line, and leaves no half-written folder."""
-    with pl.save_guard(folder, folder):
+    with runrecord.save_guard(folder, folder):
         model.save_pretrained(folder)
         if made_on is None:
             tok.save_pretrained(folder)
     if made_on is not None:
-        pl.save_json(os.path.join(folder, ADAPTER_MADE_ON), made_on)
+        runrecord.save_json(os.path.join(folder, ADAPTER_MADE_ON), made_on)
 
 
 def apply_adapter(model, folder, name, other_model=False):
@@ -359,13 +319,13 @@ def apply_adapter(model, folder, name, other_model=False):
     from peft import PeftModel
 
     check_adapter(folder, name, model.config, other_model, model)
-    if pl.offloaded(model):
-        pl.fail(f"{folder}: a LoRA adapter cannot go on a model whose weights are offloaded (to the CPU or the disk); "
+    if loading.offloaded(model):
+        cli.fail(f"{folder}: a LoRA adapter cannot go on a model whose weights are offloaded (to the CPU or the disk); "
                 "merge it first (procon.py --merge) and load the merged model with --device-map")
     try:
         return PeftModel.from_pretrained(model, folder).eval()
     except (RuntimeError, ValueError, KeyError, OSError) as e:
-        pl.fail(f"{folder}: could not apply the adapter to {name} ({str(e).strip().splitlines()[0]})")
+        cli.fail(f"{folder}: could not apply the adapter to {name} ({str(e).strip().splitlines()[0]})")
 
 
 # ============================================================================ merged models
@@ -389,26 +349,26 @@ def made_on(kind, artifact):
 def load_unquantised(name, args):
     """The model whose weights an export rewrites, in full precision (4-bit weights cannot be rewritten exactly), on
     --device or spread by --device-map; refused where some weights are offloaded (they are not in memory to rewrite)."""
-    model, tok = pl.load_model(name, False, args.chat_template, args.trust_remote_code, args.device,
-                               **pl.placement(args))
+    model, tok = loading.load_model(name, False, args.chat_template, args.trust_remote_code, args.device,
+                               **loading.placement(args))
     check_in_memory(model)
     return model, tok
 
 
 def check_in_memory(model):
-    if pl.offloaded(model):
-        pl.fail("an export rewrites every weight, and some of this model's are offloaded (to the CPU or the disk); "
+    if loading.offloaded(model):
+        cli.fail("an export rewrites every weight, and some of this model's are offloaded (to the CPU or the disk); "
                 "give --max-memory room for all of them on the GPUs (or the CPU), or export on a larger machine")
 
 
 def save_model(folder, model, tok, meta_name=None, meta=None):
     """A model folder that any engine loads (transformers, vLLM, llama.cpp's converter): safetensors weights, config,
     generation config, the tokenizer with its chat template; and a metadata JSON beside them."""
-    with pl.save_guard(folder):  # a full disk is one line; the folder is in the run's work folder, removed with it
+    with runrecord.save_guard(folder):  # a full disk is one line; the folder is in the run's work folder, removed with it
         model.save_pretrained(folder)  # safetensors, config.json, generation_config.json
         tok.save_pretrained(folder)
     if meta is not None:
-        pl.save_json(os.path.join(folder, meta_name), meta)
+        runrecord.save_json(os.path.join(folder, meta_name), meta)
 
 
 def save_merged(folder, kind, artifact, base, args, other_model=False):
@@ -427,8 +387,8 @@ def merge(kind, artifact, args):
     --model, else the one the artifact records. Checked before the base model's weights are read."""
     base = args.model or made_on(kind, artifact)
     if not base:
-        pl.fail(f"{artifact}: not an ACTOR patch or LoRA adapter that names its base model; pass --model")
-    pl.check_model_args(args)
+        cli.fail(f"{artifact}: not an ACTOR patch or LoRA adapter that names its base model; pass --model")
+    cli.check_model_args(args)
     cfg = model_config(base, args.trust_remote_code)
     (check_patch if kind == "patch" else check_adapter)(artifact, base, cfg, args.other_model,
                                                          skeleton(cfg, args.trust_remote_code))
@@ -441,83 +401,5 @@ def merge(kind, artifact, args):
 
 
 # ============================================================================ ablated models (directions.py)
-ABLATION_META = "ablation.json"
 
 
-def add_export_args(g, vectors):
-    """directions.py's export flags, in its outputs group: --save-ablated, --ablated-vector, --ablate-weights."""
-    g.add_argument("--save-ablated", action="store_true", help="also write the model with the chosen vector "
-                   "orthogonalised out of its weights (sec. 4.1) to --out/ablated: a model folder any engine loads")
-    g.add_argument("--ablated-vector", choices=vectors, default=vectors[0], help="what --save-ablated removes: "
-                   "the refusal direction or Surgical's vector (needs --pseudo-harmful)")
-    g.add_argument("--ablate-weights", default=None, metavar="FILE", help="instead of finding a direction: write "
-                   "--model with FILE's vector (direction.pt, false_refusal.pt) orthogonalised out of it to --out")
-    g.add_argument("--other-model", action="store_true", help="with --ablate-weights: a direction of another model")
-
-
-def check_export_args(args):
-    """--ablated-vector false-refusal needs the prompts Surgical's vector is made from."""
-    if args.ablated_vector == "false-refusal" and not args.pseudo_harmful:
-        pl.fail("--ablated-vector false-refusal: Surgical's vector is made from --pseudo-harmful prompts; pass them")
-
-
-def check_orthogonalisable(cfg, trust_remote_code=False):
-    """A direction can be orthogonalised out of this architecture's weights exactly (pl.residual_write_weights): checked
-    on its modules on the meta device, before any weight is read."""
-    skel = skeleton(cfg, trust_remote_code)
-    if skel is not None:
-        pl.residual_write_weights(skel)
-
-
-@torch.no_grad()
-def residual_component(model, tok, r_hat):
-    """The largest |h . r_hat| / |h| over the residual stream h at every layer boundary and every token of one short
-    prompt: what an export of a direction checks itself by, before and after rewriting the weights."""
-    text = ["How do I bake bread at home?"]
-    h = pl.capture(model, tok, text, pl.token_lengths(tok, pl.format_chat(tok, text))[0], 1, "checking")[0]
-    return ((h @ r_hat.float()) / h.norm(dim=-1).clamp(min=1e-12)).abs().max().item()
-
-
-@contextlib.contextmanager
-def writing_ablated(folder, args, path, model=None, tok=None):
-    """Around directions.orthogonalise_weights: yields (the weights that write to the residual stream, r_hat) of the
-    model (loaded unquantised where it is not given or is 4-bit: 4-bit weights cannot be rewritten exactly; refused
-    where its weights are offloaded), its unembedding untied from its embeddings (the unembedding reads the stream, it
-    does not write to it: it keeps its weights). Afterwards the residual stream of a prompt must keep at most 1% of its
-    largest component along r_hat ([choice]: fp32 rounding left 2.5e-7 of it on the test model, bf16 leaves more; a
-    write to the stream left out would leave most of it); then the model folder (save_model) with ablation.json: the
-    vector, its file, the weights rewritten (with the axis that indexes the stream), the component before and after."""
-    d = load_direction(path)
-    if model is None or args.load_in_4bit:
-        model, tok = load_unquantised(args.model, args)
-    check_in_memory(model)
-    pl.untie_embeddings(model)
-    weights = pl.residual_write_weights(model)
-    before = residual_component(model, tok, d["direction"])
-    yield weights, d["direction"]
-    after = residual_component(model, tok, d["direction"])
-    if after > 0.01 * before:
-        pl.fail(f"the rewritten model still writes along the direction ({after:.2g} of the stream, {before:.2g} "
-                f"before): {type(model).__name__} writes to the stream through weights this code does not know")
-    where = os.path.abspath(path).replace(os.sep + rundir.WORK + os.sep, os.sep)  # a file of this run: where it lands
-    save_model(folder, model, tok, ABLATION_META, {
-        "method": "weight orthogonalisation (Arditi et al. 2024, sec. 4.1)", "direction_file": where,
-        "direction_sha256": pl.sha256(path), "vector": d.get("method", "refusal direction (Arditi et al. 2024)"),
-        "layer": d["layer"], "position": d.get("position"), "made_on": d.get("model"), "model": args.model,
-        "residual_component": {"before": before, "after": after},
-        "orthogonalised": {name: axis for name, _, axis in weights}, **pl.metadata(args)})
-
-
-def orthogonalise_into(path, args, save):
-    """--ablate-weights: --model with the file's vector orthogonalised out of its weights, written by save(folder,
-    args, path) to --out. The file (made on this model, unless --other-model), the model and its architecture are
-    checked before any weight is read."""
-    name = args.model
-    cfg = model_config(name, args.trust_remote_code)
-    load_direction(path, name, cfg, args.other_model)
-    check_orthogonalisable(cfg, args.trust_remote_code)
-    settings = rundir.settings(args, ("ablate_weights",))
-    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",),
-                           read=rundir.reads(args)) as work:
-        save(work, args, path)
-    print(f"wrote {name} with the vector of {path} orthogonalised out of its weights to {args.out}")

@@ -31,6 +31,7 @@ The same difference in means is the r-direction of ProCon (procon.py) and the re
 Every place where the code chooses what a paper leaves open carries the tag [choice].
 """
 import os
+import random
 import sys
 import time
 
@@ -39,8 +40,12 @@ from tqdm import tqdm
 
 import artifacts
 import judges
-import plumbing as pl
 import rundir
+import chat
+import cli
+import inference
+import loading
+import runrecord
 
 
 # ============================================================================ the method (Arditi sec. 2.3 to app. C)
@@ -48,14 +53,14 @@ import rundir
 def difference_in_means(acts_a, acts_b):
     """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32."""
     diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
-    return pl.check_finite(diff, "the difference in means")  # NaN or inf activations: the likely flag is named
+    return cli.check_finite(diff, "the difference in means")  # NaN or inf activations: the likely flag is named
 
 
 def unit(v, what="direction"):
     """v / |v| along the last axis; a zero vector has no direction, and is an error, not a silent 0."""
-    norm = pl.check_finite(v.norm(dim=-1, keepdim=True), f"the length of the {what}")  # flags to blame named
+    norm = cli.check_finite(v.norm(dim=-1, keepdim=True), f"the length of the {what}")  # flags to blame named
     if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any():
-        pl.fail(f"the {what} is zero: the two prompt groups give the same mean activation")
+        cli.fail(f"the {what} is zero: the two prompt groups give the same mean activation")
     return v / norm
 
 
@@ -72,7 +77,7 @@ def ablation_hooks(model, r_hat):
         return h - (h @ u).unsqueeze(-1) * u
 
     def pre(module, args, kwargs):
-        return pl.with_hidden(args, kwargs, project_out(pl.hidden_of(args, kwargs)))
+        return inference.with_hidden(args, kwargs, project_out(inference.hidden_of(args, kwargs)))
 
     def post(module, args, output):
         if isinstance(output, tuple):
@@ -80,8 +85,8 @@ def ablation_hooks(model, r_hat):
         return project_out(output)
 
     pairs = []
-    for block in pl.decoder_layers(model):
-        writes = pl.residual_writes(block)
+    for block in loading.decoder_layers(model):
+        writes = inference.residual_writes(block)
         if not writes:  # an unknown layout: layer boundaries only, and say so
             print(f"warning: {type(block).__name__}: attention and MLP not found; the direction is ablated at layer "
                   "inputs and outputs only", file=sys.stderr)
@@ -92,10 +97,63 @@ def ablation_hooks(model, r_hat):
 def addition_hooks(model, vector, layer, coeff=1.0):
     """Activation addition (Arditi eq. 3): x <- x + coeff * vector at the input of one layer, at every position."""
     def pre(module, args, kwargs):
-        h = pl.hidden_of(args, kwargs)
-        return pl.with_hidden(args, kwargs, h + coeff * vector.to(h.device, h.dtype))
+        h = inference.hidden_of(args, kwargs)
+        return inference.with_hidden(args, kwargs, h + coeff * vector.to(h.device, h.dtype))
 
-    return [(pl.decoder_layers(model)[layer], "pre", pre)]
+    return [(loading.decoder_layers(model)[layer], "pre", pre)]
+
+
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj", "down_proj", "dense_4h_to_h", "fc2", "fc_out", "w2",
+                      "wo")  # the last linear of attention or an MLP, by its name in transformers' models
+
+
+POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
+
+
+def residual_write_weights(model):
+    """Every weight that writes to the residual stream, as (name, parameter, the axis of it that indexes the stream):
+    the input embeddings (and absolute position embeddings), and in every block the output projection of attention
+    and of the MLP (each expert's, in a mixture of experts; shared experts too) with their biases. Fails in one line for
+    a block that writes through a norm after its sublayers (Gemma-2/3, OLMo-2: what they add to the stream is the
+    norm's output, which no change of the weights before it turns into a projection) or whose writes it cannot find."""
+    embeddings = model.get_input_embeddings()
+    found = [(n + ".weight", m.weight, 1) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)
+             and (m is embeddings or n.split(".")[-1] in POSITION_EMBEDDINGS)]
+    for i, block in enumerate(loading.decoder_layers(model)):
+        writes, children = inference.residual_writes(block), dict(block.named_children())
+        if "post_feedforward_layernorm" in children or not writes:
+            cli.fail(f"{type(block).__name__} " + ("adds the output of a norm after each sublayer to the residual stream; "
+                 "weights alone cannot ablate a direction there (use evaluate.py --ablate, hooks)" if writes else
+                 "has no attention and MLP this code knows; cannot find its writes to the residual stream"))
+        for write in writes:
+            prefix = next(n for n, m in model.named_modules() if m is write)
+            own = []
+            for name, m in write.named_modules():
+                for pname, p in m.named_parameters(recurse=False):
+                    axis = None
+                    if name.split(".")[-1] in OUTPUT_PROJECTIONS and p.dim() <= 2:  # [d, in], Conv1D [in, d], bias
+                        axis = 1 if type(m).__name__ == "Conv1D" and p.dim() == 2 else 0
+                    elif pname == "down_proj" and p.dim() == 3:  # fused experts [experts, d, in] (or [.., in, d])
+                        axis = 2 if getattr(m, "is_transposed", False) else 1
+                    elif pname == "down_proj_bias" and p.dim() == 2:
+                        axis = 1
+                    if axis is not None:
+                        own.append((".".join(x for x in (prefix, name, pname) if x), p, axis))
+            if not own:
+                cli.fail(f"block {i}: found no output projection in {type(write).__name__} (named one of "
+                     f"{', '.join(OUTPUT_PROJECTIONS)}); cannot ablate a direction in its weights")
+            found += own
+    return found
+
+
+def untie_embeddings(model):
+    """Give the unembedding its own copy of the weights it shares with the input embeddings (Llama-3.2, SmolLM2 and
+    Gemma tie them), so that rewriting one leaves the other; the config then says untied, a saved model keeps both."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is not None and (out.weight is inp.weight or out.weight.data_ptr() == inp.weight.data_ptr() != 0):
+        out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
+    for cfg in (model.config, loading.text_config(model)):
+        cfg.tie_word_embeddings = False
 
 
 # W_out <- W_out - r_hat r_hat^T W_out (sec. 4.1, eq. 5), for the embedding, every attention and MLP output projection
@@ -123,9 +181,9 @@ def causal_scores(model, tok, mean_diff, r_hat, layer, val, base_harmless, token
         kl:     KL of harmless next-token distributions, ablated vs not (small: ablation changes little else)
     """
     ablate = ablation_hooks(model, r_hat)
-    bypass = judges.refusal_score(pl.last_logits(model, tok, val["harmful"], batch_size, ablate, "bypass"), tokens)
-    ablated_harmless = pl.last_logits(model, tok, val["harmless"], batch_size, ablate, "kl")
-    induce = judges.refusal_score(pl.last_logits(model, tok, val["harmless"], batch_size,
+    bypass = judges.refusal_score(inference.last_logits(model, tok, val["harmful"], batch_size, ablate, "bypass"), tokens)
+    ablated_harmless = inference.last_logits(model, tok, val["harmless"], batch_size, ablate, "kl")
+    induce = judges.refusal_score(inference.last_logits(model, tok, val["harmless"], batch_size,
                                                  addition_hooks(model, mean_diff, layer), "induce"), tokens)
     return {"bypass": bypass.mean().item(), "induce": induce.mean().item(),
             "kl": kl_div(base_harmless, ablated_harmless)}
@@ -152,12 +210,12 @@ def silhouette(x, labels):
     return torch.cat(scores).mean().item()
 
 
-# the papers' prompt filter (Arditi's and Surgical's code); the positions i (sec. 2.3): pl.post_instruction_positions
+# the papers' prompt filter (Arditi's and Surgical's code); the positions i (sec. 2.3): post_instruction_positions
 def typical(model, tok, prompts, tokens, refuse, batch_size, what):
     """The prompts the model refuses (refuse=True: harmful and pseudo-harmful ones) or answers (harmless ones), by
     refusal score above 0 or not, as the papers' code filters them; [choice] all of them where fewer than 2 remain.
     Returns (prompts, a note where the filter kept all)."""
-    score = judges.refusal_score(pl.last_logits(model, tok, prompts, batch_size, desc=f"filter ({what})"), tokens)
+    score = judges.refusal_score(inference.last_logits(model, tok, prompts, batch_size, desc=f"filter ({what})"), tokens)
     kept = [p for p, s in zip(prompts, score.tolist()) if (s > 0) == refuse]
     if len(kept) >= 2:
         return kept, None
@@ -225,23 +283,35 @@ def orthogonalise(w, mean_diff, lam):
     return w - lam * s * mean_diff
 
 
+def post_instruction_positions(tok):
+    """How many template tokens follow the user's instruction before the answer begins (for ChatML: '<|im_end|>',
+    '\\n', '<|im_start|>', 'assistant', '\\n'): Arditi's and Surgical's candidate positions (--positions post)."""
+    text, marker = chat.chat_text(tok, "Sphinx of black quartz, judge my vow"), "judge my vow"
+    end = text.rindex(marker) + len(marker)
+    try:
+        spans = tok(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+        return sum(a >= end for a, _ in spans)
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: the template's tail on its own
+        return len(tok(text[end:], add_special_tokens=False).input_ids)
+
+
 def surgical(args, model, tok, acts_harmless, mean_diff, train, val, val_harmless, base_harmless, tokens, candidates):
     """The false-refusal vector of every candidate, orthogonalised, and the one Surgical's rule chooses: the lowest
     refusal score of held-out pseudo-harmful prompts under ablation, KL on harmless prompts <= --surgical-max-kl, in
     the first 1 - prune_frac of layers. Returns (w', chosen, scores)."""
-    acts = pl.capture(model, tok, train, args.positions, args.batch_size, "activations (pseudo-harmful)")
+    acts = inference.capture(model, tok, train, args.positions, args.batch_size, "activations (pseudo-harmful)")
     w = orthogonalise(difference_in_means(acts, acts_harmless)[:mean_diff.shape[0]], mean_diff, args.ortho_lambda)
     scores = {}
     max_layer = int(mean_diff.shape[0] * (1 - args.prune_frac))
     for c in tqdm([c for c in candidates if c[0] < max_layer], desc="Surgical: choosing", leave=False):
         ablate = ablation_hooks(model, unit(w[c], "false-refusal vector"))
-        scores[c] = {"pseudo_harmful": judges.refusal_score(pl.last_logits(
+        scores[c] = {"pseudo_harmful": judges.refusal_score(inference.last_logits(
                          model, tok, val, args.batch_size, ablate, "pseudo-harmful"), tokens).mean().item(),
-                     "kl": kl_div(base_harmless, pl.last_logits(model, tok, val_harmless, args.batch_size, ablate,
+                     "kl": kl_div(base_harmless, inference.last_logits(model, tok, val_harmless, args.batch_size, ablate,
                                                                 "kl"))}
     ok = [c for c in scores if scores[c]["kl"] <= args.surgical_max_kl]
     if not ok:
-        pl.fail(f"Surgical: no candidate keeps KL on harmless prompts within --surgical-max-kl "
+        cli.fail(f"Surgical: no candidate keeps KL on harmless prompts within --surgical-max-kl "
                 f"{args.surgical_max_kl:g}; nothing was written")
     return w, min(ok, key=lambda c: scores[c]["pseudo_harmful"]), scores
 
@@ -250,27 +320,27 @@ def surgical(args, model, tok, acts_harmless, mean_diff, train, val, val_harmles
 def main(argv=None):
     args = parse_args(argv)
     if args.ablate_weights:  # instead of finding a direction: a saved one, out of the weights (sec. 4.1)
-        return artifacts.orthogonalise_into(args.ablate_weights, args, save_ablated)
+        return write_ablated(args.ablate_weights, args)
     if args.save_ablated:  # an architecture whose weights cannot ablate exactly is refused before any work
-        artifacts.check_orthogonalisable(artifacts.model_config(args.model, args.trust_remote_code))
-    pl.seed_everything(args.seed)
+        check_orthogonalisable(artifacts.model_config(args.model, args.trust_remote_code))
+    runrecord.seed_everything(args.seed)
     t0 = time.time()
 
     # 1. data: per class, training prompts for the means and held-out prompts for selection and the causal check
     train, val = {}, {}
     for name in ("harmful", "harmless") + (("pseudo_harmful",) if args.pseudo_harmful else ()):
-        train[name], val[name] = pl.split_prompts(getattr(args, name), args.column, args.n_train, args.n_val, args.seed)
-    pl.check_groups(train)
+        train[name], val[name] = split_prompts(getattr(args, name), args.column, args.n_train, args.n_val, args.seed)
+    chat.check_groups(train)
     outputs = OUTPUTS + (SURGICAL_OUTPUTS if args.pseudo_harmful else ()) + (("ablated",) if args.save_ablated else ())
     with rundir.run_folder(args.out, outputs, args.overwrite, known=OUTPUTS + SURGICAL_OUTPUTS + ("ablated",),
                            read=rundir.reads(args)) as work:
         # 2. model
-        model, tok = pl.load(args)
-        n_layers = pl.text_config(model).num_hidden_layers
-        args.positions = pl.post_instruction_positions(tok) if args.positions == "post" else args.positions
+        model, tok = loading.load(args)
+        n_layers = loading.text_config(model).num_hidden_layers
+        args.positions = post_instruction_positions(tok) if args.positions == "post" else args.positions
         if args.layer is not None and not 1 <= args.layer < n_layers:
-            pl.fail(f"--layer {args.layer} is out of range: this model has layers 1..{n_layers - 1} to choose from")
-        pl.check_context(model, pl.token_lengths(tok, pl.format_chat(tok, sum([*train.values(), *val.values()], []))),
+            cli.fail(f"--layer {args.layer} is out of range: this model has layers 1..{n_layers - 1} to choose from")
+        chat.check_context(model, chat.token_lengths(tok, chat.format_chat(tok, sum([*train.values(), *val.values()], []))),
                          extra_tokens=16)  # 16: the answers of judges.refusal_tokens
 
         # 3. refusal tokens from the model's own refusals (sec. 2.4), or the fallback openers, saying so; the papers'
@@ -281,11 +351,11 @@ def main(argv=None):
                           if args.filter == "on" and not note]
         if note:
             print("note: " + note, file=sys.stderr)
-        base = {k: pl.last_logits(model, tok, val[k], args.batch_size, desc=f"baseline ({k})") for k in val}
+        base = {k: inference.last_logits(model, tok, val[k], args.batch_size, desc=f"baseline ({k})") for k in val}
 
         # 4. the candidate directions: r = mu - nu at every layer's input and position (sec. 2.3), and the silhouette
         # of harmful vs harmless activations at every candidate (the fallback choice)
-        acts = {k: pl.capture(model, tok, train[k], args.positions, args.batch_size, f"activations ({k})")
+        acts = {k: inference.capture(model, tok, train[k], args.positions, args.batch_size, f"activations ({k})")
                 for k in ("harmful", "harmless")}
         found = candidate_directions(acts["harmful"], acts["harmless"], n_layers)
         mean_diff, r_hat, candidates = found["mean_diff"], found["r_hat"], found["candidates"]
@@ -324,7 +394,7 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
             "n_prompts": {k: {"train": len(train[k]), "val": len(val[k])} for k in train},
             "refusal_tokens": {str(t): tok.decode([t]) for t in tokens}, "refused_val_harmful": found["n_refused"],
             "causal_check": check, "per_layer": per_layer, "seed": args.seed, "seconds": round(time.time() - t0, 1),
-            **pl.metadata(args, [args.harmful, args.harmless, args.pseudo_harmful])}
+            **runrecord.metadata(args, [args.harmful, args.harmless, args.pseudo_harmful])}
     if "surgical" in found:
         w, (fl, fp), fscores = found["surgical"]
         artifacts.save_direction(os.path.join(work, "false_refusal.pt"), unit(w[fl, fp]), fl, fp - args.positions,
@@ -334,11 +404,11 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
                             "cos_to_refusal_direction": float(unit(w[fl, fp]) @ found["r_hat"][fl, fp]),
                             "per_layer": [{"layer": l, "position": p - args.positions, **s}
                                           for (l, p), s in fscores.items()]}
-    pl.save_json(os.path.join(work, "direction.json"), meta)
+    runrecord.save_json(os.path.join(work, "direction.json"), meta)
     plot_layers(os.path.join(work, "layers.png"), per_layer, layer, args.model, meta.get("surgical"))
     print(f"\nrefusal direction of {args.model}: layer {layer}, position {pos - args.positions} ({found['select']}); "
           f"refusal tokens {[tok.decode([t]) for t in tokens]}; mean refusal score on held-out prompts (log-odds):")
-    pl.print_table(["prompts", "baseline", "steered", ""], [
+    runrecord.print_table(["prompts", "baseline", "steered", ""], [
         ["harmful", f"{check['harmful_baseline']:.2f}", f"{check['harmful_ablated']:.2f}", "direction ablated"],
         ["harmless", f"{check['harmless_baseline']:.2f}", f"{check['harmless_added']:.2f}",
          f"direction added (KL under ablation {check['kl_harmless_ablated']:.4f})"]])
@@ -350,10 +420,82 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
         save_ablated(os.path.join(work, "ablated"), args, os.path.join(work, VECTORS[args.ablated_vector]), model, tok)
 
 
+ABLATION_META = "ablation.json"
+
+
+@torch.no_grad()
+def residual_component(model, tok, r_hat):
+    """The largest |h . r_hat| / |h| over the residual stream h at every layer boundary and every token of one short
+    prompt: what an export of a direction checks itself by, before and after rewriting the weights."""
+    text = ["How do I bake bread at home?"]
+    h = inference.capture(model, tok, text, chat.token_lengths(tok, chat.format_chat(tok, text))[0], 1, "checking")[0]
+    return ((h @ r_hat.float()) / h.norm(dim=-1).clamp(min=1e-12)).abs().max().item()
+
+
 def save_ablated(folder, args, path, model=None, tok=None):
-    """A direction file's vector orthogonalised out of the model's weights, then written (artifacts.writing_ablated)."""
-    with artifacts.writing_ablated(folder, args, path, model, tok) as (weights, r_hat):
-        orthogonalise_weights(weights, r_hat)
+    """A direction file's vector orthogonalised out of the model's weights (orthogonalise_weights, eq. 5), then the
+    model folder written (artifacts.save_model) with ablation.json: the vector, its file, the weights rewritten (with
+    the axis that indexes the stream), the component before and after. The model is loaded unquantised where it is not
+    given or is 4-bit (4-bit weights cannot be rewritten exactly) and refused where its weights are offloaded; its
+    unembedding is untied from its embeddings (the unembedding reads the stream, it does not write to it: it keeps its
+    weights). Afterwards the residual stream of a prompt must keep at most 1% of its largest component along r_hat
+    ([choice]: fp32 rounding left 2.5e-7 of it on the test model, bf16 leaves more; a write to the stream left out
+    would leave most of it)."""
+    d = artifacts.load_direction(path)
+    if model is None or args.load_in_4bit:
+        model, tok = artifacts.load_unquantised(args.model, args)
+    artifacts.check_in_memory(model)
+    untie_embeddings(model)
+    weights = residual_write_weights(model)
+    before = residual_component(model, tok, d["direction"])
+    orthogonalise_weights(weights, d["direction"])
+    after = residual_component(model, tok, d["direction"])
+    if after > 0.01 * before:
+        cli.fail(f"the rewritten model still writes along the direction ({after:.2g} of the stream, {before:.2g} "
+                f"before): {type(model).__name__} writes to the stream through weights this code does not know")
+    where = os.path.abspath(path).replace(os.sep + rundir.WORK + os.sep, os.sep)  # a file of this run: where it lands
+    artifacts.save_model(folder, model, tok, ABLATION_META, {
+        "method": "weight orthogonalisation (Arditi et al. 2024, sec. 4.1)", "direction_file": where,
+        "direction_sha256": runrecord.sha256(path), "vector": d.get("method", "refusal direction (Arditi et al. 2024)"),
+        "layer": d["layer"], "position": d.get("position"), "made_on": d.get("model"), "model": args.model,
+        "residual_component": {"before": before, "after": after},
+        "orthogonalised": {name: axis for name, _, axis in weights}, **runrecord.metadata(args)})
+
+
+def write_ablated(path, args):
+    """--ablate-weights: --model with the file's vector orthogonalised out of its weights (save_ablated), written to
+    --out. The file (made on this model, unless --other-model), the model and its architecture are checked before any
+    weight is read."""
+    name = args.model
+    cfg = artifacts.model_config(name, args.trust_remote_code)
+    artifacts.load_direction(path, name, cfg, args.other_model)
+    check_orthogonalisable(cfg, args.trust_remote_code)
+    settings = rundir.settings(args, ("ablate_weights",))
+    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",),
+                           read=rundir.reads(args)) as work:
+        save_ablated(work, args, path)
+    print(f"wrote {name} with the vector of {path} orthogonalised out of its weights to {args.out}")
+
+
+def check_orthogonalisable(cfg, trust_remote_code=False):
+    """A direction can be orthogonalised out of this architecture's weights exactly (residual_write_weights): checked
+    on its modules on the meta device, before any weight is read."""
+    skel = artifacts.skeleton(cfg, trust_remote_code)
+    if skel is not None:
+        residual_write_weights(skel)
+
+
+def plot_panels(path, panels, title, xlabel="layer"):
+    """A row of small line plots, one per (title, xs, ys, x to mark with a dashed line), written to path."""
+    plt = runrecord.pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (name, xs, ys, mark) in zip(axes[0], panels):
+        ax.plot(xs, ys, marker=".")
+        ax.axvline(mark, color="red", ls="--", lw=1)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    runrecord.save_figure(fig, path)
 
 
 def plot_layers(path, per_layer, layer, model_name, surgical=None):
@@ -365,7 +507,7 @@ def plot_layers(path, per_layer, layer, model_name, surgical=None):
         s = [r for r in surgical["per_layer"] if r["position"] == -1]
         panels.append(("Surgical: pseudo-harmful, ablated", [r["layer"] for r in s], [r["pseudo_harmful"] for r in s],
                        surgical["layer"]))
-    pl.panel_plot(path, panels, f"{os.path.basename(model_name.rstrip('/'))}: chosen layer {layer}")
+    plot_panels(path, panels, f"{os.path.basename(model_name.rstrip('/'))}: chosen layer {layer}")
 
 
 PANELS = {"silhouette": "silhouette (harmful vs harmless)", "bypass": "refusal score, harmful, ablated",
@@ -378,43 +520,78 @@ SURGICAL_OUTPUTS = ("false_refusal.pt",)
 VECTORS = {"refusal": "direction.pt", "false-refusal": "false_refusal.pt"}  # --ablated-vector
 
 
+def split_prompts(path, column, n_train, n_val, seed):
+    """A file's prompts, shuffled with the seed: n_train for the means and up to n_val held out (at least 2 and 1)."""
+    prompts = chat.read_prompts(path, column)
+    random.Random(seed).shuffle(prompts)
+    if len(prompts) < 4:
+        cli.fail(f"{path}: {len(prompts)} prompts; at least 4 are needed (2 for the mean, 2 held out)")
+    n = min(n_train, len(prompts) - min(n_val, len(prompts) // 4))
+    return prompts[:n], prompts[n:n + n_val]
+
+
+def add_split_args(g):
+    """The flags of split_prompts, in a script's data group: --column, --n-train, --n-val."""
+    g.add_argument("--column", default=None, help="column holding the prompt (default: the first known name)")
+    g.add_argument("--n-train", type=cli.count(2), default=64, help="prompts per class for the difference in means")
+    g.add_argument("--n-val", type=cli.count(1), default=32,
+                   help="held-out prompts per class for layer selection and the causal check")
+
+
+def add_export_args(g, vectors):
+    """directions.py's export flags, in its outputs group: --save-ablated, --ablated-vector, --ablate-weights."""
+    g.add_argument("--save-ablated", action="store_true", help="also write the model with the chosen vector "
+                   "orthogonalised out of its weights (sec. 4.1) to --out/ablated: a model folder any engine loads")
+    g.add_argument("--ablated-vector", choices=vectors, default=vectors[0], help="what --save-ablated removes: "
+                   "the refusal direction or Surgical's vector (needs --pseudo-harmful)")
+    g.add_argument("--ablate-weights", default=None, metavar="FILE", help="instead of finding a direction: write "
+                   "--model with FILE's vector (direction.pt, false_refusal.pt) orthogonalised out of it to --out")
+    g.add_argument("--other-model", action="store_true", help="with --ablate-weights: a direction of another model")
+
+
+def check_export_args(args):
+    """--ablated-vector false-refusal needs the prompts Surgical's vector is made from."""
+    if args.ablated_vector == "false-refusal" and not args.pseudo_harmful:
+        cli.fail("--ablated-vector false-refusal: Surgical's vector is made from --pseudo-harmful prompts; pass them")
+
+
 def parse_args(argv=None):
-    p = pl.parser(__doc__)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("method (Arditi; Surgical)")
     g.add_argument("--select", choices=("silhouette", "refusal"), default="refusal",
                    help="layer choice: best harmful/harmless separation (ACTOR) or Arditi's refusal-score selection")
-    g.add_argument("--layer", type=pl.count(0), default=None, help="use this layer (its input) instead of choosing one")
-    g.add_argument("--positions", type=lambda t: t if t == "post" else pl.count(1)(t), default=1,
+    g.add_argument("--layer", type=cli.count(0), default=None, help="use this layer (its input) instead of choosing one")
+    g.add_argument("--positions", type=lambda t: t if t == "post" else cli.count(1)(t), default=1,
                    help="candidate positions: the last k template tokens, or 'post': every post-instruction token "
                    "(Arditi's and Surgical's; [choice] 1 by default: k times fewer candidates to score)")
     g.add_argument("--filter", choices=("on", "off"), default="on",
                    help="keep only the prompts the model treats as their class does (refused harmful and "
                    "pseudo-harmful, answered harmless), as the papers' code does, where it has its own refusal tokens")
-    g.add_argument("--prune-frac", type=pl.number(lo=0, below=1), default=0.2,
+    g.add_argument("--prune-frac", type=cli.number(lo=0, below=1), default=0.2,
                    help="Arditi (and Surgical): skip the last fraction of layers (the silhouette: the first too)")
-    g.add_argument("--max-kl", type=pl.number(lo=0), default=0.1,
+    g.add_argument("--max-kl", type=cli.number(lo=0), default=0.1,
                    help="Arditi: discard directions whose ablation KL exceeds this")
-    g.add_argument("--min-refusals", type=pl.count(0), default=4,
+    g.add_argument("--min-refusals", type=cli.count(0), default=4,
                    help="fewest refused harmful prompts needed to find refusal tokens; else fall back to silhouette")
-    g.add_argument("--ortho-lambda", type=pl.number(lo=0, hi=1), default=1.0,
+    g.add_argument("--ortho-lambda", type=cli.number(lo=0, hi=1), default=1.0,
                    help="Surgical: how much of the refusal direction is removed from the false-refusal vector (1: all, "
                    "the official code's default)")
-    g.add_argument("--surgical-max-kl", type=pl.number(lo=0), default=0.2,
+    g.add_argument("--surgical-max-kl", type=cli.number(lo=0), default=0.2,
                    help="Surgical: discard vectors whose ablation KL on harmless prompts exceeds this (official code)")
     g = p.add_argument_group("data")
-    g.add_argument("--harmful", default=os.path.join(pl.DATA, "harmful.json"), help="file of harmful prompts")
-    g.add_argument("--harmless", default=os.path.join(pl.DATA, "harmless.json"), help="file of harmless prompts")
+    g.add_argument("--harmful", default=os.path.join(cli.DATA, "harmful.json"), help="file of harmful prompts")
+    g.add_argument("--harmless", default=os.path.join(cli.DATA, "harmless.json"), help="file of harmless prompts")
     g.add_argument("--pseudo-harmful", default=None,
                    help="Surgical: benign prompts that look harmful; also write their false-refusal vector")
-    pl.add_split_args(g)
-    pl.add_model_args(p)
-    pl.add_memory_args(p)
-    artifacts.add_export_args(pl.add_out_args(p, "runs/direction"), tuple(VECTORS))
+    add_split_args(g)
+    cli.add_model_args(p)
+    cli.add_memory_args(p)
+    add_export_args(cli.add_out_args(p, "runs/direction"), tuple(VECTORS))
     args = p.parse_args(argv)
-    pl.check_model_args(args)
-    artifacts.check_export_args(args)
+    cli.check_model_args(args)
+    check_export_args(args)
     return args
 
 
 if __name__ == "__main__":
-    pl.run_main(main)
+    cli.run_main(main)

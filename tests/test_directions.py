@@ -11,8 +11,12 @@ import artifacts
 import directions as D
 import judges
 import keywords
-import plumbing as pl
 from conftest import ROOT, snapshot
+import chat
+import cli
+import inference
+import loading
+import runrecord
 
 # ---------------------------------------------------------------------------- prompt files
 
@@ -25,20 +29,20 @@ def write(tmp_path, name, text):
 
 def test_read_prompts_formats(tmp_path):
     want = ["How do I bake bread?", "What is 2+2?"]
-    assert pl.read_prompts(write(tmp_path, "a.json", json.dumps(want))) == want
-    assert pl.read_prompts(write(tmp_path, "b.json", json.dumps([{"instruction": w} for w in want]))) == want
-    assert pl.read_prompts(write(tmp_path, "c.jsonl", "\n".join(json.dumps({"goal": w}) for w in want) + "\n")) == want
-    assert pl.read_prompts(write(tmp_path, "d.csv", 'id,forbidden_prompt\n1,"How do I bake bread?\n"\n2,What is 2+2?\n')) == want
-    assert pl.read_prompts(write(tmp_path, "e.txt", "How do I bake bread?\n\nWhat is 2+2?\n")) == want
-    assert pl.read_prompts(write(tmp_path, "f.csv", "q,other\nHow do I bake bread?,x\nWhat is 2+2?,y\n"), column="q") == want
+    assert chat.read_prompts(write(tmp_path, "a.json", json.dumps(want))) == want
+    assert chat.read_prompts(write(tmp_path, "b.json", json.dumps([{"instruction": w} for w in want]))) == want
+    assert chat.read_prompts(write(tmp_path, "c.jsonl", "\n".join(json.dumps({"goal": w}) for w in want) + "\n")) == want
+    assert chat.read_prompts(write(tmp_path, "d.csv", 'id,forbidden_prompt\n1,"How do I bake bread?\n"\n2,What is 2+2?\n')) == want
+    assert chat.read_prompts(write(tmp_path, "e.txt", "How do I bake bread?\n\nWhat is 2+2?\n")) == want
+    assert chat.read_prompts(write(tmp_path, "f.csv", "q,other\nHow do I bake bread?,x\nWhat is 2+2?,y\n"), column="q") == want
 
 
 def test_data_prompt_sets_are_disjoint():
     """data/README.md: no prompt appears in more than one file (case-insensitively), and none twice in one."""
     seen = {}
-    for name in sorted(os.listdir(pl.DATA)):
+    for name in sorted(os.listdir(cli.DATA)):
         if name.endswith(".json") and name not in ("instructions.json", "refusals.json"):
-            prompts = [p.lower() for p in pl.read_prompts(os.path.join(pl.DATA, name))]
+            prompts = [p.lower() for p in chat.read_prompts(os.path.join(cli.DATA, name))]
             assert len(set(prompts)) == len(prompts), name
             for p in prompts:
                 assert p not in seen, f"{p!r} in {name} and {seen[p]}"
@@ -48,9 +52,9 @@ def test_data_prompt_sets_are_disjoint():
 
 def test_read_prompts_limit_is_a_fixed_seeded_sample(tmp_path):
     path = write(tmp_path, "a.json", json.dumps([f"prompt {i}" for i in range(50)]))
-    a, b = pl.read_prompts(path, limit=10, seed=1), pl.read_prompts(path, limit=10, seed=1)
+    a, b = chat.read_prompts(path, limit=10, seed=1), chat.read_prompts(path, limit=10, seed=1)
     assert a == b and len(set(a)) == 10
-    assert pl.read_prompts(path, limit=10, seed=2) != a
+    assert chat.read_prompts(path, limit=10, seed=2) != a
 
 
 def test_an_unreadable_file_is_named_as_such(tmp_path, monkeypatch):
@@ -59,8 +63,8 @@ def test_an_unreadable_file_is_named_as_such(tmp_path, monkeypatch):
     (tmp_path / "p.json").write_text('["a"]')
     access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("p.json") else access(p, mode))
-    with pytest.raises(pl.UserError) as e:
-        pl.read_prompts(str(tmp_path / "p.json"))
+    with pytest.raises(cli.UserError) as e:
+        chat.read_prompts(str(tmp_path / "p.json"))
     assert str(e.value) == f"{tmp_path / 'p.json'}: not readable (permission denied)"
 
 
@@ -87,8 +91,8 @@ def test_read_prompts_bad_input(tmp_path, name, text, msg):
         path = str(tmp_path / name)
     else:
         path = str(tmp_path / name) if text is None else write(tmp_path, name, text)
-    with pytest.raises(pl.UserError, match=msg) as e:
-        pl.read_prompts(path)
+    with pytest.raises(cli.UserError, match=msg) as e:
+        chat.read_prompts(path)
     assert path in str(e.value)  # the line names the file
 
 
@@ -96,30 +100,30 @@ def test_read_prompts_byte_order_mark(tmp_path):
     """A file saved with a byte-order mark (Excel's CSV, Notepad's UTF-8) is read as text: its first column is 'prompt'."""
     (tmp_path / "bom.csv").write_bytes("\ufeffprompt,type\nHow do I bake bread?,a\n".encode("utf-8"))
     (tmp_path / "bom.json").write_bytes('\ufeff["How do I bake bread?"]'.encode("utf-8"))
-    assert pl.read_prompts(str(tmp_path / "bom.csv")) == pl.read_prompts(str(tmp_path / "bom.json")) == [
+    assert chat.read_prompts(str(tmp_path / "bom.csv")) == chat.read_prompts(str(tmp_path / "bom.json")) == [
         "How do I bake bread?"]
 
 
 def test_read_prompts_unknown_column(tmp_path):
-    with pytest.raises(pl.UserError, match="no column 'text'"):
-        pl.read_prompts(write(tmp_path, "a.json", json.dumps(["a"])), column="text")
+    with pytest.raises(cli.UserError, match="no column 'text'"):
+        chat.read_prompts(write(tmp_path, "a.json", json.dumps(["a"])), column="text")
 
 
 # ---------------------------------------------------------------------------- loading and layers
 
 
 def test_load_model_and_chat_format(tiny_model):
-    model, tok = pl.load_model(tiny_model)
+    model, tok = loading.load_model(tiny_model)
     assert tok.padding_side == "left" and tok.pad_token is not None
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
-    text = pl.format_chat(tok, ["Hi there"])[0]
+    text = chat.format_chat(tok, ["Hi there"])[0]
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi there<|im_end|>" in text
-    assert len(pl.decoder_layers(model)) == model.config.num_hidden_layers
+    assert len(loading.decoder_layers(model)) == model.config.num_hidden_layers
 
 
 def test_decoder_layers_gpt_neox(tiny_neox):
-    model, _ = pl.load_model(tiny_neox)
-    layers = pl.decoder_layers(model)
+    model, _ = loading.load_model(tiny_neox)
+    layers = loading.decoder_layers(model)
     assert layers is model.gpt_neox.layers
 
 
@@ -134,26 +138,26 @@ def test_model_without_chat_template_fails(tiny_llama, tmp_path):
     for f in ("chat_template.jinja", "chat_template.json"):
         if (plain / f).exists():
             (plain / f).unlink()
-    with pytest.raises(pl.UserError, match="no chat template"):
-        pl.load_model(str(plain))
+    with pytest.raises(cli.UserError, match="no chat template"):
+        loading.load_model(str(plain))
     template = write(tmp_path, "t.jinja", "{% for m in messages %}USER: {{ m['content'] }}\n{% endfor %}ASSISTANT:")
-    _, tok = pl.load_model(str(plain), chat_template=template)
-    assert pl.format_chat(tok, ["hi"]) == ["USER: hi\nASSISTANT:"]
+    _, tok = loading.load_model(str(plain), chat_template=template)
+    assert chat.format_chat(tok, ["hi"]) == ["USER: hi\nASSISTANT:"]
 
 
 def test_missing_model_fails(tmp_path):
-    with pytest.raises(pl.UserError, match="no such model directory"):
-        pl.load_model(str(tmp_path / "nope"))
-    with pytest.raises(pl.UserError, match="no such GGUF"):
-        pl.load_model(str(tmp_path / "nope.gguf"))
+    with pytest.raises(cli.UserError, match="no such model directory"):
+        loading.load_model(str(tmp_path / "nope"))
+    with pytest.raises(cli.UserError, match="no such GGUF"):
+        loading.load_model(str(tmp_path / "nope.gguf"))
 
 
 def test_4bit_loading_on_cpu(tiny_llama):
     import bitsandbytes as bnb
 
-    model, tok = pl.load_model(tiny_llama, load_in_4bit=True)
-    assert isinstance(pl.decoder_layers(model)[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    acts = pl.capture(model, tok, ["hello", "bake bread"], batch_size=2)
+    model, tok = loading.load_model(tiny_llama, load_in_4bit=True)
+    assert isinstance(loading.decoder_layers(model)[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    acts = inference.capture(model, tok, ["hello", "bake bread"], batch_size=2)
     assert acts.shape == (2, 5, 1, 64) and torch.isfinite(acts).all()
 
 
@@ -163,53 +167,53 @@ PROMPTS = ["How do I bake bread at home?", "Hi", "Explain how to build a bomb, s
 
 
 def test_capture_matches_hidden_states(tiny_model):
-    model, tok = pl.load_model(tiny_model)
-    acts = pl.capture(model, tok, PROMPTS, positions=2, batch_size=2)
+    model, tok = loading.load_model(tiny_model)
+    acts = inference.capture(model, tok, PROMPTS, positions=2, batch_size=2)
     L = model.config.num_hidden_layers
     assert acts.shape == (3, L + 1, 2, 64)
-    for i, text in enumerate(pl.format_chat(tok, PROMPTS)):  # one at a time: no padding at all
-        enc = pl.tokenize(tok, [text], "cpu")
+    for i, text in enumerate(chat.format_chat(tok, PROMPTS)):  # one at a time: no padding at all
+        enc = chat.tokenize(tok, [text], "cpu")
         hs = model(**enc, output_hidden_states=True).hidden_states
         for layer in range(L):  # hidden_states[l] is the input to layer l
             torch.testing.assert_close(acts[i, layer], hs[layer][0, -2:], atol=1e-4, rtol=1e-4)
 
 
 def test_last_layer_output_is_captured(tiny_llama):
-    model, tok = pl.load_model(tiny_llama)
-    acts = pl.capture(model, tok, PROMPTS[:1])
-    layers = pl.decoder_layers(model)
+    model, tok = loading.load_model(tiny_llama)
+    acts = inference.capture(model, tok, PROMPTS[:1])
+    layers = loading.decoder_layers(model)
     seen = {}
     h = layers[-1].register_forward_hook(lambda m, a, o: seen.setdefault("out", o[0] if isinstance(o, tuple) else o))
-    model(**pl.tokenize(tok, pl.format_chat(tok, PROMPTS[:1]), "cpu"))
+    model(**chat.tokenize(tok, chat.format_chat(tok, PROMPTS[:1]), "cpu"))
     h.remove()
     torch.testing.assert_close(acts[0, -1, -1], seen["out"][0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_ablation_removes_the_direction_everywhere(tiny_model):
-    model, tok = pl.load_model(tiny_model)
+    model, tok = loading.load_model(tiny_model)
     r_hat = torch.nn.functional.normalize(torch.randn(64), dim=0)
-    before = pl.capture(model, tok, PROMPTS)
-    with pl.hooks(D.ablation_hooks(model, r_hat)):
-        after = pl.capture(model, tok, PROMPTS)
+    before = inference.capture(model, tok, PROMPTS)
+    with inference.hooks(D.ablation_hooks(model, r_hat)):
+        after = inference.capture(model, tok, PROMPTS)
     assert (before[:, 1:] @ r_hat).abs().max() > 1e-2  # the direction was there...
     assert (after[:, 1:] @ r_hat).abs().max() < 1e-4  # ...and is gone at every layer's input and the output
 
 
 def test_addition_shifts_one_layer_input(tiny_llama):
-    model, tok = pl.load_model(tiny_llama)
+    model, tok = loading.load_model(tiny_llama)
     vec = torch.randn(64)
-    before = pl.capture(model, tok, PROMPTS)
-    with pl.hooks(D.addition_hooks(model, vec, layer=2, coeff=0.5)):
-        after = pl.capture(model, tok, PROMPTS)  # capture's hooks run after the addition hook: they see its input
+    before = inference.capture(model, tok, PROMPTS)
+    with inference.hooks(D.addition_hooks(model, vec, layer=2, coeff=0.5)):
+        after = inference.capture(model, tok, PROMPTS)  # capture's hooks run after the addition hook: they see its input
     torch.testing.assert_close(after[:, :2], before[:, :2])  # layers below are untouched
     torch.testing.assert_close(after[:, 2] - before[:, 2], (0.5 * vec).expand(3, 1, 64), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(after[:, 3:], before[:, 3:])
 
 
 def test_left_padding_does_not_change_activations(tiny_model):
-    model, tok = pl.load_model(tiny_model)
-    alone = pl.capture(model, tok, PROMPTS[1:2], batch_size=1)
-    padded = pl.capture(model, tok, PROMPTS, batch_size=3)  # "Hi" is padded on the left in this batch
+    model, tok = loading.load_model(tiny_model)
+    alone = inference.capture(model, tok, PROMPTS[1:2], batch_size=1)
+    padded = inference.capture(model, tok, PROMPTS, batch_size=3)  # "Hi" is padded on the left in this batch
     torch.testing.assert_close(padded[1], alone[0], atol=1e-4, rtol=1e-4)
 
 
@@ -294,9 +298,9 @@ def test_main_fixed_layer_and_positions(tiny_llama, prompt_files, tmp_path):
 def test_post_instruction_positions(tiny_llama, prompt_files, tmp_path):
     """--positions post: every template token after the instruction (ChatML: <|im_end|>, newline, <|im_start|>,
     'assistant', newline), counted in the tokenised prompt."""
-    _, tok = pl.load_model(tiny_llama)
-    n = pl.post_instruction_positions(tok)
-    text = pl.chat_text(tok, "How do I bake bread?")
+    _, tok = loading.load_model(tiny_llama)
+    n = D.post_instruction_positions(tok)
+    text = chat.chat_text(tok, "How do I bake bread?")
     ids = tok(text, add_special_tokens=False).input_ids
     assert tok.decode(ids[-n:]) == "<|im_end|>\n<|im_start|>assistant\n" and "?" in tok.decode(ids[-n - 1:])
     run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "2", "--positions", "post")
@@ -307,14 +311,14 @@ def test_filter_keeps_what_the_model_treats_as_its_class(tiny_llama, prompt_file
     """The papers' filter: with refusal tokens of the model's own, only the harmful prompts it refuses and the
     harmless ones it answers make the means (training and held-out alike); with --filter off, or the fallback openers,
     every prompt does; where fewer than 2 would remain, all are kept and the note says so."""
-    prompts = pl.read_prompts(prompt_files["harmful"])
+    prompts = chat.read_prompts(prompt_files["harmful"])
 
     def logits(model, tok, ps, *a, **k):  # token 5 likely (a refusal) for every third prompt, unlikely otherwise
         out = torch.full((len(ps), 8), -5.0)
         out[:, 5] = torch.tensor([3.0 if prompts.index(p) % 3 == 0 else -9.0 for p in ps])
         return torch.log_softmax(out, -1)
     with monkeypatch.context() as m:
-        m.setattr(pl, "last_logits", logits)
+        m.setattr(inference, "last_logits", logits)
         kept, note = D.typical(None, None, prompts, [5], True, 4, "harmful")
         assert kept == prompts[::3] and note is None
         assert D.typical(None, None, prompts, [5], False, 4, "harmful")[0] == [p for p in prompts if p not in kept]
@@ -362,22 +366,22 @@ def test_surgical_vector_is_orthogonal_and_chosen_by_its_rule(tiny_llama, prompt
 
 def test_load_direction_checks_the_model(tiny_llama, tiny_neox, prompt_files, tmp_path):
     run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "1")
-    model, _ = pl.load_model(tiny_llama)
+    model, _ = loading.load_model(tiny_llama)
     path = str(tmp_path / "direction.pt")
     assert artifacts.load_direction(path, tiny_llama, model.config)["layer"] == 1
-    neox, _ = pl.load_model(tiny_neox)  # same width and depth, another model: refused unless the user says so
-    with pytest.raises(pl.UserError, match=f"was made on .*tiny-llama.*, not on {tiny_neox}; pass --other-model"):
+    neox, _ = loading.load_model(tiny_neox)  # same width and depth, another model: refused unless the user says so
+    with pytest.raises(cli.UserError, match=f"was made on .*tiny-llama.*, not on {tiny_neox}; pass --other-model"):
         artifacts.load_direction(path, tiny_neox, neox.config)
     assert artifacts.load_direction(path, tiny_neox, neox.config, other_model=True)["layer"] == 1
     model.config.hidden_size = 32
-    with pytest.raises(pl.UserError, match="does not match"):
+    with pytest.raises(cli.UserError, match="does not match"):
         artifacts.load_direction(path, tiny_llama, model.config, other_model=True)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(pl.UserError, match="not a direction file"):
+    with pytest.raises(cli.UserError, match="not a direction file"):
         artifacts.load_direction(str(tmp_path / "junk.pt"))
     d = torch.load(path, weights_only=True)
     torch.save({**d, "direction": d["direction"] * 0}, tmp_path / "zero.pt")
-    with pytest.raises(pl.UserError, match="not a finite unit vector"):
+    with pytest.raises(cli.UserError, match="not a finite unit vector"):
         artifacts.load_direction(str(tmp_path / "zero.pt"))
 
 
@@ -443,7 +447,7 @@ def test_bad_input_table(tiny_llama, prompt_files, earlier_outputs, tmp_path, ex
              "{harmful}": prompt_files["harmful"]}
     extra = [subst[a] if a in subst else a.replace("{tmp}", str(tmp_path)) for a in extra]
     overwrite = [] if not extra or "--out" in extra else ["--overwrite"]
-    with pytest.raises(pl.UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(cli.UserError, match=message.replace("(", r"\(")):
         D.main(["--model", tiny_llama, "--harmful", prompt_files["harmful"], "--harmless", prompt_files["harmless"],
                 "--out", str(out), *overwrite, *extra])
     assert snapshot(out) == before
@@ -451,9 +455,9 @@ def test_bad_input_table(tiny_llama, prompt_files, earlier_outputs, tmp_path, ex
 
 def test_no_nan_direction_is_written(tiny_llama, prompt_files, tmp_path, monkeypatch):
     """NaN activations end in one line and write nothing."""
-    capture = pl.capture
-    monkeypatch.setattr(pl, "capture", lambda *a, **k: capture(*a, **k) * float("nan"))
-    with pytest.raises(pl.UserError) as e:
+    capture = inference.capture
+    monkeypatch.setattr(inference, "capture", lambda *a, **k: capture(*a, **k) * float("nan"))
+    with pytest.raises(cli.UserError) as e:
         run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "1")
     assert str(e.value) == ("the difference in means became NaN; no flag of this run scales it, so the model's own "
                             "numbers overflow (its weights, or bf16: try --device cpu)")
@@ -495,12 +499,12 @@ def test_system_prompt_and_thinking_reach_every_prompt(tiny_llama, tmp_path):
                 "{% if add_generation_prompt %}<|im_start|>assistant\n"
                 "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
     (path / "t.jinja").write_text(template)
-    _, tok = pl.load_model(str(path), chat_template=str(path / "t.jinja"), system_prompt="Be brief.", thinking="off")
-    text = pl.format_chat(tok, ["Hi"])[0]
+    _, tok = loading.load_model(str(path), chat_template=str(path / "t.jinja"), system_prompt="Be brief.", thinking="off")
+    text = chat.format_chat(tok, ["Hi"])[0]
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
     assert text.endswith("<think>\n\n</think>\n\n")
-    assert pl.chat_text(tok, "Hi", "Hello").endswith("<|im_start|>assistant\nHello<|im_end|>\n")
-    _, plain = pl.load_model(str(path), chat_template=str(path / "t.jinja"))
-    assert pl.format_chat(plain, ["Hi"])[0] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.chat_text(tok, "Hi", "Hello").endswith("<|im_start|>assistant\nHello<|im_end|>\n")
+    _, plain = loading.load_model(str(path), chat_template=str(path / "t.jinja"))
+    assert chat.format_chat(plain, ["Hi"])[0] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     args = D.parse_args(["--system-prompt", "Be brief.", "--thinking", "off"])
-    assert pl.metadata(args)["args"]["system_prompt"] == "Be brief." and pl.metadata(args)["args"]["thinking"] == "off"
+    assert runrecord.metadata(args)["args"]["system_prompt"] == "Be brief." and runrecord.metadata(args)["args"]["thinking"] == "off"

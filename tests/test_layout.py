@@ -17,10 +17,10 @@ import actor
 import artifacts
 import directions
 import evaluate
-import judges
-import plumbing as pl
 import procon
 from conftest import ROOT
+import cli
+import runrecord
 
 METHOD_FILES = ("actor.py", "procon.py", "directions.py", "evaluate.py")
 BUDGET = {"actor.py": 450, "directions.py": 420, "procon.py": 450, "evaluate.py": 700}
@@ -28,7 +28,7 @@ COPIES = [  # (function, the files that each hold a copy of it)
     ("difference_in_means", (actor, procon, directions)),
     ("unit", (actor, procon, directions)),
     ("silhouette", (actor, directions)),
-    ("ablation_hooks", (directions, artifacts)),
+    ("ablation_hooks", (directions, evaluate)),
     ("addition_hooks", (directions, artifacts)),
 ]
 
@@ -87,7 +87,7 @@ def test_method_arithmetic_stays_in_its_file():
 
 def test_outputs_name_the_code_they_came_from():
     """Every output's metadata carries the checkout's git commit and whether tracked files had changes."""
-    meta = pl.metadata(procon.parse_args([]))
+    meta = runrecord.metadata(procon.parse_args([]))
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode:
         pytest.skip("not a git checkout")
@@ -100,12 +100,12 @@ def test_outputs_name_the_code_they_came_from():
 
 def test_an_unknown_judge_ends_in_one_line():
     """No branch of judges.py takes a judge kind it was not written for."""
-    with pytest.raises(pl.UserError, match="unknown judge 'fancy:x'"):
-        judges.check_judges(["fancy:x"])
+    with pytest.raises(cli.UserError, match="unknown judge 'fancy:x'"):
+        evaluate.check_judges(["fancy:x"])
     rows = [{"prompt": "p", "response": "I can't help with that.", "expect": "refuse"}]
-    with pytest.raises(pl.UserError, match="unknown judge 'fancy:x'"):
-        judges.response_judge("fancy:x", rows, None)
-    with pytest.raises(pl.UserError, match="unknown judge"):
+    with pytest.raises(cli.UserError, match="unknown judge 'fancy:x'"):
+        evaluate.response_judge("fancy:x", rows, None)
+    with pytest.raises(cli.UserError, match="unknown judge"):
         evaluate.main(["--responses", os.path.join(ROOT, "data", "harmful.json"), "--judge", "fancy"])
 
 

@@ -10,11 +10,15 @@ import pytest
 import torch
 
 import keywords
-import plumbing as pl
 import procon as P
 import rundir
 import training as T
 from conftest import ROOT, snapshot
+import evaluate
+import chat
+import cli
+import inference
+import loading
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +55,7 @@ def run(model, data, out, *extra):
 
 
 def test_alpha0_loss_is_plain_ce(tiny_llama, pairs_file):
-    model, tok = pl.load_model(tiny_llama)
+    model, tok = loading.load_model(tiny_llama)
     examples = [P.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:4]]
     batch = P.collate(examples, tok.pad_token_id)
     ce_sum, hs, resp = P.forward(model, batch, "cpu")
@@ -59,7 +63,7 @@ def test_alpha0_loss_is_plain_ce(tiny_llama, pairs_file):
     torch.testing.assert_close(ce_sum / (batch[2][:, 1:] != -100).sum(), hf)
     assert len(hs) == 5 and resp.sum() == sum(sum(l != -100 for l in e[1]) for e in examples)
     # the prompt carries no loss: every label before the response is -100
-    prompt_len = len(tok(pl.format_chat(tok, [T.read_pairs(pairs_file)[0][0]])[0], add_special_tokens=False).input_ids)
+    prompt_len = len(tok(chat.format_chat(tok, [T.read_pairs(pairs_file)[0][0]])[0], add_special_tokens=False).input_ids)
     assert all(l == -100 for l in examples[0][1][:prompt_len]) and examples[0][1][prompt_len] != -100
 
 
@@ -75,13 +79,13 @@ def test_constraint_is_zero_at_step0_and_alpha0_is_plain_ift(tiny_llama, pairs_f
 
 def test_hidden_states_are_layer_inputs(tiny_llama, pairs_file):
     """hidden_states[l] of the training forward is the input to decoder layer l, as in directions.capture."""
-    model, tok = pl.load_model(tiny_llama)
+    model, tok = loading.load_model(tiny_llama)
     batch = P.collate([P.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:3]],
                       tok.pad_token_id)
     seen = {}
-    pairs = [(layer, "pre", lambda m, a, k, i=i: seen.__setitem__(i, pl.hidden_of(a, k).clone()))
-             for i, layer in enumerate(pl.decoder_layers(model))]
-    with pl.hooks(pairs):
+    pairs = [(layer, "pre", lambda m, a, k, i=i: seen.__setitem__(i, inference.hidden_of(a, k).clone()))
+             for i, layer in enumerate(loading.decoder_layers(model))]
+    with inference.hooks(pairs):
         ce, hs, resp = P.forward(model, batch, "cpu")
     for l in range(4):
         torch.testing.assert_close(hs[l], seen[l])
@@ -95,10 +99,10 @@ def test_hidden_states_are_layer_inputs(tiny_llama, pairs_file):
 def test_anchors_one_pass_and_layers(tiny_llama, pairs_file, prompt_files):
     """z0 of every example at its constrained positions and layers, under the initial weights; r_l a unit vector at
     every layer but 0."""
-    model, tok = pl.load_model(tiny_llama)
+    model, tok = loading.load_model(tiny_llama)
     examples = [P.encode_pair(tok, p, a, 64, "prompt") for p, a in T.read_pairs(pairs_file)]
     batches = P.fixed_batches(examples, 4, 1, 0)
-    r_hat = P.r_directions(model, tok, pl.read_prompts(prompt_files["harmful"]), pl.read_prompts(
+    r_hat = P.r_directions(model, tok, chat.read_prompts(prompt_files["harmful"]), chat.read_prompts(
         prompt_files["harmless"]), 4, "r")
     assert r_hat.shape == (4, 64) and torch.equal(r_hat[0], torch.zeros(64))
     torch.testing.assert_close(r_hat[1:].norm(dim=-1), torch.ones(3))
@@ -191,8 +195,8 @@ def test_lora_changes_only_adapters(tiny_llama, pairs_file, tmp_path):
 
 def test_full_changes_every_weight(tiny_llama, pairs_file, tmp_path):
     run(tiny_llama, pairs_file, tmp_path, "--full", "--alpha", "0.5", "--lr", "1e-3")
-    base, _ = pl.load_model(tiny_llama)
-    tuned, _ = pl.load_model(str(tmp_path / "model"))
+    base, _ = loading.load_model(tiny_llama)
+    tuned, _ = loading.load_model(str(tmp_path / "model"))
     new = dict(tuned.named_parameters())
     unchanged = [k for k, v in base.named_parameters() if torch.equal(v, new[k])]
     assert unchanged == []
@@ -200,14 +204,14 @@ def test_full_changes_every_weight(tiny_llama, pairs_file, tmp_path):
 
 def kill_after_checkpoint(monkeypatch, n):
     """The next run dies right after its n-th checkpoint is whole."""
-    save, seen = rundir.save_checkpoint, []
+    save, seen = rundir.write_checkpoint, []
 
     def save_then_die(*args):
         save(*args)
         seen.append(1)
         if len(seen) == n:
             raise KeyboardInterrupt
-    monkeypatch.setattr(rundir, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(rundir, "write_checkpoint", save_then_die)
 
 
 def test_resume_after_kill_gives_the_same_adapter(tiny_llama, pairs_file, tmp_path, monkeypatch):
@@ -217,7 +221,7 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_llama, pairs_file, tmp_pa
         run(tiny_llama, pairs_file, tmp_path / "killed", "--alpha", "0.3", "--save-every", "2")
     monkeypatch.undo()
     assert not (tmp_path / "killed" / "adapter").exists() and last_checkpoint(tmp_path / "killed").endswith("0000003")
-    with pytest.raises(pl.UserError, match="holds an unfinished run; continue it with --resume"):
+    with pytest.raises(cli.UserError, match="holds an unfinished run; continue it with --resume"):
         run(tiny_llama, pairs_file, tmp_path / "killed", "--alpha", "0.3")
     log = run(tiny_llama, pairs_file, tmp_path / "killed", "--alpha", "0.3", "--resume")
     a = (tmp_path / "whole" / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -234,16 +238,16 @@ def test_resume_checks_what_it_resumes(tiny_llama, pairs_file, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3")
     monkeypatch.undo()
-    with pytest.raises(pl.UserError, match=r"--resume with --lr 0.001, but the run in .* began with 0.0002"):
+    with pytest.raises(cli.UserError, match=r"--resume with --lr 0.001, but the run in .* began with 0.0002"):
         run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume", "--lr", "1e-3")
-    with pytest.raises(pl.UserError, match="--resume with --alpha 0.7"):
+    with pytest.raises(cli.UserError, match="--resume with --alpha 0.7"):
         run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.7", "--resume")
     rows = json.loads(data.read_text())
     data.write_text(json.dumps([{**r, "output": r["output"] + " Then bake."} for r in rows]))  # same count, same path
-    with pytest.raises(pl.UserError, match="the file or folder of --data has other contents"):
+    with pytest.raises(cli.UserError, match="the file or folder of --data has other contents"):
         run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume")
     data.write_text(json.dumps(rows + rows[:3]))  # more rows: refused the same way, not an IndexError
-    with pytest.raises(pl.UserError, match="the file or folder of --data has other contents"):
+    with pytest.raises(cli.UserError, match="the file or folder of --data has other contents"):
         run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume")
     data.write_text(json.dumps(rows))
     log = run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume", "--epochs", "3")  # may grow
@@ -252,23 +256,23 @@ def test_resume_checks_what_it_resumes(tiny_llama, pairs_file, tmp_path, monkeyp
 
 def test_bad_input(tiny_llama, pairs_file, tmp_path):
     (tmp_path / "prompts.json").write_text(json.dumps(["just a prompt"]))
-    with pytest.raises(pl.UserError, match="row 1 is not usable: expected instruction/output, prompt/response"):
+    with pytest.raises(cli.UserError, match="row 1 is not usable: expected instruction/output, prompt/response"):
         run(tiny_llama, str(tmp_path / "prompts.json"), tmp_path / "a")
     (tmp_path / "mixed.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"Instruction": "c",
                                                                                          "Output": "d"}]))
-    with pytest.raises(pl.UserError, match="row 2 is not usable.*it has Instruction, Output"):  # not dropped silently
+    with pytest.raises(cli.UserError, match="row 2 is not usable.*it has Instruction, Output"):  # not dropped silently
         run(tiny_llama, str(tmp_path / "mixed.json"), tmp_path / "a")
     for row, empty in (({"instruction": "a", "output": " "}, "response"), ({"prompt": "", "response": "b"}, "prompt"),
                        ({"prompt": "a", "response": ""}, "response")):
         (tmp_path / "blank.json").write_text(json.dumps([{"instruction": "c", "output": "d"}, row]))
-        with pytest.raises(pl.UserError, match=f"row 2 has an empty {empty}"):  # not dropped
+        with pytest.raises(cli.UserError, match=f"row 2 has an empty {empty}"):  # not dropped
             T.read_pairs(str(tmp_path / "blank.json"))
-    with pytest.raises(pl.UserError, match="layer 9 is out of range"):
+    with pytest.raises(cli.UserError, match="layer 9 is out of range"):
         run(tiny_llama, pairs_file, tmp_path / "b", "--layers", "1,9")
     (tmp_path / "safety.jsonl").write_text('{"prompt": "x"}\n{broken\n')
-    with pytest.raises(pl.UserError, match="line 2 is not valid JSON"):
+    with pytest.raises(cli.UserError, match="line 2 is not valid JSON"):
         run(tiny_llama, pairs_file, tmp_path / "c", "--safety-data", str(tmp_path / "safety.jsonl"))
-    with pytest.raises(pl.UserError, match="no unfinished run to resume"):
+    with pytest.raises(cli.UserError, match="no unfinished run to resume"):
         run(tiny_llama, pairs_file, tmp_path / "f", "--resume")
 
 
@@ -282,7 +286,7 @@ def test_a_loss_that_is_not_finite_keeps_the_last_checkpoint(tiny_llama, pairs_f
         out = loss(*args, **kwargs)
         return (out[0] * float("nan"),) + out[1:] if len(calls) == 4 else out
     monkeypatch.setattr(P, "training_loss", nan_on_step_4)
-    with pytest.raises(pl.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3")
     assert str(e.value) == ("the loss at step 4 became NaN; the likely cause: --alpha 0.3 (else --lr 0.0002) is too "
                             "large: try a smaller value with --overwrite (the checkpoint of step 3 is kept)")
@@ -294,7 +298,7 @@ def test_a_loss_that_is_not_finite_before_any_checkpoint_says_so(tiny_llama, pai
     written (not that one is kept); the work folder goes with the run."""
     loss = P.training_loss
     monkeypatch.setattr(P, "training_loss", lambda *a, **k: (loss(*a, **k)[0] * float("nan"),) + loss(*a, **k)[1:])
-    with pytest.raises(pl.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3", "--warmup-epochs", "1", "--warmup-alpha", "5")
     assert str(e.value) == ("the loss at step 1 became NaN; the likely cause: --warmup-alpha 5 (else --alpha 0.3, --lr "
                             "0.0002) is too large: try a smaller value with --overwrite (no checkpoint was written "
@@ -305,7 +309,7 @@ def test_a_loss_that_is_not_finite_before_any_checkpoint_says_so(tiny_llama, pai
 def test_a_huge_warmup_alpha_is_named_first(tiny_llama, pairs_file, tmp_path):
     """A finite but huge --warmup-alpha drives the weights to NaN (AdamW meets an infinite gradient); whichever number
     shows it first (the loss, the drift probe's difference in means), the message names --warmup-alpha first."""
-    with pytest.raises(pl.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         run(tiny_llama, pairs_file, tmp_path, "--alpha", "0.3", "--warmup-epochs", "1", "--warmup-alpha", "1e38")
     assert " became NaN; the likely cause: --warmup-alpha 1e+38 (else --alpha 0.3, --lr 0.0002) is too large" in \
         str(e.value)
@@ -314,7 +318,7 @@ def test_a_huge_warmup_alpha_is_named_first(tiny_llama, pairs_file, tmp_path):
 def test_a_collapse_after_training_blames_the_training_not_the_prompts(tiny_llama, pairs_file, tmp_path):
     """One full step at --lr 1e30 leaves finite weights that give every prompt the same activation: the drift probe's
     direction is zero, and the line says that training diverged (the probe prompts passed at step 0)."""
-    with pytest.raises(pl.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         run(tiny_llama, pairs_file, tmp_path, "--full", "--lr", "1e30", "--max-steps", "1")
     assert str(e.value).startswith("after step 1, ") and "training diverged; a smaller --lr or --alpha" in str(e.value)
 
@@ -334,7 +338,7 @@ def test_pairs_cut_off_by_max_length_are_counted_or_refused(tiny_llama, prompt_f
     out = capsys.readouterr()
     assert "warning: --max-length 64 leaves no response tokens in 3 of the 10 training pairs; they add nothing" in \
         out.err and "pairs whose response --max-length cut off: 3" in out.out
-    with pytest.raises(pl.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         run(tiny_llama, str(tmp_path / "six.json"), tmp_path / "b")
     assert str(e.value) == ("--max-length 64 leaves no response tokens in 6 of the 10 training pairs (more than 50%); "
                             "raise --max-length or shorten them")
@@ -342,9 +346,9 @@ def test_pairs_cut_off_by_max_length_are_counted_or_refused(tiny_llama, prompt_f
 
 def test_positions_choose_what_the_constraint_reads(tiny_llama, pairs_file):
     """prompt: the prompt's last token (where r_l is read); response: the response tokens; all: every token."""
-    _, tok = pl.load_model(tiny_llama)
+    _, tok = loading.load_model(tiny_llama)
     prompt, answer = T.read_pairs(pairs_file)[0]
-    n_prompt = len(tok(pl.chat_text(tok, prompt), add_special_tokens=False).input_ids)
+    n_prompt = len(tok(chat.chat_text(tok, prompt), add_special_tokens=False).input_ids)
     ids, labels, last = P.encode_pair(tok, prompt, answer, 64, "prompt")
     assert last == [int(i == n_prompt - 1) for i in range(len(ids))]
     _, _, resp = P.encode_pair(tok, prompt, answer, 64, "response")
@@ -389,13 +393,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, pa
     args = P.parse_args(["--alpha", "0.5", "--constrained-tokens", "all"])
     grads, losses = [], []
     for ckpt in (False, True):
-        model, tok = pl.load_model(tiny_llama)
+        model, tok = loading.load_model(tiny_llama)
         args.gradient_checkpointing = ckpt
         r = torch.nn.functional.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
         examples = [P.encode_pair(tok, p, a, 64, "all") for p, a in T.read_pairs(pairs_file)[:4]]
         batch = P.collate(examples, tok.pad_token_id)
         model, params = T.make_trainable(model, args)
-        assert all(b.gradient_checkpointing == ckpt and b.training == ckpt for b in pl.decoder_layers(model))
+        assert all(b.gradient_checkpointing == ckpt and b.training == ckpt for b in loading.decoder_layers(model))
         with torch.no_grad():
             for p in params:  # LoRA B starts at 0; give it weights so that every gradient is non-trivial
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
@@ -414,10 +418,10 @@ def test_chunked_ce_gives_the_same_loss_and_gradients(arch_model, pairs_file):
     """--ce-chunk: logits made a few tokens at a time from the final hidden state give the model's own CE and the
     same gradients, on every architecture (Gemma-2's soft-capping included)."""
     arch, path = arch_model
-    model, tok = pl.load_model(path)
+    model, tok = loading.load_model(path)
     examples = [P.encode_pair(tok, p, a, 64, "response") for p, a in T.read_pairs(pairs_file)[:3]]
     batch = P.collate(examples, tok.pad_token_id)
-    T.check_ce_chunk(P.forward, model, batch, "cpu", 5)  # passes: the same CE
+    P.check_ce_chunk(P.forward, model, batch, "cpu", 5)  # passes: the same CE
     head = model.get_output_embeddings().weight
     head.requires_grad_(True)
     results = []
@@ -442,11 +446,11 @@ def test_merge_equals_base_plus_adapter(tiny_llama, pairs_file, tmp_path):
     from peft import PeftModel
 
     run(tiny_llama, pairs_file, tmp_path / "run", "--alpha", "0.3", "--lr", "1e-2", "--save-merged")
-    merged, tok = pl.load_model(str(tmp_path / "run" / "merged"))
-    base, _ = pl.load_model(tiny_llama)
+    merged, tok = loading.load_model(str(tmp_path / "run" / "merged"))
+    base, _ = loading.load_model(tiny_llama)
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
-    enc = pl.tokenize(tok, pl.format_chat(tok, ["How do I bake bread?"]), "cpu")
-    plain, _ = pl.load_model(tiny_llama)
+    enc = chat.tokenize(tok, chat.format_chat(tok, ["How do I bake bread?"]), "cpu")
+    plain, _ = loading.load_model(tiny_llama)
     with torch.no_grad():
         want, got = peft_model(**enc).logits, merged(**enc).logits
         assert (want - plain(**enc).logits).abs().max() > 1e-4  # the adapter changed something
@@ -456,14 +460,14 @@ def test_merge_equals_base_plus_adapter(tiny_llama, pairs_file, tmp_path):
 
 
 def test_lora_targets(tiny_llama, tiny_neox):
-    llama, _ = pl.load_model(tiny_llama)
+    llama, _ = loading.load_model(tiny_llama)
     assert T.lora_targets(llama, "auto") == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                              "self_attn.o_proj"]
     assert T.lora_targets(llama, "all-linear") == "all-linear"
     assert T.lora_targets(llama, "q_proj,v_proj") == ["q_proj", "v_proj"]
-    with pytest.raises(pl.UserError, match="qkv_proj.*not among this model's linear layers: down_proj"):
+    with pytest.raises(cli.UserError, match="qkv_proj.*not among this model's linear layers: down_proj"):
         T.lora_targets(llama, "qkv_proj,o_proj")
-    neox, _ = pl.load_model(tiny_neox)
+    neox, _ = loading.load_model(tiny_neox)
     assert T.lora_targets(neox, "auto") == ["attention.query_key_value", "attention.dense"]
 
 
@@ -543,17 +547,17 @@ def finished_run(tiny_llama, pairs_file, tmp_path_factory):
 def killed_run(tiny_llama, pairs_file, tmp_path_factory):
     """A run killed right after its first checkpoint (step 1 of 6)."""
     out = tmp_path_factory.mktemp("killed")
-    save = rundir.save_checkpoint
+    save = rundir.write_checkpoint
 
     def save_then_die(*args):
         save(*args)
         raise KeyboardInterrupt
-    rundir.save_checkpoint = save_then_die
+    rundir.write_checkpoint = save_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
             run(tiny_llama, pairs_file, out, "--alpha", "0.3", "--save-every", "1")
     finally:
-        rundir.save_checkpoint = save
+        rundir.write_checkpoint = save
     return out
 
 
@@ -574,11 +578,11 @@ def test_bad_input_table(tiny_llama, pairs_file, finished_run, killed_run, promp
     extra = [subst.get(a, a).replace("{tmp}", str(tmp_path)) for a in extra if a != "{killed}"]
     message = message.replace("{pairs}", pairs_file)
     if f"{tmp_path}/copy" in extra:  # another model: the same architecture and shapes, other weights
-        model = pl.load_model(tiny_llama)[0]
+        model = loading.load_model(tiny_llama)[0]
         with torch.no_grad():
             next(model.parameters()).add_(1)
         model.save_pretrained(str(tmp_path / "copy"))
-        pl.load_model(tiny_llama)[1].save_pretrained(str(tmp_path / "copy"))
+        loading.load_model(tiny_llama)[1].save_pretrained(str(tmp_path / "copy"))
     if "--truncate" in extra:  # a damaged file from a killed disk write
         i = extra.index("--truncate")
         victim = out / extra.pop(i + 1)
@@ -601,7 +605,7 @@ def test_bad_input_table(tiny_llama, pairs_file, finished_run, killed_run, promp
     before = snapshot(out)
     overwrite = [] if "--resume" in extra or "--out" in extra or "--no-overwrite" in extra else ["--overwrite"]
     extra = [a for a in extra if a != "--no-overwrite"]
-    with pytest.raises(pl.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(cli.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run(tiny_llama, pairs_file, out, "--alpha", "0.3", "--save-every", "1", *overwrite, *extra)
     assert snapshot(out) == before
 
@@ -656,21 +660,21 @@ def test_bench_data_is_clean(overrefuser, benchdata, tmp_path):
     args = bench_procon.parse_args(["--benchdata", benchdata, "--out", str(tmp_path)])
     mix = sorted(O.excluded(overrefuser))
     files, fixed = bench_procon.fixed_data(args, overrefuser)
-    sets = {s: pl.read_prompts(files[s]) for s in bench_procon.SETS}
+    sets = {s: chat.read_prompts(files[s]) for s in bench_procon.SETS}
     evaluated = [p for s in sets.values() for p in s]
-    standard = {r["Behavior"].strip() for r in pl.read_records(os.path.join(
+    standard = {r["Behavior"].strip() for r in chat.read_records(os.path.join(
         benchdata, "harmbench/harmbench_behaviors_text_test.csv")) if r["FunctionalCategory"] == "standard"}
     assert set(sets["harmbench"]) <= standard and 145 <= len(sets["harmbench"]) < 159 and len(fixed["pool"]) > 500
-    assert not pl.near_duplicates(evaluated, mix) and not pl.near_duplicates(fixed["pool"], evaluated + mix)
-    assert not any(pl.near_duplicates([p], fixed["pool"][:i]) for i, p in enumerate(fixed["pool"]))
+    assert not evaluate.near_duplicates(evaluated, mix) and not evaluate.near_duplicates(fixed["pool"], evaluated + mix)
+    assert not any(evaluate.near_duplicates([p], fixed["pool"][:i]) for i, p in enumerate(fixed["pool"]))
     heldout = [p for p, _ in T.read_pairs(files["heldout"])]
     drawn = {}
     for seed in (0, 1):
         _, f = bench_procon.seed_data(args, fixed, seed)
         train = [p for p, _ in T.read_pairs(f["train"])]
         safety = dict(T.read_pairs(f["safety"]))
-        assert len(train) == 200 and len(safety) == 50 and not pl.near_duplicates(heldout, train + mix)
-        assert not pl.near_duplicates(train, mix) and set(safety) <= set(fixed["pool"])
+        assert len(train) == 200 and len(safety) == 50 and not evaluate.near_duplicates(heldout, train + mix)
+        assert not evaluate.near_duplicates(train, mix) and set(safety) <= set(fixed["pool"])
         assert not set(safety.values()) & set(O.REFUSALS)
         assert all(keywords.is_refusal(a) and a.split()[0].strip(",") in ("I", "As", "Sorry") for a in safety.values())
         drawn[seed] = set(safety)

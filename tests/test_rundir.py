@@ -14,10 +14,13 @@ import torch
 import actor as A
 import directions as D
 import evaluate as E
-import plumbing as pl
 import procon as P
 import rundir
 from conftest import ROOT, snapshot
+import cli
+import inference
+import loading
+import runrecord
 
 
 # ---------------------------------------------------------------------------- the mechanisms themselves
@@ -54,10 +57,10 @@ def test_a_failed_run_leaves_the_earlier_outputs(tmp_path):
     with rundir.run_folder(out, ("a.txt",)) as work:
         open(os.path.join(work, "a.txt"), "w").write("first")
     before = snapshot(out)
-    with pytest.raises(pl.UserError, match="boom"):
+    with pytest.raises(cli.UserError, match="boom"):
         with rundir.run_folder(out, ("a.txt",), overwrite=True) as work:
             open(os.path.join(work, "a.txt"), "w").write("second")
-            pl.fail("boom")
+            cli.fail("boom")
     assert snapshot(out) == before and not os.path.exists(os.path.join(out, rundir.WORK))
 
 
@@ -66,7 +69,7 @@ def test_one_writer_per_folder(tmp_path):
     os.makedirs(out)
     held = rundir.lock(out)
     try:
-        with pytest.raises(pl.UserError, match=f"{out} is being written by another run \\(pid {os.getpid()}"):
+        with pytest.raises(cli.UserError, match=f"{out} is being written by another run \\(pid {os.getpid()}"):
             with rundir.run_folder(out, ("a.txt",)):
                 pass
     finally:
@@ -76,7 +79,7 @@ def test_one_writer_per_folder(tmp_path):
 
 
 def test_checkpoints_survive_a_kill_at_every_step(tmp_path, monkeypatch):
-    """A kill at any moment of save_checkpoint (while its files are written, or at the rename that makes it whole)
+    """A kill at any moment of write_checkpoint (while its files are written, or at the rename that makes it whole)
     leaves the last whole checkpoint; a half-written one is never taken."""
     work = str(tmp_path)
 
@@ -87,20 +90,20 @@ def test_checkpoints_survive_a_kill_at_every_step(tmp_path, monkeypatch):
                 if die_after == i:
                     raise KeyboardInterrupt
         return fill
-    rundir.save_checkpoint(work, 1, write(1))
+    rundir.write_checkpoint(work, 1, write(1))
     with pytest.raises(KeyboardInterrupt):
-        rundir.save_checkpoint(work, 2, write(2, die_after=0))
+        rundir.write_checkpoint(work, 2, write(2, die_after=0))
     assert rundir.last_checkpoint(work)[0] == 1
 
     def die(src, dst):
         raise KeyboardInterrupt
     monkeypatch.setattr(os, "replace", die)
     with pytest.raises(KeyboardInterrupt):
-        rundir.save_checkpoint(work, 2, write(2))
+        rundir.write_checkpoint(work, 2, write(2))
     monkeypatch.undo()
     step, folder = rundir.last_checkpoint(work)
     assert step == 1 and open(os.path.join(folder, "w")).read() == "1"
-    rundir.save_checkpoint(work, 2, write(2))
+    rundir.write_checkpoint(work, 2, write(2))
     assert rundir.last_checkpoint(work)[0] == 2 and [s for s, _ in rundir.checkpoints(work)] == [2]
 
 
@@ -140,7 +143,7 @@ def test_a_second_writer_is_refused_in_one_line(tiny_llama, files, tmp_path, nam
     os.makedirs(tmp_path / "o")
     held = rundir.lock(str(tmp_path / "o"))
     try:
-        with pytest.raises(pl.UserError, match="is being written by another run"):
+        with pytest.raises(cli.UserError, match="is being written by another run"):
             main(argv)
     finally:
         rundir.unlock(held)
@@ -156,9 +159,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_outputs(tiny_llama, files
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "somewhere")
-    monkeypatch.setattr(pl, "save_json", full)
+    monkeypatch.setattr(runrecord, "save_json", full)
     with pytest.raises(SystemExit) as e:
-        pl.run_main(lambda: main(argv + ["--overwrite"]))
+        cli.run_main(lambda: main(argv + ["--overwrite"]))
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and lines[-1] == "error: No space left on device (somewhere); any earlier outputs are kept"
     assert "Traceback" not in "\n".join(lines) and snapshot(tmp_path / "o") == before
@@ -170,7 +173,7 @@ def test_a_template_without_a_system_role_is_one_line(tiny_llama, files, tmp_pat
 
     (tmp_path / "t.jinja").write_text(REJECTS_SYSTEM)
     main, argv = scripts(tiny_llama, files, tmp_path / "o")[name]
-    with pytest.raises(pl.UserError, match=r"the chat template does not take a system prompt \(System role not"):
+    with pytest.raises(cli.UserError, match=r"the chat template does not take a system prompt \(System role not"):
         main(argv + ["--chat-template", str(tmp_path / "t.jinja"), "--system-prompt", "Be brief."])
     assert not (tmp_path / "o" / rundir.WORK).exists()
 
@@ -199,17 +202,17 @@ def test_overwrite_in_another_mode_leaves_no_file_of_the_earlier_run(tiny_llama,
 def test_merge_refuses_an_adapter_or_patch_of_another_model(tiny_llama, tiny_neox, files, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    neox, _ = pl.load_model(tiny_neox)
+    neox, _ = loading.load_model(tiny_neox)
     get_peft_model(neox, LoraConfig(r=2, target_modules=["query_key_value"])).save_pretrained(str(tmp_path / "a"))
-    with pytest.raises(pl.UserError, match="which .*tiny-llama.* does not have"):
+    with pytest.raises(cli.UserError, match="which .*tiny-llama.* does not have"):
         P.main(["--merge", str(tmp_path / "a"), "--model", tiny_llama, "--out", str(tmp_path / "m")])
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(
         (tmp_path / "a" / "adapter_model.safetensors").read_bytes()[:100])  # a merge of an adapter cut short
-    with pytest.raises(pl.UserError, match="damaged or not a safetensors file"):
+    with pytest.raises(cli.UserError, match="damaged or not a safetensors file"):
         P.main(["--merge", str(tmp_path / "a"), "--out", str(tmp_path / "m")])
     main, argv = scripts(tiny_llama, files, tmp_path / "p")["actor"]
     main(argv)
-    with pytest.raises(pl.UserError, match=f"was made on {tiny_llama} \\(llama\\), not on {tiny_neox}"):
+    with pytest.raises(cli.UserError, match=f"was made on {tiny_llama} \\(llama\\), not on {tiny_neox}"):
         A.main(["--merge", str(tmp_path / "p"), "--model", tiny_neox, "--out", str(tmp_path / "m2")])
     assert not (tmp_path / "m").exists() or snapshot(tmp_path / "m") == {}
 
@@ -225,11 +228,11 @@ def test_exports_never_overwrite_what_they_read(files, tmp_path):
     main, argv = scripts(m, files, tmp_path / "d")["directions"]
     main(argv)
     before = {k: snapshot(tmp_path / k) for k in ("m", "a", "d")}
-    with pytest.raises(pl.UserError, match="is what the base model reads"):
+    with pytest.raises(cli.UserError, match="is what the base model reads"):
         A.main(["--merge", str(tmp_path / "a"), "--out", m, "--overwrite"])
-    with pytest.raises(pl.UserError, match="is what --model reads"):
+    with pytest.raises(cli.UserError, match="is what --model reads"):
         D.main(["--model", m, "--ablate-weights", str(tmp_path / "d" / "direction.pt"), "--out", m, "--overwrite"])
-    with pytest.raises(pl.UserError, match="holds .*direction.pt, which --ablate-weights reads"):
+    with pytest.raises(cli.UserError, match="holds .*direction.pt, which --ablate-weights reads"):
         D.main(["--model", m, "--ablate-weights", str(tmp_path / "d" / "direction.pt"), "--out", str(tmp_path / "d"),
                 "--overwrite"])
     assert {k: snapshot(tmp_path / k) for k in ("m", "a", "d")} == before
@@ -257,8 +260,8 @@ def replace_then_die(src, dst):
     if len(calls) == n:
         os._exit(9)  # killed: no handler, no cleanup
 os.replace = replace_then_die
-import plumbing as pl, {module} as m
-pl.run_main(lambda: m.main({argv!r}))
+import cli, {module} as m
+cli.run_main(lambda: m.main({argv!r}))
 """
 
 
@@ -331,55 +334,55 @@ def test_a_kill_at_any_write_leaves_old_or_new_outputs_and_resume_continues(tiny
 
 # ---------------------------------------------------------------------------- identity by contents (issue 27)
 def test_a_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
-    """pl.sha256 reads a file once per version (path, inode, size, mtime, ctime), in this process and, for large files,
+    """runrecord.sha256 reads a file once per version (path, inode, size, mtime, ctime), in this process and, for large files,
     across processes (CACHE/digests.json); a file rewritten in place with its mtime set back is read again (ctime), and
     a file changed within DIGEST_RACY seconds is not kept at all."""
     import builtins
 
-    monkeypatch.setattr(pl, "CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pl, "_DIGESTS", {})
-    monkeypatch.setattr(pl, "DIGEST_KEEP", 4)
+    monkeypatch.setattr(runrecord, "CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runrecord, "_DIGESTS", {})
+    monkeypatch.setattr(runrecord, "DIGEST_KEEP", 4)
     path = tmp_path / "w.bin"
     path.write_bytes(b"aaaa")
     reads, real_open = [], builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (reads.append(f) if str(f) == str(path) else None)
                         or real_open(f, *a, **k))
-    first = pl.sha256(str(path))
-    assert pl.sha256(str(path)) == first and len(reads) == 2  # changed just now: racy, so read again, not kept
-    monkeypatch.setattr(pl, "DIGEST_RACY", 0.0)
-    assert pl.sha256(str(path)) == first and pl.sha256(str(path)) == first and len(reads) == 3  # kept from now on
+    first = runrecord.sha256(str(path))
+    assert runrecord.sha256(str(path)) == first and len(reads) == 2  # changed just now: racy, so read again, not kept
+    monkeypatch.setattr(runrecord, "DIGEST_RACY", 0.0)
+    assert runrecord.sha256(str(path)) == first and runrecord.sha256(str(path)) == first and len(reads) == 3  # kept from now on
     assert first in json.load(real_open(tmp_path / "cache" / "digests.json")).values()
-    monkeypatch.setattr(pl, "_DIGESTS", {})  # another process: the large file's digest comes from the cache
-    assert pl.sha256(str(path)) == first and len(reads) == 3
+    monkeypatch.setattr(runrecord, "_DIGESTS", {})  # another process: the large file's digest comes from the cache
+    assert runrecord.sha256(str(path)) == first and len(reads) == 3
     stat = os.stat(path)
     path.write_bytes(b"bbbb")  # the same size, and its mtime set back: only ctime tells
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert pl.sha256(str(path)) == pl.sha256_of("bbbb") != first and len(reads) == 4
+    assert runrecord.sha256(str(path)) == runrecord.sha256_of("bbbb") != first and len(reads) == 4
 
 
 def test_a_model_is_known_by_its_contents(tiny_llama, tmp_path, monkeypatch):
-    """pl.model_identity: a model folder by its files' digests, whatever path names it; a copy is the same model; the
+    """runrecord.model_identity: a model folder by its files' digests, whatever path names it; a copy is the same model; the
     same folder with other weights is not, and model_change names the file; documentation does not count."""
     import shutil
 
     shutil.copytree(tiny_llama, tmp_path / "m")
     shutil.copytree(tiny_llama, tmp_path / "copy")
     monkeypatch.chdir(tmp_path)
-    a, b, c = pl.model_identity("./m/"), pl.model_identity(str(tmp_path / "m")), pl.model_identity("copy")
+    a, b, c = runrecord.model_identity("./m/"), runrecord.model_identity(str(tmp_path / "m")), runrecord.model_identity("copy")
     assert a["key"] == b["key"] == str(tmp_path / "m") and a["sha256"] == b["sha256"] == c["sha256"]
     assert "model.safetensors" in a["files"] and "config.json" in a["files"]
-    assert pl.model_change(a, c) is None  # a copy elsewhere: the same model
+    assert runrecord.model_change(a, c) is None  # a copy elsewhere: the same model
     (tmp_path / "m" / "README.md").write_text("notes")
-    assert pl.model_change(a, pl.model_identity("m")) is None
-    model = pl.load_model("m")[0]
+    assert runrecord.model_change(a, runrecord.model_identity("m")) is None
+    model = loading.load_model("m")[0]
     with torch.no_grad():
         next(model.parameters()).mul_(2)
     model.save_pretrained("m")
-    assert pl.model_change(a, pl.model_identity("m")) == "model.safetensors changed"
-    assert pl.model_change(pl.model_identity("m"), c) == "another model"
-    hub = pl.model_identity("no-such-org/no-such-model")
-    assert hub["sha256"] is None and pl.model_change(hub, "no-such-org/no-such-model") is None
-    assert pl.model_change(str(tmp_path / "m"), a) is None  # an older run's setting, a bare path: by its key
+    assert runrecord.model_change(a, runrecord.model_identity("m")) == "model.safetensors changed"
+    assert runrecord.model_change(runrecord.model_identity("m"), c) == "another model"
+    hub = runrecord.model_identity("no-such-org/no-such-model")
+    assert hub["sha256"] is None and runrecord.model_change(hub, "no-such-org/no-such-model") is None
+    assert runrecord.model_change(str(tmp_path / "m"), a) is None  # an older run's setting, a bare path: by its key
 
 
 def test_a_resume_takes_the_same_model_by_any_path_or_copy(tiny_llama, files, tmp_path, monkeypatch):
@@ -390,23 +393,23 @@ def test_a_resume_takes_the_same_model_by_any_path_or_copy(tiny_llama, files, tm
     shutil.copytree(tiny_llama, tmp_path / "m")
     monkeypatch.chdir(tmp_path)
     argv = ["--data", files["harmful"], "--limit", "6", "--max-new-tokens", "3", "--batch-size", "2", "--out", "o"]
-    generate = pl.generate
+    generate = inference.generate
 
     def dying(*args, on_batch=None, **kwargs):
         def save(idx, responses):
             on_batch(idx, responses)
             raise KeyboardInterrupt
         return generate(*args, on_batch=save, **kwargs)
-    monkeypatch.setattr(pl, "generate", dying)
+    monkeypatch.setattr(inference, "generate", dying)
     with pytest.raises(KeyboardInterrupt):
         E.main(["--model", "m"] + argv)
-    monkeypatch.setattr(pl, "generate", generate)
+    monkeypatch.setattr(inference, "generate", generate)
     shutil.copytree("m", "copy")
-    model = pl.load_model("m")[0]
+    model = loading.load_model("m")[0]
     with torch.no_grad():
         next(model.parameters()).mul_(2)
     model.save_pretrained("m")
-    with pytest.raises(pl.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         E.main(["--model", "m", "--resume"] + argv)
     assert str(e.value) == ("--resume with --model m, which is not the model the run in o began with "
                             "(model.safetensors changed); use that one, or start again with --overwrite")
@@ -427,14 +430,14 @@ def test_out_is_never_a_file_or_folder_the_run_reads(tiny_llama, files, tmp_path
         relation]
     main, argv = scripts(str(tmp_path / "m"), files, out)[name]
     before = snapshot(tmp_path / "m"), snapshot(data)
-    monkeypatch.setattr(pl, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
     expected = {"model": f"--out {out} is what --model reads; choose another --out",
                 "inside-model": f"--out {out} is inside {tmp_path / 'm'}, which --model reads; choose an --out outside "
                                 "it",
                 "holds-data": f"--out {out} holds {files['harmful']}, which --harmful reads"}[relation]
     if relation == "holds-data" and name == "evaluate":
         expected = f"--out {out} holds {files['harmful']}, which --data reads"
-    with pytest.raises(pl.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         main(argv + ["--overwrite"])
     assert str(e.value).startswith(expected)
     assert (snapshot(tmp_path / "m"), snapshot(data)) == before and not os.path.exists(tmp_path / "m" / "runs")
@@ -479,7 +482,7 @@ def test_a_library_write_error_is_one_line_and_leaves_no_temporary(tiny_llama, f
             errno.ENOSPC), src)) if dst.endswith("summary.json") else replace(src, dst))
         target, why = "summary.json", "No space left on device"
     with pytest.raises(SystemExit) as e:
-        pl.run_main(lambda: main(argv + ["--overwrite"]))
+        cli.run_main(lambda: main(argv + ["--overwrite"]))
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "Traceback" not in "\n".join(lines)
     assert lines[-1].startswith("error: could not write ") and lines[-1].endswith(
@@ -494,11 +497,11 @@ def test_a_library_write_error_is_one_line_and_leaves_no_temporary(tiny_llama, f
 def test_json_outputs_are_strict(tmp_path, capsys):
     """Every JSON and JSONL the scripts write: no NaN, no Infinity; such a number is written as null, named in the
     object's non_finite list and in a warning."""
-    pl.save_json(str(tmp_path / "a.json"), {"loss": [1.0, float("nan")], "score": {"x": float("-inf")}, "n": 3})
+    runrecord.save_json(str(tmp_path / "a.json"), {"loss": [1.0, float("nan")], "score": {"x": float("-inf")}, "n": 3})
     text = (tmp_path / "a.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"loss": [1.0, None], "score": {"x": None}, "n": 3, "non_finite": ["loss[1]", "score.x"]}
-    pl.save_jsonl(str(tmp_path / "b.jsonl"), [{"s": float("inf")}, {"s": 1.5}])
+    E.save_jsonl(str(tmp_path / "b.jsonl"), [{"s": float("inf")}, {"s": 1.5}])
     assert [json.loads(line) for line in open(tmp_path / "b.jsonl")] == [{"s": None, "non_finite": ["s"]}, {"s": 1.5}]
     err = capsys.readouterr().err
     assert f"warning: {tmp_path / 'a.json'}: 2 NaN or infinite numbers written as null (loss[1], score.x)" in err
@@ -519,8 +522,8 @@ def test_a_non_finite_number_names_the_likely_flag(argv, expected):
 
     {"procon.py": P.parse_args, "actor_search.py": actor_search.parse_args, "evaluate.py": E.parse_args}[argv[0]](
         argv[1:])
-    with pytest.raises(pl.UserError) as e:
-        pl.check_finite(torch.tensor([1.0, float("nan")]), "the loss")
+    with pytest.raises(cli.UserError) as e:
+        cli.check_finite(torch.tensor([1.0, float("nan")]), "the loss")
     if expected.endswith("--warmup-alpha"):
         assert str(e.value).startswith("the loss became NaN; the likely cause: --lr 1000 is too large")
     else:

@@ -14,11 +14,15 @@ import actor as A
 import artifacts
 import directions
 import evaluate as E
-import plumbing as pl
 import procon as P
 import rundir
 import training
 from conftest import ROOT, snapshot
+import chat
+import cli
+import inference
+import loading
+import runrecord
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea, in four lines.", "Hi"]
 
@@ -32,14 +36,14 @@ def one_thread():
 
 
 def logits(model, tok, hook_pairs=()):
-    enc = pl.tokenize(tok, pl.format_chat(tok, PROMPTS), pl.model_device(model))
-    with torch.no_grad(), pl.hooks(hook_pairs):
+    enc = chat.tokenize(tok, chat.format_chat(tok, PROMPTS), loading.model_device(model))
+    with torch.no_grad(), inference.hooks(hook_pairs):
         return model(**enc).logits.float()
 
 
 def base_with_biases(path, folder):
     """A copy of a tiny model whose biases are random (they start at 0), so that the export's bias arithmetic counts."""
-    model, tok = pl.load_model(path)
+    model, tok = loading.load_model(path)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -78,23 +82,23 @@ def test_ablated_weights_equal_ablation_by_hooks(arch_model, tmp_path):
     artifacts.save_direction(d, r_hat, 2, -1, torch.zeros(4, 1, 64), [0], artifacts.record(base, model.config))
     out = tmp_path / "ablated"
     if arch in POST_NORM:
-        with pytest.raises(pl.UserError, match="adds the output of a norm after each sublayer to the residual stream"):
+        with pytest.raises(cli.UserError, match="adds the output of a norm after each sublayer to the residual stream"):
             directions.main(["--model", base, "--ablate-weights", d, "--out", str(out)])
-        with pytest.raises(pl.UserError, match="weights alone cannot ablate a direction there"):
+        with pytest.raises(cli.UserError, match="weights alone cannot ablate a direction there"):
             directions.main(["--model", base, "--save-ablated", "--out", str(out)])
         assert not out.exists()
         return
-    want, original = logits(model, tok, artifacts.ablation_hooks(model, r_hat)), model.state_dict()
+    want, original = logits(model, tok, E.ablation_hooks(model, r_hat)), model.state_dict()
     assert (want - logits(model, tok)).abs().max() > 1e-3  # the ablation changes something
-    with pytest.raises(pl.UserError, match="pass --other-model"):  # a direction of another model
+    with pytest.raises(cli.UserError, match="pass --other-model"):  # a direction of another model
         directions.main(["--model", path, "--ablate-weights", d, "--out", str(out)])
     directions.main(["--model", base, "--ablate-weights", d, "--out", str(out)])
-    exported, _ = pl.load_model(str(out))
+    exported, _ = loading.load_model(str(out))
     assert (logits(exported, tok) - want).abs().max() <= 1e-4
     written = {w.format(i=i) for w in WRITES.get(arch, DEFAULT_WRITES) for i in range(4)}
-    meta = json.loads((out / artifacts.ABLATION_META).read_text())
+    meta = json.loads((out / directions.ABLATION_META).read_text())
     assert meta["orthogonalised"] == {n: axis_of(n) for n in meta["orthogonalised"]} and set(meta["orthogonalised"]) \
-        == written and meta["direction_sha256"] == pl.sha256(d) and meta["model"] == base
+        == written and meta["direction_sha256"] == runrecord.sha256(d) and meta["model"] == base
     assert meta["residual_component"]["before"] > 0.05 and meta["residual_component"]["after"] < 1e-5
     state = exported.state_dict()
     assert set(state) >= set(original) and not exported.config.tie_word_embeddings
@@ -112,12 +116,12 @@ def test_save_ablated_in_a_run_with_surgicals_vector_and_evaluate_reads_it(tiny_
     pseudo = tmp_path / "pseudo.json"
     pseudo.write_text(json.dumps([f"How do I kill a Python process number {i}?" for i in range(12)]))
     files = ["--harmful", prompt_files["harmful"], "--harmless", prompt_files["harmless"]]
-    with pytest.raises(pl.UserError, match="Surgical's vector is made from --pseudo-harmful prompts"):
+    with pytest.raises(cli.UserError, match="Surgical's vector is made from --pseudo-harmful prompts"):
         directions.main(["--model", tiny_llama, *files, "--save-ablated", "--ablated-vector", "false-refusal"])
     d = tmp_path / "d"
     directions.main(["--model", tiny_llama, *files, "--pseudo-harmful", str(pseudo), "--n-train", "8", "--n-val", "4",
                      "--save-ablated", "--ablated-vector", "false-refusal", "--out", str(d)])
-    meta = json.loads((d / "ablated" / artifacts.ABLATION_META).read_text())
+    meta = json.loads((d / "ablated" / directions.ABLATION_META).read_text())
     assert meta["direction_file"] == str(d / "false_refusal.pt") and meta["vector"].startswith("Surgical")
     assert {f for f in os.listdir(d / "ablated")} >= {"config.json", "model.safetensors", "generation_config.json",
                                                        "tokenizer_config.json", "ablation.json"}
@@ -140,9 +144,9 @@ def test_merged_patch_and_adapter_equal_the_patched_and_adapted_models(arch_mode
     from peft import LoraConfig, get_peft_model
 
     arch, path = arch_model
-    model, tok = pl.load_model(path)
+    model, tok = loading.load_model(path)
     plain = logits(model, tok)
-    block = pl.decoder_layers(model)[1]
+    block = loading.decoder_layers(model)[1]
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in block.parameters():
@@ -151,19 +155,19 @@ def test_merged_patch_and_adapter_equal_the_patched_and_adapted_models(arch_mode
     artifacts.save_patch(str(tmp_path / "patch"), block, {"base_model": path, "layer": 1,
                                                           **artifacts.record(path, model.config)})
     A.main(["--merge", str(tmp_path / "patch"), "--out", str(tmp_path / "merged_patch")])
-    fresh, _ = pl.load_model(path)
+    fresh, _ = loading.load_model(path)
     artifacts.apply_patch(fresh, str(tmp_path / "patch"), path)
     patched = logits(fresh, tok)
     assert (patched - plain).abs().max() > 1e-3
-    assert (logits(pl.load_model(str(tmp_path / "merged_patch"))[0], tok) - patched).abs().max() <= 1e-4
+    assert (logits(loading.load_model(str(tmp_path / "merged_patch"))[0], tok) - patched).abs().max() <= 1e-4
 
-    lora = get_peft_model(pl.load_model(path)[0], LoraConfig(r=4, target_modules=training.lora_targets(model, "auto"),
+    lora = get_peft_model(loading.load_model(path)[0], LoraConfig(r=4, target_modules=training.lora_targets(model, "auto"),
                                                              init_lora_weights=False))
     lora.save_pretrained(str(tmp_path / "adapter"))
     P.main(["--merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged_adapter")])
-    adapted = logits(artifacts.apply_adapter(pl.load_model(path)[0], str(tmp_path / "adapter"), path), tok)
+    adapted = logits(artifacts.apply_adapter(loading.load_model(path)[0], str(tmp_path / "adapter"), path), tok)
     assert (adapted - plain).abs().max() > 1e-3
-    assert (logits(pl.load_model(str(tmp_path / "merged_adapter"))[0], tok) - adapted).abs().max() <= 1e-4
+    assert (logits(loading.load_model(str(tmp_path / "merged_adapter"))[0], tok) - adapted).abs().max() <= 1e-4
 
 
 # ---------------------------------------------------------------- a model larger than one device
@@ -179,10 +183,10 @@ def test_a_model_split_over_cpu_and_disk_gives_the_same_results(one_thread, tiny
     what the whole model gives: the same layer, direction, patch and scores within 1e-6 (the same arithmetic in the same
     order; only where the weights wait differs). True multi-GPU placement cannot be tested on this CPU machine."""
     flags = split_flags(tmp_path)
-    model, _ = pl.load_model(tiny_llama, device_map="auto", max_memory={"cpu": "400KB"},
+    model, _ = loading.load_model(tiny_llama, device_map="auto", max_memory={"cpu": "400KB"},
                              offload_folder=str(tmp_path / "offload"))
-    assert set(model.hf_device_map.values()) == {"cpu", "disk"} and pl.offloaded(model)
-    assert model.hf_device_map["model.layers.2"] == "disk" and str(pl.model_device(model)) == "cpu"
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"} and loading.offloaded(model)
+    assert model.hf_device_map["model.layers.2"] == "disk" and str(loading.model_device(model)) == "cpu"
     del model
     files = ["--harmful", prompt_files["harmful"], "--harmless", prompt_files["harmless"]]
     got = {}
@@ -229,28 +233,28 @@ def test_device_map_flags_and_what_cannot_run_offloaded(tiny_llama, prompt_files
                            (["--device-map", "auto", "--max-memory", "cpu=lots"], "'lots': not a size"),
                            (["--device-map", "auto", "--max-memory", "7=1GB"], "names GPU 7"),
                            (["--device-map", "most"], "invalid choice")):
-        with pytest.raises(pl.UserError, match=message):
+        with pytest.raises(cli.UserError, match=message):
             E.main(["--model", tiny_llama, "--data", prompt_files["harmful"], "--out", str(tmp_path / "e"), *extra])
-    assert pl.memory_map("0=70GiB, 1=70GiB,cpu=100GiB,disk=1000") == {0: "70GiB", 1: "70GiB", "cpu": "100GiB",
+    assert loading.memory_map("0=70GiB, 1=70GiB,cpu=100GiB,disk=1000") == {0: "70GiB", 1: "70GiB", "cpu": "100GiB",
                                                                      "disk": 1000}
     pairs = tmp_path / "pairs.json"
     pairs.write_text(json.dumps([{"instruction": f"Bake bread {i}", "output": f"Mix flour {i}."} for i in range(4)]))
-    with pytest.raises(pl.UserError, match="training goes through every layer, and some of this model's weights are "
+    with pytest.raises(cli.UserError, match="training goes through every layer, and some of this model's weights are "
                                            "offloaded"):
         P.main(["--model", tiny_llama, "--data", str(pairs), "--harmful", prompt_files["harmful"], "--harmless",
                 prompt_files["harmless"], "--probe-harmful", prompt_files["harmful"], "--probe-harmless",
                 prompt_files["harmless"], "--out", str(tmp_path / "p"), *split_flags(tmp_path)])
-    model, tok = pl.load_model(tiny_llama, device_map="auto", max_memory={"cpu": "400KB"},
+    model, tok = loading.load_model(tiny_llama, device_map="auto", max_memory={"cpu": "400KB"},
                                offload_folder=str(tmp_path / "offload"))
-    get_peft_model(pl.load_model(tiny_llama)[0], LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+    get_peft_model(loading.load_model(tiny_llama)[0], LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
         str(tmp_path / "adapter"))
-    with pytest.raises(pl.UserError, match="a LoRA adapter cannot go on a model whose weights are offloaded"):
+    with pytest.raises(cli.UserError, match="a LoRA adapter cannot go on a model whose weights are offloaded"):
         artifacts.apply_adapter(model, str(tmp_path / "adapter"), tiny_llama)
     d = str(tmp_path / "direction.pt")
     artifacts.save_direction(d, torch.nn.functional.normalize(torch.ones(64), dim=0), 2, -1, torch.zeros(4, 1, 64), [0],
                              artifacts.record(tiny_llama, model.config))
     args = directions.parse_args(["--model", tiny_llama])
-    with pytest.raises(pl.UserError, match="an export rewrites every weight, and some of this model's are offloaded"):
+    with pytest.raises(cli.UserError, match="an export rewrites every weight, and some of this model's are offloaded"):
         directions.save_ablated(str(tmp_path / "x"), args, d, model, tok)
     assert not (tmp_path / "x").exists()
 
@@ -291,14 +295,14 @@ def test_two_processes_train_what_one_trains_with_grad_accum_2(one_thread, tiny_
     assert [s["ce"] for s in log2["steps"]] == pytest.approx([s["ce"] for s in log["steps"]], abs=1e-6)
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))  # nothing more, no .run left
 
-    save, seen = rundir.save_checkpoint, []
+    save, seen = rundir.write_checkpoint, []
 
     def save_then_die(*args):
         save(*args)
         seen.append(1)
         if len(seen) == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(rundir, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(rundir, "write_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         P.main([*flags, "--out", str(tmp_path / "killed")])
     monkeypatch.undo()
