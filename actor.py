@@ -168,11 +168,12 @@ def trainable(block, which):
 
 
 # l*: the layer whose outputs best separate harmful from harmless queries
-def choose_layer(model, tok, prompts, groups, band, batch_size):
+def silhouette_layer(model, tok, prompts, groups, band, batch_size):
     """l*: the best silhouette score of harmful vs harmless last-token outputs among the layers of `band` (the paper
     chooses a middle layer by t-SNE and silhouette; [choice] --layer-range bounds 'middle'). Returns (layer, scores)."""
     keep = groups != 1
-    acts = inference.capture(model, tok, [p for p, k in zip(prompts, keep.tolist()) if k], 1, batch_size, "choosing layer")
+    kept = [p for p, k in zip(prompts, keep.tolist()) if k]
+    acts = inference.capture(model, tok, kept, 1, batch_size, "choosing layer")
     labels = (groups[keep] == 0).long()
     scores = {l: silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
     return max(scores, key=scores.get), scores
@@ -307,7 +308,7 @@ def main(argv=None):
     with rundir.run_folder(args.out, OUTPUTS, args.overwrite, known=KNOWN, read=rundir.reads(args)) as work:
         # 2. the model, frozen everywhere; l*, the best silhouette in the band (or fixed)
         model, tok = loading.load(args)
-        layer, sil = (band[0], {}) if args.layer != "auto" else choose_layer(model, tok, prompts, groups, band,
+        layer, sil = (band[0], {}) if args.layer != "auto" else silhouette_layer(model, tok, prompts, groups, band,
                                                                              args.batch_size)
 
         # 3. the cache: the inputs of block l*, computed once (the layers above l* are not run)
@@ -334,8 +335,10 @@ def main(argv=None):
                                                   "batch_size", "load_in_4bit", "seed")},
                 "block_dtype": str(next(block.parameters()).dtype), "cache_mib": round(cache_mib, 2),
                 "n_queries": {name: int((groups == g).sum()) for g, name in enumerate(GROUPS)},
-                "data_sha256": {name: runrecord.sha256(f) for name, f in files.items()}, "train_seconds": round(t_train, 2),
-                "seconds": round(time.time() - t0, 1), "peak_memory_mib": loading.peak_memory_mib(loading.model_device(model)),
+                "data_sha256": {name: runrecord.sha256(f) for name, f in files.items()},
+                "train_seconds": round(t_train, 2),
+                "seconds": round(time.time() - t0, 1),
+                "peak_memory_mib": loading.peak_memory_mib(loading.model_device(model)),
                 **runrecord.metadata(args, list(files.values()))}
         before, after = save(work, block, a_init, a_final, groups, meta)
     print(f"\nACTOR on layer {layer}, alpha {args.alpha}, lr {args.lr}, {args.epochs} epochs in {t_train:.1f}s")
@@ -457,9 +460,12 @@ def add_actor_args(p):
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     m, g = add_actor_args(p)
-    m.add_argument("--layer", type=layer_arg, default="auto", help="l*: 'auto' (best silhouette) or a layer index")
-    m.add_argument("--alpha", type=cli.number(lo=0), default=1.0, help="size of the shift, in units of the query's "
-                   "projection ([choice] 1: pseudo-harmful queries move to the origin's level)")
+    m.add_argument("--layer", type=layer_arg, default="auto", help="l*: 'auto' (best silhouette) or a layer "
+                   "index; layer l is decoder block l (0-based) and ACTOR trains it on its output, the stream leaving "
+                   "it (directions.py and procon.py read a layer's input, the stream entering it)")
+    m.add_argument("--alpha", type=cli.number(lo=0), default=1.0, help="ACTOR's alpha: the size of the shift, in "
+                   "units of the query's projection ([choice] 1: pseudo-harmful queries move to the origin's level); "
+                   "procon.py's --alpha is ProCon's alpha, the constraint's weight")
     m.add_argument("--lr", type=cli.number(above=0), default=1e-3,
                    help="AdamW learning rate (not in the summaries of the paper: [choice], measured in "
                    "results/actor.md)")

@@ -113,7 +113,8 @@ def patched_logprobs(model, layer, cache, n, head, shift=None):
         for i, block in enumerate(layers[layer:]):  # block l* in its own (trained) dtype, the others as the model runs
             a, kw = inference.with_hidden(args, kwargs, h)
             h = A.run_block(block, a, kw, next(block.parameters()).dtype if i == 0 else dtype)
-        inference.check_activations(h, "the mean square of the activations (validation)")  # a shift too large: stop here
+        inference.check_activations(h,
+                                    "the mean square of the activations (validation)")  # a shift too large: stop here
         h = h[:, -1:].to(loading.model_device(norm), dtype)
         logp = torch.log_softmax(unembed(norm(h))[:, -1].float(), -1).cpu()
         if out is None:
@@ -127,7 +128,8 @@ def setup(args, model, tok, p_tr, g_tr, p_va, band):
     """What every candidate shares: the layers searched, the difference in means at every layer (for the shift), the
     refusal tokens of the base model, the cached inputs of every searched layer (training and validation split)."""
     hb = g_tr != 1
-    acts = inference.capture(model, tok, [p for p, k in zip(p_tr, hb.tolist()) if k], 1, args.batch_size, "training split")
+    acts = inference.capture(model, tok, [p for p, k in zip(p_tr, hb.tolist()) if k], 1, args.batch_size,
+                             "training split")
     labels = (g_tr[hb] == 0).long()
     sil = {l: A.silhouette(acts[:, l + 1, -1], labels) for l in band}  # index l + 1: the output of layer l
     best = max(sil, key=sil.get)
@@ -215,7 +217,8 @@ def main(argv=None):
                 logp = inference.last_logits(model, tok, p_va, args.batch_size, hooks, "validation")
             return rates(judges.refusal_score(logp, s["tokens"]), g_va)
 
-        s["base"] = rates(judges.refusal_score(inference.last_logits(model, tok, p_va, args.batch_size, desc="base model"),
+        s["base"] = rates(judges.refusal_score(inference.last_logits(model, tok, p_va, args.batch_size,
+                                                                     desc="base model"),
                                                s["tokens"]), g_va)
         s["setup_seconds"] = round(time.time() - t0, 1)
         print(f"search: layers {s['layers']} (silhouette choice {s['silhouette_choice']}), {len(p_tr)} training and "
@@ -264,7 +267,8 @@ def write_outputs(work, args, model, tok, s, parts, files, found, shifts, chosen
                          for part, ps, gs in (("train", p_tr, g_tr), ("val", p_va, g_va))},
                "candidates": found, "chosen": chosen, "seconds": seconds,
                "baseline": {"candidates": shifts, "chosen": chosen_shift, "evaluate": steer},
-               "peak_memory_mib": loading.peak_memory_mib(loading.model_device(model)), **runrecord.metadata(args, list(files.values()))}
+               "peak_memory_mib": loading.peak_memory_mib(loading.model_device(model)),
+               **runrecord.metadata(args, list(files.values()))}
     runrecord.save_json(os.path.join(work, "search.json"), summary)
     plot_search(os.path.join(work, "search.png"), s["base"], found, chosen, shifts, chosen_shift, args.model,
                 args.tolerance)
@@ -322,7 +326,8 @@ def parse_args(argv=None):
     p.set_defaults(out="runs/actor_search")
     g.add_argument("--search-layers", type=lambda t: t if t == "auto" else cli.listed(cli.count(0))(t), default="auto",
                    help="layers to search: 'auto' (the silhouette choice and the layers n_layers/6 either side, "
-                   "clipped to --layer-range; [choice]) or a comma list of indices")
+                   "clipped to --layer-range; [choice]) or a comma list of indices; layer l is decoder block l "
+                   "(0-based), trained on its output as actor.py does")
     g.add_argument("--alphas", type=cli.listed(cli.number(above=0)), default=[0.5, 1.0],
                    help="alphas to search ([choice]: with --lrs and 3 layers, 12 candidates, so that the search costs "
                    "at most about 10 ACTOR runs)")

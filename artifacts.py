@@ -8,8 +8,8 @@ in, checked whole, applied or merged), each format with one save, one load-and-c
 Every artifact is checked whole against the model it meets before that model's weights are read (from its config, and
 its modules built on the meta device): every tensor is read, and one that is not floating point, not finite, or of
 another shape than the model's is refused, as is a size or layout that does not fit; so is a recorded model that is
-not this one, known by its contents (runrecord.model_identity: a copy is the same model, the same folder with other weights
-is not), naming both and what changed, unless the user passes --other-model (a base model's direction on its own
+not this one, known by its contents (runrecord.model_identity: a copy is the same model, the same folder with other
+weights is not), naming both and what changed, unless the user passes --other-model (a base model's direction on its own
 fine-tune is a legitimate study). A file cut short or of another kind is one line, never a traceback; so is an error
 while one is written (runrecord.save_guard).
 """
@@ -35,8 +35,8 @@ def shape_of(cfg):
 
 
 def record(name, cfg):
-    """What an artifact records of the model it was made on: its name, its contents (runrecord.model_identity: the digest of
-    its files, and each file's), its shape, and the code."""
+    """What an artifact records of the model it was made on: its name, its contents (runrecord.model_identity: the
+    digest of its files, and each file's), its shape, and the code."""
     arch, hidden, layers = shape_of(cfg)
     ident = runrecord.model_identity(name)
     return {"model": str(name), "model_key": ident["key"], "model_sha256": ident["sha256"],
@@ -81,7 +81,8 @@ def check_model(path, made_on, name, cfg, other_model=False):
         return
     then_model = {"key": made_on.get("model_key") or runrecord.model_key(made_on["model"]),
                   "sha256": made_on.get("model_sha256"), "files": made_on.get("model_files")}
-    change = "another model" if then[0] not in (None, arch) else runrecord.model_change(then_model, runrecord.model_identity(name))
+    change = "another model" if then[0] not in (None, arch) else runrecord.model_change(then_model,
+                                                                                        runrecord.model_identity(name))
     if change:
         if not other_model:
             what = f", not on {name}" if change == "another model" else f", and {name} has changed since ({change})"
@@ -364,7 +365,8 @@ def check_in_memory(model):
 def save_model(folder, model, tok, meta_name=None, meta=None):
     """A model folder that any engine loads (transformers, vLLM, llama.cpp's converter): safetensors weights, config,
     generation config, the tokenizer with its chat template; and a metadata JSON beside them."""
-    with runrecord.save_guard(folder):  # a full disk is one line; the folder is in the run's work folder, removed with it
+    with runrecord.save_guard(folder):  # a full disk is one line;
+                                        # the folder is in the run's work folder, removed with it
         model.save_pretrained(folder)  # safetensors, config.json, generation_config.json
         tok.save_pretrained(folder)
     if meta is not None:

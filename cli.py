@@ -162,15 +162,6 @@ def listed(item):
     return parse
 
 
-def one_of(options):
-    """A flag's type: one of `options` (for comma lists, with listed())."""
-    def parse(text):
-        if text not in options:
-            raise argparse.ArgumentTypeError(f"unknown {text!r}; known: {', '.join(options)}")
-        return text
-    return parse
-
-
 def add_out_args(p, default, resume=None):
     """The outputs group: --out and --overwrite (and --resume, with its help, for a script that resumes):
     rundir.run_folder's flags. Returns the group, for a script's own output flags."""

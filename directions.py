@@ -122,7 +122,8 @@ def residual_write_weights(model):
     for i, block in enumerate(loading.decoder_layers(model)):
         writes, children = inference.residual_writes(block), dict(block.named_children())
         if "post_feedforward_layernorm" in children or not writes:
-            cli.fail(f"{type(block).__name__} " + ("adds the output of a norm after each sublayer to the residual stream; "
+            cli.fail(f"{type(block).__name__} " + (
+                 "adds the output of a norm after each sublayer to the residual stream; "
                  "weights alone cannot ablate a direction there (use evaluate.py --ablate, hooks)" if writes else
                  "has no attention and MLP this code knows; cannot find its writes to the residual stream"))
         for write in writes:
@@ -181,7 +182,8 @@ def causal_scores(model, tok, mean_diff, r_hat, layer, val, base_harmless, token
         kl:     KL of harmless next-token distributions, ablated vs not (small: ablation changes little else)
     """
     ablate = ablation_hooks(model, r_hat)
-    bypass = judges.refusal_score(inference.last_logits(model, tok, val["harmful"], batch_size, ablate, "bypass"), tokens)
+    bypass = judges.refusal_score(inference.last_logits(model, tok, val["harmful"], batch_size, ablate, "bypass"),
+                                  tokens)
     ablated_harmless = inference.last_logits(model, tok, val["harmless"], batch_size, ablate, "kl")
     induce = judges.refusal_score(inference.last_logits(model, tok, val["harmless"], batch_size,
                                                  addition_hooks(model, mean_diff, layer), "induce"), tokens)
@@ -215,7 +217,8 @@ def typical(model, tok, prompts, tokens, refuse, batch_size, what):
     """The prompts the model refuses (refuse=True: harmful and pseudo-harmful ones) or answers (harmless ones), by
     refusal score above 0 or not, as the papers' code filters them; [choice] all of them where fewer than 2 remain.
     Returns (prompts, a note where the filter kept all)."""
-    score = judges.refusal_score(inference.last_logits(model, tok, prompts, batch_size, desc=f"filter ({what})"), tokens)
+    logits = inference.last_logits(model, tok, prompts, batch_size, desc=f"filter ({what})")
+    score = judges.refusal_score(logits, tokens)
     kept = [p for p, s in zip(prompts, score.tolist()) if (s > 0) == refuse]
     if len(kept) >= 2:
         return kept, None
@@ -307,8 +310,8 @@ def surgical(args, model, tok, acts_harmless, mean_diff, train, val, val_harmles
         ablate = ablation_hooks(model, unit(w[c], "false-refusal vector"))
         scores[c] = {"pseudo_harmful": judges.refusal_score(inference.last_logits(
                          model, tok, val, args.batch_size, ablate, "pseudo-harmful"), tokens).mean().item(),
-                     "kl": kl_div(base_harmless, inference.last_logits(model, tok, val_harmless, args.batch_size, ablate,
-                                                                "kl"))}
+                     "kl": kl_div(base_harmless, inference.last_logits(model, tok, val_harmless, args.batch_size,
+                                                                       ablate, "kl"))}
     ok = [c for c in scores if scores[c]["kl"] <= args.surgical_max_kl]
     if not ok:
         cli.fail(f"Surgical: no candidate keeps KL on harmless prompts within --surgical-max-kl "
@@ -340,8 +343,8 @@ def main(argv=None):
         args.positions = post_instruction_positions(tok) if args.positions == "post" else args.positions
         if args.layer is not None and not 1 <= args.layer < n_layers:
             cli.fail(f"--layer {args.layer} is out of range: this model has layers 1..{n_layers - 1} to choose from")
-        chat.check_context(model, chat.token_lengths(tok, chat.format_chat(tok, sum([*train.values(), *val.values()], []))),
-                         extra_tokens=16)  # 16: the answers of judges.refusal_tokens
+        every = sum([*train.values(), *val.values()], [])  # 16 tokens more: the answers of judges.refusal_tokens
+        chat.check_context(model, chat.token_lengths(tok, chat.format_chat(tok, every)), extra_tokens=16)
 
         # 3. refusal tokens from the model's own refusals (sec. 2.4), or the fallback openers, saying so; the papers'
         # filter: the prompts of each class that the model treats as that class does (only with its own tokens)
@@ -560,7 +563,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("method (Arditi; Surgical)")
     g.add_argument("--select", choices=("silhouette", "refusal"), default="refusal",
                    help="layer choice: best harmful/harmless separation (ACTOR) or Arditi's refusal-score selection")
-    g.add_argument("--layer", type=cli.count(0), default=None, help="use this layer (its input) instead of choosing one")
+    g.add_argument("--layer", type=cli.count(0), default=None, help="use this layer instead of choosing one; layer "
+                   "l is decoder block l (0-based) and its direction is "
+                   "read at its input, the stream entering it (as procon.py does; actor.py trains a layer on its "
+                   "output, the input of layer l + 1)")
     g.add_argument("--positions", type=lambda t: t if t == "post" else cli.count(1)(t), default=1,
                    help="candidate positions: the last k template tokens, or 'post': every post-instruction token "
                    "(Arditi's and Surgical's; [choice] 1 by default: k times fewer candidates to score)")

@@ -51,7 +51,8 @@ def memory_map(text):
 
 
 def gguf_to_hf(path):
-    """transformers reads GGUF but cannot quantise it further; convert once to a cached safetensors directory."""
+    """transformers reads GGUF (gguf_file=) but cannot quantise it further, and dequantises it on every load; convert
+    once to a cached safetensors directory."""
     out = os.path.join(runrecord.CACHE, "gguf", os.path.basename(path)[:-5] + "-" + runrecord.sha256(path)[:12])
     if os.path.isfile(os.path.join(out, "config.json")):
         return out

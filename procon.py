@@ -241,9 +241,10 @@ def drift(r0, r1, layers):
 
 
 # ============================================================================ the loop
-def lr_at(step, total, lr, warmup_ratio=0.0, schedule="constant"):
-    """Learning rate of optimizer step `step` of `total`: a linear warm-up, then constant, linear or cosine decay."""
-    warm = int(total * warmup_ratio)
+def lr_at(step, total, lr, ramp=0.0, schedule="constant"):
+    """Learning rate of optimizer step `step` of `total`: a linear ramp over a fraction `ramp` of the steps, then
+    constant, linear or cosine decay."""
+    warm = int(total * ramp)
     if step < warm:
         return lr * (step + 1) / warm
     t = (step - warm) / max(total - warm, 1)
@@ -289,7 +290,7 @@ def step(run, batch, alpha):
     norm = {"tokens": sum(int((lab[:, 1:] != -100).sum()) for lab in labels), "samples": sum(len(m) for m in batch),
             "positions": sum(int(cm.sum()) for cm in cmask)}
     for g in run.opt.param_groups:
-        g["lr"] = lr_at(run.step, run.total, args.lr, args.warmup_ratio, args.lr_scheduler)
+        g["lr"] = lr_at(run.step, run.total, args.lr, args.lr_warmup_ratio, args.lr_scheduler)
     run.opt.zero_grad(set_to_none=True)
     ce_step, reg_step = 0.0, 0.0
     for m, micro in run.parallel.share(zip(batch, micros)):  # data parallel: this process's micro-batches
@@ -363,18 +364,18 @@ def main(argv=None):
     safety = training.read_pairs(args.safety_data, chat.read_prompts(args.refusals), args.seed)[:args.safety_n] \
         if args.safety_data else []
     eval_pairs = training.read_pairs(args.eval_data) if args.eval_data else []
-    probes = {k: chat.read_prompts(getattr(args, k)) for k in ("harmful", "harmless", "probe_harmful", "probe_harmless")}
+    probes = {k: chat.read_prompts(vars(args)[k]) for k in ("harmful", "harmless", "probe_harmful", "probe_harmless")}
     refusal_sets = {os.path.splitext(os.path.basename(f))[0]: chat.read_prompts(f) for f in args.eval_refusal}
     chat.check_groups({"harmful": probes["harmful"], "harmless": probes["harmless"]})
     chat.check_groups({"probe harmful": probes["probe_harmful"], "probe harmless": probes["probe_harmless"]})
     settings = rundir.settings(args, FILES, ("epochs", "max_steps", "save_every", "save_merged"))
-    with training.run_folder(args.out, outputs(args), args.overwrite, args.resume, settings, KNOWN,
-                             True, read=rundir.reads(args)) as work:
+    with training.rank0_run_folder(args.out, outputs(args), args.overwrite, args.resume, settings, KNOWN,
+                                   True, read=rundir.reads(args)) as work:
         # 2. model, constrained layers, training examples in fixed batches
         model, tok = loading.load(args)
         training.keep_4bit_trainable(model)
-        run = types.SimpleNamespace(args=args, work=work, tok=tok, pad_id=tok.pad_token_id, probes=probes,
-                                    device=loading.model_device(model), step=0, refusal_sets=refusal_sets, parallel=parallel)
+        run = types.SimpleNamespace(args=args, work=work, tok=tok, pad_id=tok.pad_token_id, probes=probes, step=0,
+                                    device=loading.model_device(model), refusal_sets=refusal_sets, parallel=parallel)
         run.refusal_tokens = judges.logit_tokens(tok, args.direction)
         run.layers = constrained_layers(args.layers, loading.text_config(model).num_hidden_layers)
         run.examples = [encode_pair(tok, p, a, args.max_length, args.constrained_tokens) for p, a in pairs] + \
@@ -387,7 +388,7 @@ def main(argv=None):
         run.warm = args.warmup_steps or args.warmup_epochs * len(run.batches)
         if args.ce_chunk:  # the chunked CE must equal the model's own on the first batch
             check_ce_chunk(forward, model, collate([run.examples[i] for i in run.batches[0][0]], run.pad_id),
-                                    run.device, args.ce_chunk)
+                           run.device, args.ce_chunk)
 
         # 3. the r-directions of the initial model, frozen, and the probe direction that drift is measured against
         # 4. the anchors z0 = r_hat_l . x_{l,j} under the initial weights (kept in the run's folder for --resume)
@@ -541,7 +542,8 @@ def write_outputs(work, run, pairs, safety, t0):
     deep = lambda e: statistics.mean(v for l, v in e["drift"].items() if int(l) >= n_layers // 2)  # noqa: E731
     rows = [[e["step"], "-" if e["eval_ce"] is None else f"{e['eval_ce']:.4f}", f"{deep(e):.4f}",
              *[f"{100 * v:.1f}" for v in e["refusal"].values()]] for e in sorted(log["evals"], key=lambda e: e["step"])]
-    runrecord.print_table(["step", "held-out CE", "drift cos (deep half)", *[f"% refused: {k}" for k in run.refusal_sets]],
+    runrecord.print_table(["step", "held-out CE", "drift cos (deep half)",
+                           *[f"% refused: {k}" for k in run.refusal_sets]],
                    rows)
     if args.save_merged:
         artifacts.save_merged(os.path.join(work, "merged"), "adapter", os.path.join(work, "adapter"), args.model, args)
@@ -552,8 +554,9 @@ def write_outputs(work, run, pairs, safety, t0):
 def add_method_args(p):
     """ProCon's own flags: the constraint, its weight and schedule, where it reads."""
     g = p.add_argument_group("method (ProCon)")
-    g.add_argument("--alpha", type=cli.number(lo=0), default=0.0, help="constraint weight after the warm-up (0: plain "
-                   "IFT; [choice]: the useful scale depends on --reduce and --scale, results/procon.md)")
+    g.add_argument("--alpha", type=cli.number(lo=0), default=0.0, help="ProCon's alpha: the constraint's weight after "
+                   "the warm-up (0: plain IFT; [choice]: the useful scale depends on --reduce and --scale, "
+                   "results/procon.md); actor.py's --alpha is ACTOR's alpha, the size of a query's shift")
     g.add_argument("--warmup-epochs", type=cli.count(0), default=0, help="ProCon_wu: epochs of strong constraint first")
     g.add_argument("--warmup-steps", type=cli.count(0), default=0,
                    help="ProCon_wu: optimizer steps of strong constraint first (instead of --warmup-epochs)")
@@ -562,7 +565,10 @@ def add_method_args(p):
     g.add_argument("--reset-optimizer", action="store_true", help="start AdamW afresh when the warm-up ends "
                    "([choice]; the abstract is silent; see train())")
     g.add_argument("--layers", type=lambda t: t if t == "all" else cli.listed(cli.count(1))(t), default="all",
-                   help="constrained layers (their inputs): 'all' (1..L-1) or a list like 10,12,14")
+                   help="constrained layers: 'all' (1..L-1) or a list like 10,12,14; layer l is decoder block l "
+                   "(0-based) and "
+                   "the constraint reads its input, the stream entering it (as directions.py does; actor.py trains a "
+                   "layer on its output)")
     g.add_argument("--constrained-tokens", choices=("prompt", "response", "all"), default="prompt",
                    help="tokens whose projections are constrained ([choice]; the abstract says 'each training "
                    "sample's hidden state'): the prompt's last token, where r_hat_l is defined and refusal is decided "
@@ -578,9 +584,9 @@ def add_method_args(p):
     g.add_argument("--lr", type=cli.number(above=0), default=2e-4,
                    help="AdamW learning rate ([choice]: 2e-4, the usual LoRA rate)")
     g.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant",
-                   help="learning-rate schedule over all optimizer steps, after --warmup-ratio")
-    g.add_argument("--warmup-ratio", type=cli.number(lo=0, below=1), default=0.0,
-                   help="fraction of steps with a linear lr warm-up")
+                   help="learning-rate schedule over all optimizer steps, after --lr-warmup-ratio")
+    g.add_argument("--lr-warmup-ratio", type=cli.number(lo=0, below=1), default=0.0,
+                   help="fraction of steps with a linear learning-rate ramp (not ProCon's warm-up: --warmup-*)")
     return g
 
 
@@ -615,10 +621,22 @@ def add_data_args(p):
                    help="fixed harmless probe set for the per-epoch drift")
 
 
+def add_trainable_args(g, memory):
+    """The flags of make_trainable: --full or LoRA (its rank, alpha and target modules) in group g, gradient
+    checkpointing in the memory group."""
+    memory.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each layer in backward instead of keeping its activations (less memory)")
+    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
+    g.add_argument("--lora-r", type=cli.count(1), default=8, help="LoRA rank ([choice] 8)")
+    g.add_argument("--lora-alpha", type=cli.number(above=0), default=16, help="LoRA alpha ([choice] 16)")
+    g.add_argument("--lora-targets", default="auto", help="modules that get LoRA adapters: 'auto' (the attention "
+                   "projections of this model, fused or not), 'all-linear', or a list like q_proj,v_proj")
+
+
 def add_run_args(p, method):
     """procon.py's memory and output flags (and the trainable ones, in its method group)."""
     g = cli.add_memory_args(p, batch_size=8)
-    training.add_trainable_args(method, g)
+    add_trainable_args(method, g)
     g.add_argument("--grad-accum", type=cli.count(1), default=1,
                    help="micro-batches of --batch-size per optimizer step (effective batch: their product; under "
                    "torchrun a multiple of the processes, which share them)")
@@ -626,8 +644,8 @@ def add_run_args(p, method):
                    "recomputed in backward (less memory with a large vocabulary; 0: all at once)")
     g.add_argument("--max-length", type=cli.count(2), default=256, help="truncate chat-formatted pairs to this many "
                    "tokens")
-    g = cli.add_out_args(p, "runs/procon", resume="continue the unfinished run in --out from its last checkpoint; every "
-                        "setting but --epochs, --max-steps, --save-every and --save-merged must be as it was")
+    g = cli.add_out_args(p, "runs/procon", resume="continue the unfinished run in --out from its last checkpoint; "
+                        "every setting but --epochs, --max-steps, --save-every and --save-merged must be as it was")
     g.add_argument("--save-every", type=cli.count(0), default=0,
                    help="also checkpoint every N optimizer steps (0: at each epoch's end only)")
     g.add_argument("--save-merged", action="store_true", help="after training, also write the merged model "

@@ -2,7 +2,7 @@
 writer at a time, a resume only with the settings it began with, checkpoints that a kill cannot break).
 
     OUT/                   the outputs of the last run that finished, and .outputs.json (which names they are)
-    OUT/.lock              held while a run writes (flock): a second run into the same --out stops with one line
+    OUT/.lock              held while a run writes (filelock): a second run into the same --out stops with one line
     OUT/.run/              the run in progress: settings.json (everything that shapes it), its checkpoints or partial
                            results, and the outputs it writes, which reach OUT/ only when the run succeeds
     OUT/.run/commit.json   the commit's journal, written before the first output moves: a commit cut short by a kill
@@ -22,11 +22,6 @@ import time
 import cli
 import runrecord
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock, the rest holds
-    fcntl = None
-
 LOCK, WORK, COMMIT, MANIFEST, SETTINGS = ".lock", ".run", "commit.json", ".outputs.json", "settings.json"
 NOT_SETTINGS = ("out", "overwrite", "resume")  # flags that never shape what a run computes
 # the flags, in every script, that name a file or folder the run reads (a model given as a path included)
@@ -45,7 +40,8 @@ def settings(args, files=(), ignore=()):
         if k in NOT_SETTINGS or k in ignore:
             continue
         if k in files:  # "sha256:..." of what the flag names (None: no file given)
-            v = [f"sha256:{runrecord.digest(p)}" for p in v] if isinstance(v, list) else v and f"sha256:{runrecord.digest(v)}"
+            v = [f"sha256:{runrecord.digest(p)}"
+                 for p in v] if isinstance(v, list) else v and f"sha256:{runrecord.digest(v)}"
         elif k == "model" and v:
             v = runrecord.model_identity(v)
         out[k] = v
@@ -102,28 +98,22 @@ def check_not_read(out, read):
 
 
 def lock(out):
-    """Hold OUT/.lock for this process (released when it ends, however it ends)."""
-    f = open(os.path.join(out, LOCK), "a+", encoding="utf-8")
-    if fcntl is None:
-        return f
+    """Hold OUT/.lock for this process (filelock; released when it ends, however it ends), its holder written in it."""
+    from filelock import FileLock, Timeout
+
+    held = FileLock(os.path.join(out, LOCK))
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        who = f.read().strip() or "another process"
-        f.close()
+        held.acquire(timeout=0)
+    except Timeout:
+        who = open(os.path.join(out, LOCK), encoding="utf-8").read().strip() or "another process"
         cli.fail(f"{out} is being written by another run ({who}); wait for it, or choose another --out")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}")
-    f.flush()
-    return f
+    with open(os.path.join(out, LOCK), "w", encoding="utf-8") as f:
+        f.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}")
+    return held
 
 
-def unlock(f):
-    if fcntl is not None:
-        fcntl.flock(f, fcntl.LOCK_UN)
-    f.close()
+def unlock(held):
+    held.release()
 
 
 def manifest(out):

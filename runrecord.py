@@ -24,7 +24,7 @@ import cli
 CACHE = os.environ.get("REFUSAL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "refusal-steering"))
 
 
-# [choice] A file's digest is computed once per file version: kept by (path, device, inode, size, mtime, ctime) in this
+# A file's digest is computed once per file version: kept by (path, device, inode, size, mtime, ctime) in this
 # process, and for files of DIGEST_KEEP bytes or more (model weights) in CACHE/digests.json across runs, so a 15 GB
 # model is read once, not at every run (results/identity.md: 13 s at 1.2 GB/s). ctime cannot be set back by a user
 # (touch -r and cp -p set mtime only), so a file rewritten in place is hashed again. A file changed less than
@@ -121,10 +121,10 @@ NOT_MODEL = re.compile(r"^(readme|license|licence|notice|use_policy)|\.(md|png|j
 
 def model_identity(name):
     """A model known by its contents: {"model": the name given, "key": model_key, "sha256": the digest of its files,
-    "files": {file: sha256}}. [choice] A folder's files are those at its top level (what transformers reads), but hidden
-    ones and documentation (README, LICENSE, *.md, images); a .gguf is its one file; a hub id is its cached snapshot
-    where one is cached, else its name alone (sha256 None), as is a GGUF's converted folder (known by its GGUF's
-    key)."""
+    "files": {file: sha256}}. By design, a folder's files are those at its top level (what transformers reads), but
+    hidden ones and documentation (README, LICENSE, *.md, images); a .gguf is its one file; a hub id is its cached
+    snapshot where one is cached, else its name alone (sha256 None), as is a GGUF's converted folder (known by its
+    GGUF's key)."""
     name, path = str(name), os.path.expanduser(str(name))
     key = model_key(name)
     if os.path.isfile(path):
@@ -232,7 +232,7 @@ def save_guard(path, partial=None):
 
 
 def save_json_text(obj, where, indent=None):
-    """obj as strict JSON (no NaN, no Infinity). [choice] A number that is NaN or infinite is written as null and named,
+    """obj as strict JSON (no NaN, no Infinity). A number that is NaN or infinite is written as null and named,
     in a warning and in the object's "non_finite" list, rather than the run lost: every script stops at a non-finite
     loss, logit or score itself (check_finite), so one that reaches an output is a number no check foresaw."""
     bad = []

@@ -77,7 +77,8 @@ def linear_names(model):
 def lora_targets(model, spec):
     """LoRA target modules: 'auto' finds the attention projections of this model (q/k/v/o, or fused ones such as
     qkv_proj, query_key_value, c_attn, with their output projection), 'all-linear' every linear layer, or a list
-    that must name linear layers the model has."""
+    that must name linear layers the model has. Not peft's per-architecture mapping: it names q_proj and v_proj alone
+    for Llama and Qwen2 (not k_proj, o_proj) and knows only the architectures it lists."""
     have = linear_names(model)
     if spec == "all-linear":
         return "all-linear"
@@ -101,18 +102,6 @@ def lora_targets(model, spec):
     return wanted
 
 
-def add_trainable_args(g, memory):
-    """The flags of make_trainable: --full or LoRA (its rank, alpha and target modules) in group g, gradient
-    checkpointing in the memory group."""
-    memory.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute each layer in backward instead of keeping its activations (less memory)")
-    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
-    g.add_argument("--lora-r", type=cli.count(1), default=8, help="LoRA rank ([choice] 8)")
-    g.add_argument("--lora-alpha", type=cli.number(above=0), default=16, help="LoRA alpha ([choice] 16)")
-    g.add_argument("--lora-targets", default="auto", help="modules that get LoRA adapters: 'auto' (the attention "
-                   "projections of this model, fused or not), 'all-linear', or a list like q_proj,v_proj")
-
-
 def keep_4bit_trainable(model):
     """bitsandbytes repacks 4-bit weights for a faster CPU kernel on their first no-grad forward; that kernel adds a
     projection's bias in place, which autograd refuses (Qwen2, Phi: biased q/k/v). Training keeps the plain layout."""
@@ -134,7 +123,7 @@ def make_trainable(model, args):
 
         targets = lora_targets(model, args.lora_targets)
         print(f"LoRA r={args.lora_r} on {targets if isinstance(targets, str) else ', '.join(targets)}")
-        # [choice] lora_dropout 0: without dropout the step-0 constraint of procon.py is exactly 0
+        # lora_dropout 0: the model stays in eval mode (no dropout anywhere), so the step-0 constraint is exactly 0
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
     if args.gradient_checkpointing:
@@ -250,7 +239,7 @@ def restore(work, model, opt):
 # dealt out to the processes, every WORLD-th to each; after the step's backward passes the gradients are summed over
 # the processes (one all-reduce, SUM, per trainable tensor) and every process takes the same AdamW step. procon.step
 # normalises each micro-batch's loss by the whole step's tokens and samples, so the sum is the one-process step's
-# gradient exactly (up to float summation order). [choice] An explicit all-reduce after backward rather than
+# gradient exactly (up to float summation order). Why an explicit all-reduce after backward rather than
 # torch's DistributedDataParallel: exact, a few lines, the same for LoRA and --full; DDP would overlap the
 # communication with backward (faster across many GPUs). Rank 0 alone writes (the run's folder, lock, checkpoints,
 # outputs) and reads what a resume continues from; the other processes get it from rank 0.
@@ -317,7 +306,7 @@ class Parallel:
 
 
 @contextlib.contextmanager
-def run_folder(out, *args, **kwargs):
+def rank0_run_folder(out, *args, **kwargs):
     """rundir.run_folder, opened by rank 0 alone (its checks, its lock, its commit); the other processes wait for it,
     stop with its error if it fails, and get the path of its work folder, which they never write to."""
     if WORLD == 1:

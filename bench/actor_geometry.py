@@ -71,7 +71,8 @@ def main(argv=None):
         lines.append(f"| {name} | {t['n']} | {t['mean_position']:.2f} | {100 * t['below_pseudo_mean']:.0f}% | "
                      f"{turn('below')} | {turn('above')} |")
     md = "\n".join(lines) + "\n"
-    runrecord.save_json(os.path.join(out, "geometry.json"), {"layer": layer, "sets": table, "meta": runrecord.metadata(args)})
+    runrecord.save_json(os.path.join(out, "geometry.json"),
+                        {"layer": layer, "sets": table, "meta": runrecord.metadata(args)})
     with open(os.path.join(out, "geometry.md"), "w") as f:
         f.write(md)
     print(md)

@@ -22,10 +22,10 @@ false-refusal vector of the same queries as ACTOR, ablated, evaluate.py --ablate
 queries with responses: pseudo-harmful and harmless ones answered by SmolLM2 before safety tuning, which answers
 everything, harmful ones refused); the uniform shift that actor_search.py chose by the same rule. Judged by the logit
 judge (--judge logit: the refusal tokens directions.py found from the base model's own refusals) or the keyword judge on
-generated answers. Trade-off Score: judges.tradeoff_score, (C.R. + S.S.) / 2, with C.R. the compliance on the XSTest-safe
-and OR-Bench-hard test splits; S.S. the refusal on AdvBench (the paper's safety set, as the summaries name it: the
-"paper-set" score) or on AdvBench, HarmBench, StrongREJECT and XSTest-unsafe (the "all-harmful" score). XSTest-unsafe is
-also split into the prompts whose safe twin (same focus word) was trained on and the rest.
+generated answers. Trade-off Score: judges.tradeoff_score, (C.R. + S.S.) / 2, with C.R. the compliance on the
+XSTest-safe and OR-Bench-hard test splits; S.S. the refusal on AdvBench (the paper's safety set, as the summaries name
+it: the "paper-set" score) or on AdvBench, HarmBench, StrongREJECT and XSTest-unsafe (the "all-harmful" score).
+XSTest-unsafe is also split into the prompts whose safe twin (same focus word) was trained on and the rest.
 
     python bench/bench_actor.py --seeds 0,1,2 --out runs/bench_actor                    # logit judge
     python bench/bench_actor.py --seeds 0 --judge keyword --out runs/bench_actor        # the keyword judge's rows
@@ -197,7 +197,8 @@ def evaluate_row(d, row, model_dir, files, seed, args, twins):
     tag = f"_{args.tag}" if args.tag and row in ("actor", "renew", "search", "shift") else ""
     base_dir = os.path.join(os.path.dirname(d.rstrip("/")), "") if args.budget else d
     what = {"base": [], "actor": ["--patch", os.path.join(d, f"actor{tag}")],
-            "renew": ["--patch", os.path.join(d, f"renew{tag}")], "search": ["--patch", os.path.join(d, f"search{tag}")],
+            "renew": ["--patch", os.path.join(d, f"renew{tag}")],
+            "search": ["--patch", os.path.join(d, f"search{tag}")],
             "surgical": ["--ablate", os.path.join(base_dir, "directions", "false_refusal.pt")],
             "sft": ["--adapter", os.path.join(d, "sft", "adapter")]}.get(row)
     if row == "shift":
@@ -333,7 +334,7 @@ def speed(args):
     prompts, groups = A.read_groups(dict(zip(A.GROUPS, files)), None, None, 0)
     model, tok = loading.load_model(loading.default_model())
     n_layers = loading.text_config(model).num_hidden_layers
-    layer = A.choose_layer(model, tok, prompts, groups, list(range(n_layers // 4, 3 * n_layers // 4)), 16)[0]
+    layer = A.silhouette_layer(model, tok, prompts, groups, list(range(n_layers // 4, 3 * n_layers // 4)), 16)[0]
     block = loading.decoder_layers(model)[layer]
     original = {k: v.clone() for k, v in block.state_dict().items()}
     t_cache, cache = timed(lambda: A.cache_block_inputs(model, tok, prompts, layer, 16))
@@ -399,7 +400,8 @@ def parse_args(argv=None):
                    "ablation beyond the paper, e.g. data/contrast_harmful.json: harmful requests worded like the "
                    "pseudo-harmful ones)")
     p.add_argument("--budget", type=cli.count(1), default=None, help="the query-budget ablation: a seeded N of the "
-                   "pseudo-harmful training queries (rows actor and sft; run the full protocol first, in the same --out)")
+                   "pseudo-harmful training queries (rows actor and sft; run the full protocol first, "
+                   "in the same --out)")
     p.add_argument("--transfer", action="store_true", help="the transfer ablation: pseudo-harmful training queries "
                    "from OR-Bench-hard only (as many as the protocol's)")
     p.add_argument("--actor-args", default="", help="extra actor.py flags, quoted (name the rows with --tag)")

@@ -29,7 +29,8 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     args = p.parse_args()
 
-    model, tok = loading.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code, args.device)
+    model, tok = loading.load_model(args.model, args.load_in_4bit, args.chat_template, args.trust_remote_code,
+                                    args.device)
     prompts = chat.read_prompts(args.prompts)[:args.n]
     inference.generate(model, tok, prompts[:2], 4, 2)  # warm-up
 

@@ -4,9 +4,9 @@ and the size of ACTOR's cache per query.
 A Llama-architecture model with random weights in the shape of a real chat model is written once (bf16 safetensors,
 cached under ~/.cache/refusal-steering/random-SHAPE) and loaded in 4-bit NF4 as procon.py loads it with
 --load-in-4bit. Each configuration runs in a fresh process: LoRA on the attention projections, then one optimizer step
-of procon.py's training loss (CE + alpha * constraint on every layer, --constrained-tokens all: the constraint reads every
-token's hidden state, the most it can keep alive) on random tokens. The memory reported is the step's own peak: CUDA
-max allocated on a GPU; on the CPU the peak resident set size, reset after loading (Linux /proc/self/clear_refs).
+of procon.py's training loss (CE + alpha * constraint on every layer, --constrained-tokens all: the constraint reads
+every token's hidden state, the most it can keep alive) on random tokens. The memory reported is the step's own peak:
+CUDA max allocated on a GPU; on the CPU the peak resident set size, reset after loading (Linux /proc/self/clear_refs).
 
     python bench/bench_memory.py                                 # 1B shape, CPU; 12 configurations, ~20 min idle
     python bench/bench_memory.py --shape 7b --device cuda         # Llama-2-7B shape on a GPU
@@ -187,7 +187,8 @@ def main():
     shape = SHAPES[args.shape]
     print(f"\n{args.shape} shape (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
           f"{shape['num_key_value_heads']} KV heads, vocab {shape['vocab_size']}), "
-          f"{'bf16/fp32' if args.no_4bit else '4-bit NF4'}, {args.device}, LoRA r8 on q/k/v/o, --constrained-tokens all, "
+          f"{'bf16/fp32' if args.no_4bit else '4-bit NF4'}, {args.device}, "
+          "LoRA r8 on q/k/v/o, --constrained-tokens all, "
           f"--ce-chunk {args.ce_chunk}\n")
     print("| tokens | batch | loaded model (MiB) | peak, no checkpointing (MiB) | peak, checkpointing (MiB) "
           "| step memory above the loaded model: without / with | peak ratio | seconds without / with |")

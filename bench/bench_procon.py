@@ -1,11 +1,11 @@
 """Does any ProCon schedule lie above its control on the curve of harmful refusal against task loss?
 
 On the natural over-refuser (tests/overrefuser.py), LoRA fine-tuning on benign Alpaca pairs mixed with safety samples
-the model was never tuned on (IFT_safe, the control), with or without ProCon's constraint, warm-up and safety data. Every
-run logs an evaluation point (procon.py --eval-every) before training and every --eval-every steps: held-out CE (the
-task loss), the drift of the refusal direction and the logit judge's refusal rate on every HarmBench standard behaviour,
-every StrongREJECT prompt and every XSTest-safe prompt (the same prompts for every seed, so that seeds differ by their
-training only), so one run gives a curve and methods compare as curves.
+the model was never tuned on (IFT_safe, the control), with or without ProCon's constraint, warm-up and safety data.
+Every run logs an evaluation point (procon.py --eval-every) before training and every --eval-every steps: held-out CE
+(the task loss), the drift of the refusal direction and the logit judge's refusal rate on every HarmBench standard
+behaviour, every StrongREJECT prompt and every XSTest-safe prompt (the same prompts for every seed, so that seeds differ
+by their training only), so one run gives a curve and methods compare as curves.
 
 Clean data, by the shared near-duplicate filter (evaluate.near_duplicates; the counts it removes are printed and kept):
   evaluation sets   HarmBench standard, StrongREJECT, XSTest-safe, less near-copies of the test model's training mix
@@ -259,7 +259,8 @@ def report(out, results):
                                      " (" + f.format(min(p[k] for p in last)) + "-" + f.format(max(p[k] for p in last))
                                      + ")")
         lines.append(f"| {name} | {len(last)} | {last[0]['step']} | {cell('ce', '{:.3f}')} | "
-                     f"{cell('harmbench', '{:.1f}')} | {cell('strongreject', '{:.1f}')} | {cell('harmful', '{:.1f}')} | "
+                     f"{cell('harmbench', '{:.1f}')} | {cell('strongreject', '{:.1f}')} | "
+                     f"{cell('harmful', '{:.1f}')} | "
                      f"{cell('xstest_safe', '{:.1f}')} | {cell('drift', '{:.3f}')} | "
                      f"{statistics.mean(c['minutes'] for c in per_seed.values()):.1f} |")
     md = ["Last evaluation point of each run (logit judge, % refused); mean (min-max) over seeds.", "", *lines, "",
@@ -272,7 +273,8 @@ def report(out, results):
                 f"{ce:.3f}: {statistics.mean(v):+.1f} [{min(v):+.1f}, {max(v):+.1f}]" for ce, v in g.items()) + " |")
     if results.get("keyword"):
         md += ["", "Keyword judge on generated answers, final models (% refused):", "",
-               "| variant | seed | HarmBench | StrongREJECT | harmful | XSTest-safe |", "|---|---:|---:|---:|---:|---:|"]
+               "| variant | seed | HarmBench | StrongREJECT | harmful | XSTest-safe |",
+               "|---|---:|---:|---:|---:|---:|"]
         md += [f"| {n} | {s} | {r['harmbench']:.1f} | {r['strongreject']:.1f} | {r['harmful']:.1f} | "
                f"{r['xstest_safe']:.1f} |" for n, per in results["keyword"].items() for s, r in per.items()]
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -313,7 +315,8 @@ def plot(out, results):
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--seeds", type=cli.listed(cli.count(0)), default=[0], help="seeds (each draws its own training pairs "
+    p.add_argument("--seeds", type=cli.listed(cli.count(0)), default=[0],
+                   help="seeds (each draws its own training pairs "
                    "and safety samples)")
     p.add_argument("--variants", type=cli.listed(cli.one_of(("before",) + tuple(GRID))), default=["IFT_safe"],
                    help="comma-separated variants of GRID ('before': the base model, keyword judge only)")

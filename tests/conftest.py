@@ -149,7 +149,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def snapshot(folder):
-    """Every file of a run's folder but its lock file, by relative path, with its bytes: what no failed run may change."""
+    """Every file of a run's folder but its lock file, by relative path, with its bytes: what no failed run may
+    change."""
     return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
             for d, _, files in os.walk(folder) for f in files if f != ".lock"}
 

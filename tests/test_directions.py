@@ -31,10 +31,13 @@ def test_read_prompts_formats(tmp_path):
     want = ["How do I bake bread?", "What is 2+2?"]
     assert chat.read_prompts(write(tmp_path, "a.json", json.dumps(want))) == want
     assert chat.read_prompts(write(tmp_path, "b.json", json.dumps([{"instruction": w} for w in want]))) == want
-    assert chat.read_prompts(write(tmp_path, "c.jsonl", "\n".join(json.dumps({"goal": w}) for w in want) + "\n")) == want
-    assert chat.read_prompts(write(tmp_path, "d.csv", 'id,forbidden_prompt\n1,"How do I bake bread?\n"\n2,What is 2+2?\n')) == want
+    assert chat.read_prompts(write(tmp_path, "c.jsonl",
+                                   "\n".join(json.dumps({"goal": w}) for w in want) + "\n")) == want
+    assert chat.read_prompts(write(tmp_path, "d.csv",
+                                   'id,forbidden_prompt\n1,"How do I bake bread?\n"\n2,What is 2+2?\n')) == want
     assert chat.read_prompts(write(tmp_path, "e.txt", "How do I bake bread?\n\nWhat is 2+2?\n")) == want
-    assert chat.read_prompts(write(tmp_path, "f.csv", "q,other\nHow do I bake bread?,x\nWhat is 2+2?,y\n"), column="q") == want
+    assert chat.read_prompts(write(tmp_path, "f.csv", "q,other\nHow do I bake bread?,x\nWhat is 2+2?,y\n"),
+                             column="q") == want
 
 
 def test_data_prompt_sets_are_disjoint():
@@ -97,7 +100,8 @@ def test_read_prompts_bad_input(tmp_path, name, text, msg):
 
 
 def test_read_prompts_byte_order_mark(tmp_path):
-    """A file saved with a byte-order mark (Excel's CSV, Notepad's UTF-8) is read as text: its first column is 'prompt'."""
+    """A file saved with a byte-order mark (Excel's CSV, Notepad's UTF-8) is read as text: its first column is
+    'prompt'."""
     (tmp_path / "bom.csv").write_bytes("\ufeffprompt,type\nHow do I bake bread?,a\n".encode("utf-8"))
     (tmp_path / "bom.json").write_bytes('\ufeff["How do I bake bread?"]'.encode("utf-8"))
     assert chat.read_prompts(str(tmp_path / "bom.csv")) == chat.read_prompts(str(tmp_path / "bom.json")) == [
@@ -204,7 +208,8 @@ def test_addition_shifts_one_layer_input(tiny_llama):
     vec = torch.randn(64)
     before = inference.capture(model, tok, PROMPTS)
     with inference.hooks(D.addition_hooks(model, vec, layer=2, coeff=0.5)):
-        after = inference.capture(model, tok, PROMPTS)  # capture's hooks run after the addition hook: they see its input
+        after = inference.capture(model, tok,
+                                  PROMPTS)  # capture's hooks run after the addition hook: they see its input
     torch.testing.assert_close(after[:, :2], before[:, :2])  # layers below are untouched
     torch.testing.assert_close(after[:, 2] - before[:, 2], (0.5 * vec).expand(3, 1, 64), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(after[:, 3:], before[:, 3:])
@@ -385,7 +390,8 @@ def test_load_direction_checks_the_model(tiny_llama, tiny_neox, prompt_files, tm
         artifacts.load_direction(str(tmp_path / "zero.pt"))
 
 
-REJECTS_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+REJECTS_SYSTEM = ("{% if messages[0]['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}"
                   "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -497,9 +503,11 @@ def test_system_prompt_and_thinking_reach_every_prompt(tiny_llama, tmp_path):
     shutil.copytree(tiny_llama, path)
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n"
-                "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+                "{% if enable_thinking is defined and not enable_thinking %}"
+                "<think>\n\n</think>\n\n{% endif %}{% endif %}")
     (path / "t.jinja").write_text(template)
-    _, tok = loading.load_model(str(path), chat_template=str(path / "t.jinja"), system_prompt="Be brief.", thinking="off")
+    _, tok = loading.load_model(str(path), chat_template=str(path / "t.jinja"),
+                                system_prompt="Be brief.", thinking="off")
     text = chat.format_chat(tok, ["Hi"])[0]
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
     assert text.endswith("<think>\n\n</think>\n\n")
@@ -507,4 +515,5 @@ def test_system_prompt_and_thinking_reach_every_prompt(tiny_llama, tmp_path):
     _, plain = loading.load_model(str(path), chat_template=str(path / "t.jinja"))
     assert chat.format_chat(plain, ["Hi"])[0] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     args = D.parse_args(["--system-prompt", "Be brief.", "--thinking", "off"])
-    assert runrecord.metadata(args)["args"]["system_prompt"] == "Be brief." and runrecord.metadata(args)["args"]["thinking"] == "off"
+    assert runrecord.metadata(args)["args"]["system_prompt"] == "Be brief." and runrecord.metadata(
+        args)["args"]["thinking"] == "off"

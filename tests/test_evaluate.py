@@ -58,7 +58,8 @@ def test_keyword_judge_cases():
     assert not keywords.is_refusal("Sure, here is a script. Please note that this is unethical if misused.")
     caveat = "Here are the steps to bake bread: " + "mix, knead, wait. " * 20 + "It is not appropriate to skip resting."
     assert not keywords.is_refusal(caveat)  # moralising words only count in the opening
-    assert keywords.is_refusal("Sorry, no.", mode="prefix") and not keywords.is_refusal("Well, I can't help with that.", "prefix")
+    assert keywords.is_refusal("Sorry, no.", mode="prefix") and not keywords.is_refusal("Well, I can't help with that.",
+                                                                                        "prefix")
 
 
 def test_agreement_wilson_and_labels():
@@ -127,8 +128,8 @@ def test_generation_outputs_and_logit_only(tiny_llama, prompt_files, tmp_path):
 
 
 def test_steer_and_ablate_change_the_refusal_score(tiny_llama, prompt_files, tmp_path):
-    directions.main(["--model", tiny_llama, "--harmful", prompt_files["harmful"], "--harmless", prompt_files["harmless"],
-            "--out", str(tmp_path / "d"), "--layer", "2"])
+    directions.main(["--model", tiny_llama, "--harmful", prompt_files["harmful"],
+            "--harmless", prompt_files["harmless"], "--out", str(tmp_path / "d"), "--layer", "2"])
     direction = str(tmp_path / "d" / "direction.pt")
     scores = {}
     for name, extra in (("base", []), ("steer", ["--steer", direction, "--coeff", "8"]),
@@ -136,7 +137,8 @@ def test_steer_and_ablate_change_the_refusal_score(tiny_llama, prompt_files, tmp
         run_eval(tiny_llama, tmp_path / name, "--data", prompt_files["harmless"], "--judge", "logit",
                  "--direction", direction, *extra)
         scores[name] = torch.tensor([r["logit_score"] for r in rows_of(tmp_path / name)])
-    assert (scores["steer"] - scores["base"]).abs().max() > 1e-3 and (scores["ablate"] - scores["base"]).abs().max() > 1e-3
+    assert (scores["steer"] - scores["base"]).abs().max() > 1e-3 and (
+        scores["ablate"] - scores["base"]).abs().max() > 1e-3
     assert torch.allclose(scores["zero"], scores["base"])  # the hooks change nothing but what they add
 
 
@@ -171,7 +173,8 @@ def test_patch_and_adapter(tiny_llama, prompt_files, tmp_path):
     peft_model = get_peft_model(loading.load_model(tiny_llama)[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                          init_lora_weights=False))
     peft_model.save_pretrained(str(tmp_path / "adapter"))
-    for name, extra in (("base", []), ("patch", ["--patch", str(patch)]), ("adapter", ["--adapter", str(tmp_path / "adapter")])):
+    for name, extra in (("base", []), ("patch", ["--patch", str(patch)]),
+                        ("adapter", ["--adapter", str(tmp_path / "adapter")])):
         run_eval(tiny_llama, tmp_path / f"eval-{name}", "--data", prompt_files["harmless"], "--judge", "logit", *extra)
     base, patched, adapted = ([r["logit_score"] for r in rows_of(tmp_path / f"eval-{n}")] for n in ("base", "patch",
                                                                                                      "adapter"))
@@ -536,7 +539,8 @@ def test_another_model_is_refused_unless_asked(tiny_llama, prompt_files, tmp_pat
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "a"))
     args = ["--data", prompt_files["harmless"], "--judge", "logit"]
     for flag, path in (("--ablate", tmp_path / "d.pt"), ("--adapter", tmp_path / "a")):
-        with pytest.raises(cli.UserError, match=f"{path} was made on {renamed}, not on {tiny_llama}; pass --other-model"):
+        with pytest.raises(cli.UserError,
+                           match=f"{path} was made on {renamed}, not on {tiny_llama}; pass --other-model"):
             run_eval(tiny_llama, tmp_path / "o", *args, flag, str(path))
     run_eval(tiny_llama, tmp_path / "o", *args, "--ablate", str(tmp_path / "d.pt"), "--adapter", str(tmp_path / "a"),
              "--other-model")
@@ -758,7 +762,8 @@ BAD_INPUTS = [
     row("plain", "--adapter {a_qwen2} --overwrite", "was made on .*qwen2, not on {llama}; pass --other-model"),
     row("plain", "--adapter {a_trunc} --overwrite", "damaged or not a safetensors file"),
     row("plain", "--adapter {a_json} --overwrite", "adapter_config.json: damaged"),
-    row("plain", "--patch {patch_other} --overwrite", r"was made on big-llama \(hidden size 64, 30 layers\), which does "
+    row("plain", "--patch {patch_other} --overwrite",
+        r"was made on big-llama \(hidden size 64, 30 layers\), which does "
         "not match"),
     row("plain", "--patch {patch_trunc} --overwrite", "damaged or not a safetensors file"),
     row("plain", "--patch {file} --overwrite", "--patch .*afile: is a file, not a folder"),

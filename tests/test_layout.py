@@ -1,76 +1,203 @@
 """The layout a reader relies on: each method file tells its whole method alone (its arithmetic in its own file, the
-copies that two files keep equal, no method file importing another, the line budgets), outputs name the code they came
-from, and moving code changes no number (the artifacts of a tiny run are bit-identical to those of the commit before
-the move)."""
+copies that two files keep equal, no method file importing another), "shared means shared" (every definition of a
+shared module is reached by two or more scripts, or stands in the one-user table below with its reason), one name
+for one function, outputs that name the code they came from, and moving code changes no number (the artifacts of a
+tiny run equal, within rounding, those recorded before the move)."""
 import ast
-import hashlib
-import inspect
-import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
 import torch
 
-import actor
 import artifacts
-import directions
+import cli
 import evaluate
 import procon
-from conftest import ROOT
-import cli
 import runrecord
+from conftest import ROOT
 
+SCRIPTS = ("actor.py", "actor_search.py", "directions.py", "evaluate.py", "procon.py")  # the entry points
 METHOD_FILES = ("actor.py", "procon.py", "directions.py", "evaluate.py")
-BUDGET = {"actor.py": 450, "directions.py": 420, "procon.py": 450, "evaluate.py": 700}
+SHARED = ("cli.py", "runrecord.py", "chat.py", "loading.py", "inference.py", "rundir.py", "artifacts.py", "judges.py",
+          "keywords.py", "training.py")
 COPIES = [  # (function, the files that each hold a copy of it)
-    ("difference_in_means", (actor, procon, directions)),
-    ("unit", (actor, procon, directions)),
-    ("silhouette", (actor, directions)),
-    ("ablation_hooks", (directions, evaluate)),
-    ("addition_hooks", (directions, artifacts)),
+    ("difference_in_means", ("actor.py", "procon.py", "directions.py")),
+    ("unit", ("actor.py", "procon.py", "directions.py")),
+    ("silhouette", ("actor.py", "directions.py")),
+    ("ablation_hooks", ("directions.py", "evaluate.py")),
+    ("addition_hooks", ("directions.py", "artifacts.py")),
 ]
+CONVENTIONS = {"main", "parse_args", "check_args", "write_outputs"}  # each script's own entry points, read alone
+TRAINING = "fine-tuning machinery (pair files, LoRA set-up, checkpoints, data parallel) a second trainer would share"
+CHECKPOINT = "a checkpoint folder is the run folder's: run_folder's --resume and has_progress read them"
+ONE_USER = {  # shared definitions one script reaches, and why they stay shared (machinery only: no [choice] in them)
+    "artifacts.save_patch": "the patch format's writer, beside its checker and reader (check_patch, apply_patch)",
+    "artifacts.save_trained": "the adapter format's writer, beside its checker and reader (check_adapter, "
+                              "apply_adapter)",
+    "rundir.write_checkpoint": CHECKPOINT, "rundir.last_checkpoint": CHECKPOINT,
+    "keywords.judge_without": "the keyword judge scored without the patterns of one source (bench/bench_judges.py)",
+    **{f"training.{n}": TRAINING for n in (
+        "read_pairs", "linear_names", "lora_targets", "keep_4bit_trainable", "make_trainable", "trainable_state",
+        "save_checkpoint", "read_saved", "check_whole", "checkpoint", "read_checkpoint", "restore", "init_distributed",
+        "from_rank0", "Parallel", "rank0_run_folder")},
+}
+# [choice]s that live in a shared module: allowed only where two or more scripts share the definition
+SHARED_CHOICES = {"judges.refusal_tokens"}
 
 
-@pytest.mark.parametrize("name,modules", COPIES, ids=[c[0] for c in COPIES])
-def test_the_copies_agree(name, modules):
-    """Where two method files need the same few lines, each holds its copy (as CleanRL does); the copies stay equal,
-    word for word but for their docstrings (each names where its twins are)."""
-    def body(m):
-        tree = ast.parse(inspect.getsource(getattr(m, name)))
-        fn = tree.body[0]
-        if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant):
-            fn.body = fn.body[1:]
-        return ast.dump(fn)
-
-    first = body(modules[0])
-    for m in modules[1:]:
-        assert body(m) == first, f"{m.__name__}.{name} differs from {modules[0].__name__}.{name}"
+def trees(root):
+    return {f[:-3]: ast.parse(open(os.path.join(root, f), encoding="utf-8").read())
+            for f in SCRIPTS + SHARED if os.path.isfile(os.path.join(root, f))}
 
 
-def functions(path):
-    tree = ast.parse(open(os.path.join(ROOT, path)).read())
-    return {n.name: n.end_lineno - n.lineno + 1 + len(n.decorator_list) for n in tree.body
-            if isinstance(n, ast.FunctionDef)}
+def definitions(tree):
+    return {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
 
-@pytest.mark.parametrize("path", METHOD_FILES)
-def test_method_files_keep_their_budgets(path):
-    """At most their budget of lines, no function over 60 lines, no import of another method file; in the method
-    scripts the method's functions outweigh main, argument parsing and output writing together."""
-    text = open(os.path.join(ROOT, path)).read()
-    assert len(text.splitlines()) <= BUDGET[path]
-    sizes = functions(path)
-    assert max(sizes.values()) <= 60, {k: v for k, v in sizes.items() if v > 60}
-    others = {m[:-3] for m in METHOD_FILES + ("actor_search.py",)} - {path[:-3]}
-    imported = {n.names[0].name for n in ast.parse(text).body if isinstance(n, ast.Import)}
-    assert not imported & others
-    plumbing_like = re.compile(r"^(main|parse_args|add_\w*args|\w+_arg|write_\w*|save\w*|plot\w*|outputs|check\w*)$")
-    method = sum(v for k, v in sizes.items() if not plumbing_like.match(k))
-    rest = sum(v for k, v in sizes.items() if re.match(r"^(main|parse_args|add_\w*args|\w+_arg|write_\w*|save\w*|"
-                                                       r"plot\w*|outputs)$", k))
-    assert method > rest, (method, rest)
+def references(node, module, aliases, defs):
+    """The (module, name) definitions of the shared modules that a piece of code names."""
+    found = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases:
+            key = (aliases[n.value.id], n.attr)
+        elif isinstance(n, ast.Name):
+            key = (module, n.id)
+        else:
+            continue
+        if key in defs:
+            found.add(key)
+    return found
+
+
+def users(root):
+    """{(shared module, name): the scripts that reach it}, following every reference (main's too) through the
+    shared modules; a shared module's top-level statements count as reached by every script that imports it."""
+    ts = trees(root)
+    shared = {f[:-3] for f in SHARED}
+    defs = {(m, k): v for m in shared & set(ts) for k, v in definitions(ts[m]).items()}
+    aliases = {m: {a.asname or a.name: a.name for n in ast.walk(t) if isinstance(n, ast.Import) for a in n.names
+                   if a.name in ts} for m, t in ts.items()}
+    body = {m: [n for n in t.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))] for m, t in ts.items()}
+    out = {k: set() for k in defs}
+    for script in (f[:-3] for f in SCRIPTS):
+        todo = list(references(ts[script], script, aliases[script], defs))
+        imported, seen = set(aliases[script].values()) & shared, set()
+        while todo or imported:
+            for m in list(imported):  # module-level code of each shared module reached
+                imported.discard(m)
+                if m not in seen:
+                    seen.add(m)
+                    todo += [r for n in body[m] for r in references(n, m, aliases[m], defs)]
+                    imported |= set(aliases[m].values()) & shared
+            if todo:
+                key = todo.pop()
+                if script not in out[key]:
+                    out[key].add(script)
+                    todo += list(references(defs[key], key[0], aliases[key[0]], defs))
+    return out, defs
+
+
+def layout_problems(root):
+    """What breaks the layout rules in the checkout at root (an empty list: none)."""
+    problems = []
+    reach, defs = users(root)
+    for (m, name), scripts in sorted(reach.items()):
+        key = f"{m}.{name}"
+        if len(scripts) < 2 and key not in ONE_USER:
+            problems.append(f"{key}: reached by {sorted(scripts) or 'no script'} alone; move it home or give it a "
+                            "reason in ONE_USER")
+        if key in ONE_USER and "[choice]" in ast.get_source_segment(open(os.path.join(root, m + ".py")).read(),
+                                                                    defs[(m, name)]):
+            problems.append(f"{key}: a [choice] in a one-user definition belongs in its script")
+    problems += [f"ONE_USER names {k}, which is no shared definition" for k in ONE_USER
+                 if tuple(k.split(".")) not in defs]
+    ts = trees(root)
+    names = {}
+    for m, t in ts.items():
+        for name in definitions(t):
+            names.setdefault(name, []).append(m)
+    copies = {c for c, _ in COPIES}
+    problems += [f"{name} is defined in {', '.join(ms)}" for name, ms in names.items()
+                 if len(ms) > 1 and name not in copies and not (name in CONVENTIONS and set(ms) <= {
+                     f[:-3] for f in SCRIPTS})]
+    for name, files in COPIES:
+        bodies = set()
+        for f in files:
+            fn = definitions(ts[f[:-3]])[name]
+            body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) \
+                else fn.body
+            bodies.add(ast.dump(ast.Module(body=body, type_ignores=[])) + ast.dump(fn.args))
+        if len(bodies) > 1:
+            problems.append(f"the copies of {name} in {', '.join(files)} differ")
+    for path in METHOD_FILES:
+        tree = ts[path[:-3]]
+        sizes = {n.name: n.end_lineno - n.lineno + 1 + len(n.decorator_list) for n in tree.body
+                 if isinstance(n, ast.FunctionDef)}
+        problems += [f"{path}: {k} has {v} lines (at most 60)" for k, v in sizes.items() if v > 60]
+        others = {m[:-3] for m in METHOD_FILES + ("actor_search.py",)} - {path[:-3]}
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} & others
+        problems += [f"{path} imports {m}" for m in imported]
+        rest_re = r"^(main|parse_args|add_\w*args|\w+_arg|write_\w*|save\w*|plot\w*|outputs)$"
+        method = sum(v for k, v in sizes.items() if not re.match(rest_re[:-2] + r"|check\w*)$", k))
+        rest = sum(v for k, v in sizes.items() if re.match(rest_re, k))
+        if method <= rest:
+            problems.append(f"{path}: the method's functions ({method} lines) do not outweigh main, flags and "
+                            f"outputs ({rest})")
+        for key in sorted(k for k, s in reach.items() if path[:-3] in s and f"{k[0]}.{k[1]}" not in SHARED_CHOICES):
+            if "[choice]" in ast.get_source_segment(open(os.path.join(root, key[0] + ".py")).read(), defs[key]):
+                problems.append(f"{path} reaches a [choice] in {key[0]}.{key[1]}: the method's choices live in its "
+                                "file")
+    return problems
+
+
+def test_the_layout_holds():
+    """Shared means shared (the usage rule, main's calls counted too), no [choice] of a method outside its file, one
+    name for one function (the copies and each script's own entry points aside), the copies word for word equal but
+    for their docstrings, no function over 60 lines, no method file importing another, and in each method file the
+    method's functions outweigh main, argument parsing and output writing together."""
+    assert layout_problems(ROOT) == []
+
+
+FORKS = {  # what a user forking a script for an ablation adds: it must pass the same rules
+    "procon.py": [("def training_loss(", '''# a fork: the squared hinge with a margin, max(|z - z0| - margin, 0)^2
+def squared_hinge(z, z0, margin):
+    """The squared hinge on each projection's distance from its anchor, beyond a margin."""
+    return ((z - z0).abs() - margin).clamp(min=0).pow(2).sum()
+
+
+'''), ('    g = p.add_argument_group("method (ProCon)")\n', '''    p.add_argument("--margin", type=float, default=0.0,
+                   help="a fork: no constraint within this distance of the anchor")
+''')],
+    "directions.py": [('choices=("silhouette", "refusal")', 'choices=("silhouette", "refusal", "kl")'),
+                      ("def silhouette(", '''def lowest_kl(scores):
+    """A fork's --select kl: the layer whose ablation moves harmless next-token distributions least."""
+    return min(scores, key=lambda layer: scores[layer]["kl"])
+
+
+''')],
+}
+
+
+def test_a_fork_passes_the_same_rules(tmp_path):
+    """The two ordinary forks a line budget used to fail (a squared hinge with --margin in procon.py, a new --select
+    option in directions.py) pass the layout rules, and the forked scripts still parse their flags."""
+    for f in SCRIPTS + SHARED:
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    for f, edits in FORKS.items():
+        text = (tmp_path / f).read_text()
+        for anchor, added in edits:
+            assert anchor in text, (f, anchor)
+            text = text.replace(anchor, added + anchor if added.startswith(("def", "#")) else
+                                (anchor + added if anchor.endswith("\n") else added), 1)
+        (tmp_path / f).write_text(text)
+    assert layout_problems(str(tmp_path)) == []
+    for f, flags in (("procon.py", ["--margin", "0.1"]), ("directions.py", ["--select", "kl"])):
+        r = subprocess.run(["python", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import {f[:-3]}; "
+                            f"print({f[:-3]}.parse_args({flags!r}))"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
 
 
 def test_method_arithmetic_stays_in_its_file():
@@ -109,60 +236,71 @@ def test_an_unknown_judge_ends_in_one_line():
         evaluate.main(["--responses", os.path.join(ROOT, "data", "harmful.json"), "--judge", "fancy"])
 
 
-# The digests of a tiny run's artifacts, on this torch build, CPU and tiny model ("fixture": its weights and tokenizer,
-# which transformers' initialisation and the tokenizers trainer decide). First recorded at fbbce7a, before the method
-# files took their arithmetic back from the shared modules (the move changed no number); recorded again at 9eb637d
-# when a newer transformers drew another tiny model (9eb637d and the next commit give the same digests).
-GOLDEN = {"torch": "2.13.0+cpu", "cpu": "AVX512", "fixture": "30aff351d4634ef2", "direction": "57f47e2626a32b79",
-          "false_refusal": "ca7535e32fa6ddf0", "patch": "300048f84bb8d6b4", "procon": "b12a471b2c719d3d"}
+# Reference tensors of a tiny run (tests/golden/tiny_run.safetensors): directions.py's direction and Surgical's vector,
+# the ACTOR patch and a ProCon adapter (warm-up, safety data) of the tiny Llama, made by the code before it moved
+# (7849d6c, `REFUSAL_RECORD_GOLDEN=1 python -m pytest tests/test_layout.py -k same_seed` on a checkout of it with this
+# test copied in). Compared at a tolerance, not bit for bit: another CPU's kernels (AVX2 or AVX512) or another thread
+# count round the same sums otherwise, by about 1e-6 relative; a change to the arithmetic moves them by far more.
+GOLDEN = os.path.join(ROOT, "tests", "golden", "tiny_run.safetensors")
+RTOL, ATOL = 1e-4, 1e-6
 
 
-def digest_of(tensors):
-    h = {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()[:16] for k, v in tensors.items()}
-    return hashlib.sha256(json.dumps(h, sort_keys=True).encode()).hexdigest()[:16]
+def tiny_run(tiny_llama, tmp_path):
+    """The artifacts' tensors of a seeded tiny run of directions.py, actor.py and procon.py, by name."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import actor
+    import directions
+    files = {}
+    for name, rows in (("h", [f"Explain how to build a bomb number {i}." for i in range(12)]),
+                       ("b", [f"How do I bake bread number {i}?" for i in range(12)]),
+                       ("p", [f"How do I kill a Python process number {i}?" for i in range(12)]),
+                       ("pairs", [{"instruction": f"How do I bake bread number {i}?", "input": "",
+                                   "output": f"Mix flour and water {i}."} for i in range(10)])):
+        files[name] = str(tmp_path / f"{name}.json")
+        open(files[name], "w").write(json.dumps(rows))
+    m = ["--model", tiny_llama]
+    directions.main(m + ["--harmful", files["h"], "--harmless", files["b"], "--pseudo-harmful", files["p"],
+                         "--n-train", "8", "--n-val", "4", "--positions", "2", "--out", str(tmp_path / "d")])
+    actor.main(m + ["--harmful", files["h"], "--harmless", files["b"], "--pseudo-harmful", files["p"], "--epochs",
+                    "2", "--batch-size", "4", "--out", str(tmp_path / "a")])
+    procon.main(m + ["--data", files["pairs"], "--harmful", files["h"], "--harmless", files["b"], "--probe-harmful",
+                     files["h"], "--probe-harmless", files["b"], "--epochs", "2", "--batch-size", "4",
+                     "--max-length", "64", "--alpha", "0.5", "--warmup-epochs", "1", "--warmup-alpha", "1",
+                     "--safety-data", files["h"], "--out", str(tmp_path / "p")])
+    out = {}
+    for prefix, path in (("direction", tmp_path / "d" / "direction.pt"),
+                         ("false_refusal", tmp_path / "d" / "false_refusal.pt")):
+        out.update({f"{prefix}.{k}": v for k, v in torch.load(path, weights_only=True).items() if torch.is_tensor(v)})
+    out.update({f"patch.{k}": v for k, v in load_file(str(tmp_path / "a" / "actor_layer.safetensors")).items()})
+    out.update({f"procon.{k}": v for k, v in load_file(str(tmp_path / "p" / "adapter" /
+                                                           "adapter_model.safetensors")).items()})
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def test_same_seed_same_artifacts_as_before_the_move(tiny_llama, tmp_path):
-    """direction.pt, Surgical's vector, the ACTOR patch and a ProCon adapter (warm-up, safety data) of a tiny Llama
-    are bit-identical to those the code made before it moved (one thread: the same reductions in the same order)."""
-    from safetensors.torch import load_file
+    """The same seed gives the direction, Surgical's vector, the ACTOR patch and the ProCon adapter of the tensors
+    recorded before the code moved, within RTOL (on any CPU and thread count where torch is the pinned build)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-    if (torch.__version__, torch.backends.cpu.get_cpu_capability()) != (GOLDEN["torch"], GOLDEN["cpu"]):
-        pytest.skip("the digests were recorded with another torch build or CPU; floats may round otherwise")
-    fixture = digest_of({**load_file(os.path.join(tiny_llama, "model.safetensors")),
-                         "tokenizer": torch.frombuffer(bytearray(open(os.path.join(tiny_llama, "tokenizer.json"),
-                                                                      "rb").read()), dtype=torch.uint8)})
-    if fixture != GOLDEN["fixture"]:
-        pytest.skip(f"the digests were recorded on another tiny model (fixture {fixture}, not {GOLDEN['fixture']}): "
-                    "this transformers or tokenizers draws it otherwise")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        files = {}
-        for name, rows in (("h", [f"Explain how to build a bomb number {i}." for i in range(12)]),
-                           ("b", [f"How do I bake bread number {i}?" for i in range(12)]),
-                           ("p", [f"How do I kill a Python process number {i}?" for i in range(12)]),
-                           ("pairs", [{"instruction": f"How do I bake bread number {i}?", "input": "",
-                                       "output": f"Mix flour and water {i}."} for i in range(10)])):
-            files[name] = str(tmp_path / f"{name}.json")
-            open(files[name], "w").write(json.dumps(rows))
-        m = ["--model", tiny_llama]
-        directions.main(m + ["--harmful", files["h"], "--harmless", files["b"], "--pseudo-harmful", files["p"],
-                             "--n-train", "8", "--n-val", "4", "--positions", "2", "--out", str(tmp_path / "d")])
-        actor.main(m + ["--harmful", files["h"], "--harmless", files["b"], "--pseudo-harmful", files["p"], "--epochs",
-                        "2", "--batch-size", "4", "--out", str(tmp_path / "a")])
-        procon.main(m + ["--data", files["pairs"], "--harmful", files["h"], "--harmless", files["b"], "--probe-harmful",
-                         files["h"], "--probe-harmless", files["b"], "--epochs", "2", "--batch-size", "4",
-                         "--max-length", "64", "--alpha", "0.5", "--warmup-epochs", "1", "--warmup-alpha", "1",
-                         "--safety-data", files["h"], "--out", str(tmp_path / "p")])
-    finally:
-        torch.set_num_threads(threads)
-    load = lambda p: {k: v for k, v in torch.load(p, weights_only=True).items() if torch.is_tensor(v)}  # noqa: E731
-    got = {"direction": digest_of(load(tmp_path / "d" / "direction.pt")),
-           "false_refusal": digest_of(load(tmp_path / "d" / "false_refusal.pt")),
-           "patch": digest_of(load_file(str(tmp_path / "a" / "actor_layer.safetensors"))),
-           "procon": digest_of(load_file(str(tmp_path / "p" / "adapter" / "adapter_model.safetensors")))}
-    assert got == {k: GOLDEN[k] for k in got}, got
+    fixture = runrecord.sha256(os.path.join(tiny_llama, "model.safetensors"))[:16]
+    got = tiny_run(tiny_llama, tmp_path)
+    if os.environ.get("REFUSAL_RECORD_GOLDEN"):
+        os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+        save_file(got, GOLDEN, {"fixture": fixture, "torch": torch.__version__})
+    with safe_open(GOLDEN, "pt") as f:
+        recorded = f.metadata()
+    if recorded["fixture"] != fixture:
+        pytest.skip(f"the tensors were recorded on another tiny model (fixture {recorded['fixture']}, here {fixture}): "
+                    "this transformers draws it otherwise")
+    want = load_file(GOLDEN)
+    assert sorted(got) == sorted(want)
+    far = {k: (got[k].float() - want[k].float()).abs().max().item() for k in want
+           if not torch.allclose(got[k].float(), want[k].float(), rtol=RTOL, atol=ATOL)}
+    assert not far, f"moved by more than rtol {RTOL}: {far}"
 
 
 def anchor(heading):

@@ -63,7 +63,8 @@ def test_alpha0_loss_is_plain_ce(tiny_llama, pairs_file):
     torch.testing.assert_close(ce_sum / (batch[2][:, 1:] != -100).sum(), hf)
     assert len(hs) == 5 and resp.sum() == sum(sum(l != -100 for l in e[1]) for e in examples)
     # the prompt carries no loss: every label before the response is -100
-    prompt_len = len(tok(chat.format_chat(tok, [T.read_pairs(pairs_file)[0][0]])[0], add_special_tokens=False).input_ids)
+    prompt_len = len(tok(chat.format_chat(tok, [T.read_pairs(pairs_file)[0][0]])[0],
+                         add_special_tokens=False).input_ids)
     assert all(l == -100 for l in examples[0][1][:prompt_len]) and examples[0][1][prompt_len] != -100
 
 
@@ -489,7 +490,7 @@ BAD_INPUT = [
     (["--ce-chunk=-1"], "argument --ce-chunk: -1 must be at least 0"),
     (["--max-steps", "0"], "argument --max-steps: 0 must be at least 1"),
     (["--save-every=-2"], "argument --save-every: -2 must be at least 0"),
-    (["--warmup-ratio", "1"], "argument --warmup-ratio: 1 must be below 1"),
+    (["--lr-warmup-ratio", "1"], "argument --lr-warmup-ratio: 1 must be below 1"),
     (["--warmup-epochs", "5"], "--warmup-epochs 5: must be at most --epochs 2"),
     (["--alpha", "-1"], "argument --alpha: -1 must be at least 0"),
     (["--alpha", "inf"], "argument --alpha: inf is not a finite number"),

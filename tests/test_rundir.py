@@ -245,7 +245,7 @@ def test_every_output_folder_names_what_its_run_reads():
 
     for name in ("actor.py", "actor_search.py", "directions.py", "procon.py", "evaluate.py", "artifacts.py"):
         for node in ast.walk(ast.parse(open(os.path.join(ROOT, name)).read())):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "run_folder":
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("run_folder", "rank0_run_folder"):
                 assert "read" in {k.arg for k in node.keywords}, f"{name}:{node.lineno} run_folder without read="
 
 
@@ -334,9 +334,9 @@ def test_a_kill_at_any_write_leaves_old_or_new_outputs_and_resume_continues(tiny
 
 # ---------------------------------------------------------------------------- identity by contents (issue 27)
 def test_a_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
-    """runrecord.sha256 reads a file once per version (path, inode, size, mtime, ctime), in this process and, for large files,
-    across processes (CACHE/digests.json); a file rewritten in place with its mtime set back is read again (ctime), and
-    a file changed within DIGEST_RACY seconds is not kept at all."""
+    """runrecord.sha256 reads a file once per version (path, inode, size, mtime, ctime), in this process and, for large
+    files, across processes (CACHE/digests.json); a file rewritten in place with its mtime set back is read again
+    (ctime), and a file changed within DIGEST_RACY seconds is not kept at all."""
     import builtins
 
     monkeypatch.setattr(runrecord, "CACHE", str(tmp_path / "cache"))
@@ -350,7 +350,8 @@ def test_a_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
     first = runrecord.sha256(str(path))
     assert runrecord.sha256(str(path)) == first and len(reads) == 2  # changed just now: racy, so read again, not kept
     monkeypatch.setattr(runrecord, "DIGEST_RACY", 0.0)
-    assert runrecord.sha256(str(path)) == first and runrecord.sha256(str(path)) == first and len(reads) == 3  # kept from now on
+    assert runrecord.sha256(str(path)) == first and runrecord.sha256(
+        str(path)) == first and len(reads) == 3  # kept from now on
     assert first in json.load(real_open(tmp_path / "cache" / "digests.json")).values()
     monkeypatch.setattr(runrecord, "_DIGESTS", {})  # another process: the large file's digest comes from the cache
     assert runrecord.sha256(str(path)) == first and len(reads) == 3
@@ -361,14 +362,15 @@ def test_a_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
 
 
 def test_a_model_is_known_by_its_contents(tiny_llama, tmp_path, monkeypatch):
-    """runrecord.model_identity: a model folder by its files' digests, whatever path names it; a copy is the same model; the
-    same folder with other weights is not, and model_change names the file; documentation does not count."""
+    """runrecord.model_identity: a model folder by its files' digests, whatever path names it; a copy is the same model;
+    the same folder with other weights is not, and model_change names the file; documentation does not count."""
     import shutil
 
     shutil.copytree(tiny_llama, tmp_path / "m")
     shutil.copytree(tiny_llama, tmp_path / "copy")
     monkeypatch.chdir(tmp_path)
-    a, b, c = runrecord.model_identity("./m/"), runrecord.model_identity(str(tmp_path / "m")), runrecord.model_identity("copy")
+    a, b, c = runrecord.model_identity("./m/"), runrecord.model_identity(
+        str(tmp_path / "m")), runrecord.model_identity("copy")
     assert a["key"] == b["key"] == str(tmp_path / "m") and a["sha256"] == b["sha256"] == c["sha256"]
     assert "model.safetensors" in a["files"] and "config.json" in a["files"]
     assert runrecord.model_change(a, c) is None  # a copy elsewhere: the same model

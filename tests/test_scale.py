@@ -161,8 +161,9 @@ def test_merged_patch_and_adapter_equal_the_patched_and_adapted_models(arch_mode
     assert (patched - plain).abs().max() > 1e-3
     assert (logits(loading.load_model(str(tmp_path / "merged_patch"))[0], tok) - patched).abs().max() <= 1e-4
 
-    lora = get_peft_model(loading.load_model(path)[0], LoraConfig(r=4, target_modules=training.lora_targets(model, "auto"),
-                                                             init_lora_weights=False))
+    lora = get_peft_model(loading.load_model(path)[0],
+                          LoraConfig(r=4, target_modules=training.lora_targets(model, "auto"),
+                                     init_lora_weights=False))
     lora.save_pretrained(str(tmp_path / "adapter"))
     P.main(["--merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged_adapter")])
     adapted = logits(artifacts.apply_adapter(loading.load_model(path)[0], str(tmp_path / "adapter"), path), tok)
