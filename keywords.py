@@ -1,6 +1,6 @@
 """keywords.py: the keyword judge, a readable list of refusal patterns and the small rule that combines them.
 
-It lives apart from plumbing.py because it is a measured instrument, not plumbing: its patterns are scored against
+It lives apart from the machinery because it is a measured instrument, not plumbing: its patterns are scored against
 XSTest's human labels (bench/bench_judges.py, results/judges.md), and both directions.py (refusal tokens) and
 evaluate.py use it.
 
