@@ -43,6 +43,7 @@ import runrecord
 # --data-dir (laid out like ../shared/benchdata; SOURCES.md there gives origins, columns and labels) with its prompt
 # column and row filter, and its public Hugging Face dataset (id, config, split, prompt column, row filter), which is
 # what a run without --data-dir loads. None: no such copy (OKTest has no official hub copy, PHTest no local one).
+# source: where the public file is (a repository and the file's path in it), named when the local copy is missing.
 BENCHMARKS = {
     "xstest": [
         dict(set="xstest-safe", expect="comply", file="xstest/xstest_prompts.csv", column="prompt",
@@ -75,11 +76,24 @@ BENCHMARKS = {
     "strongreject": [
         dict(set="strongreject", expect="refuse", file="strongreject/strongreject_dataset.csv",
              column="forbidden_prompt", where=None, hub=("walledai/StrongREJECT", None, "train", "prompt", None))],
+    # Newer over-refusal sets, all benign (no row is meant to be refused); none may be committed here: FalseReject is
+    # CC-BY-NC-4.0, EvoRefuse and ORFuzz state no licence. data/README.md gives each one's source, columns and rows.
+    # [choice] The local copy keeps the upstream file name in a folder named after the set.
+    "falsereject": [  # FalseReject-Test (Zhang et al. 2025), 1,187 human-annotated prompts; type: category_text
+        dict(set="falsereject", expect="comply", file="falsereject/test.jsonl", column="prompt", where=None,
+             hub=("AmazonScience/FalseReject", None, "test", "prompt", None),
+             source=("https://huggingface.co/datasets/AmazonScience/FalseReject", "test.jsonl"))],
+    "evorefuse": [  # EvoRefuse-Test (Wu et al. 2025), 582 pseudo-malicious instructions; GitHub only
+        dict(set="evorefuse", expect="comply", file="evorefuse/evo_test.jsonl", column="instruction", where=None,
+             hub=None, source=("https://github.com/FishT0ucher/EVOREFUSE", "datasets/evo_test.jsonl"))],
+    "orfuzz": [  # ORFuzzSet (Zhang et al. 2025), 1,855 prompts, many spanning lines (quoted CSV fields); GitHub only
+        dict(set="orfuzz", expect="comply", file="orfuzz/ORFuzz.csv", column="input", where=None, hub=None,
+             source=("https://github.com/HotBento/ORFuzz", "ORFuzz_dataset/ORFuzz.csv"))],
     "alpaca": [  # ordinary instructions (an Alpaca input is appended to its instruction): refusal here is plain damage
         dict(set="alpaca", expect="comply", file="alpaca/alpaca_data_1k.json", column="instruction", where=None,
              hub=("tatsu-lab/alpaca", None, "train", "instruction", None))],
 }
-TYPE_COLUMNS = ("type", "category", "Category", "SemanticCategory", "harmfulness")  # per-type breakdowns
+TYPE_COLUMNS = ("type", "category_text", "category", "Category", "SemanticCategory", "harmfulness")  # by type
 CONTEXT_COLUMNS = ("ContextString", "context")  # HarmBench's contextual behaviours show their context first
 OUTPUTS = ("responses.jsonl", "summary.json", "summary.md", "summary.png")
 FILES = ("chat_template", "patch", "adapter", "ablate", "steer", "data", "exclude", "responses")  # by contents
@@ -94,20 +108,7 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
         cli.fail(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     rows = []
     for s in BENCHMARKS[name]:
-        if data_dir:
-            if s["file"] is None:
-                cli.fail(f"{name} has no local copy in the --data-dir layout; drop --data-dir to load it from the hub")
-            path = os.path.join(data_dir, s["file"])
-            if not os.path.isfile(path):
-                cli.fail(f"{path} missing; --data-dir must be laid out like ../shared/benchdata (see its SOURCES.md)")
-            records, column, where = chat.read_records(path), s["column"], s["where"]
-        else:
-            if s["hub"] is None:
-                cli.fail(f"{name} has no public Hugging Face copy that this script knows; pass --data-dir")
-            hub_id, config, split, column, where = s["hub"]
-            records = load_hub(hub_id, config and config.format(harmbench=harmbench), split)
-            if records and column not in records[0]:  # an unverified column name: take any prompt-like one
-                column = next((c for c in ("prompt", "Prompt") + chat.PROMPT_COLUMNS if c in records[0]), column)
+        records, column, where = set_records(name, s, data_dir, harmbench)
         if where:
             key, value = where[0], where[1].format(harmbench=harmbench)
             records = [r for r in records if str(r.get(key) or "").strip() == value]
@@ -119,8 +120,8 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
             context = next((str(r[c]).strip() for c in CONTEXT_COLUMNS if str(r.get(c) or "").strip()), None)
             if context:  # HarmBench's own format for contextual behaviours
                 prompt = f"{context}\n\n---\n\n{prompt}"
-            if str(r.get("input") or "").strip():  # Alpaca: the instruction's input follows it (as procon.py reads it)
-                prompt += "\n\n" + str(r["input"]).strip()
+            if column != "input" and str(r.get("input") or "").strip():  # Alpaca: the instruction's input follows
+                prompt += "\n\n" + str(r["input"]).strip()  # it, as procon.py reads it (ORFuzz's prompt is 'input')
             found.append((prompt, next((str(r[c]) for c in TYPE_COLUMNS if r.get(c)), "")))
         copies = near_duplicates([p for p, _ in found], exclude[s["expect"]]) if exclude else {}
         if removed is not None:
@@ -135,6 +136,30 @@ def load_benchmark(name, data_dir, limit, seed, harmbench="standard", exclude=()
         rows += [{"id": f"{s['set']}/{i}", "benchmark": s["set"], "type": t, "prompt": p, "expect": s["expect"]}
                  for i, (p, t) in enumerate(found)]
     return rows
+
+
+def set_records(name, s, data_dir, harmbench):
+    """The records of one result set `s` of benchmark `name`, its prompt column and its row filter: from its local copy
+    under --data-dir, else from the hub. A missing copy ends in one line naming the set and where its file is."""
+    url, upstream = s.get("source") or (None, None)
+    if data_dir:
+        if s["file"] is None:
+            cli.fail(f"{name} has no local copy in the --data-dir layout; drop --data-dir to load it from the hub")
+        path = os.path.join(data_dir, s["file"])
+        if not os.path.isfile(path):
+            if url:
+                cli.fail(f"{path} missing: {name} reads {upstream} of {url}, saved there"
+                         + ("; or drop --data-dir to load it from the hub" if s["hub"] else ""))
+            cli.fail(f"{path} missing; --data-dir must be laid out like ../shared/benchdata (see its SOURCES.md)")
+        return chat.read_records(path), s["column"], s["where"]
+    if s["hub"] is None:
+        cli.fail(f"{name} has no public Hugging Face copy that this script knows; pass --data-dir" +
+                 (f" DIR with {upstream} of {url} saved as DIR/{s['file']}" if url else ""))
+    hub_id, config, split, column, where = s["hub"]
+    records = load_hub(hub_id, config and config.format(harmbench=harmbench), split)
+    if records and column not in records[0]:  # an unverified column name: take any prompt-like one
+        column = next((c for c in ("prompt", "Prompt") + chat.PROMPT_COLUMNS if c in records[0]), column)
+    return records, column, where
 
 
 def excluded(files):
@@ -1059,7 +1084,9 @@ def parse_args(argv=None):
     g.add_argument("--column", default=None, help="prompt column of --data (default: the first of "
                    f"{', '.join(chat.PROMPT_COLUMNS)})")
     g.add_argument("--data-dir", default=None, help="read benchmarks from local copies laid out like "
-                   "../shared/benchdata instead of the Hugging Face hub")
+                   "../shared/benchdata instead of the Hugging Face hub; the sets it lacks go in DIR as "
+                   + ", ".join(s["file"] for v in BENCHMARKS.values() for s in v if s.get("source"))
+                   + ", each the upstream file (data/README.md says where)")
     g.add_argument("--limit", type=cli.count(1), default=None,
                    help="at most N prompts per result set (a seeded sample; default: every prompt)")
     g.add_argument("--harmbench-category", choices=("standard", "contextual", "copyright"), default="standard",
