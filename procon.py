@@ -637,9 +637,10 @@ def add_run_args(p, method):
     """procon.py's memory and output flags (and the trainable ones, in its method group)."""
     g = cli.add_memory_args(p, batch_size=8)
     add_trainable_args(method, g)
-    g.add_argument("--grad-accum", type=cli.count(1), default=1,
+    g.add_argument("--grad-accum", type=cli.count(1), default=None,
                    help="micro-batches of --batch-size per optimizer step (effective batch: their product; under "
-                   "torchrun a multiple of the processes, which share them)")
+                   "torchrun a multiple of the processes, which share them; default: the number of processes, 1 in "
+                   "one process)")
     g.add_argument("--ce-chunk", type=cli.count(0), default=0, help="make the logits this many tokens at a time, "
                    "recomputed in backward (less memory with a large vocabulary; 0: all at once)")
     g.add_argument("--max-length", type=cli.count(2), default=256, help="truncate chat-formatted pairs to this many "

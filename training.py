@@ -248,8 +248,12 @@ def restore(work, model, opt):
 def init_distributed(args):
     """Under torchrun or accelerate launch (WORLD_SIZE > 1): checked, then the process group joined (nccl on GPUs, gloo
     on the CPU), this process's GPU cuda:LOCAL_RANK, the model (a .gguf converted once, by rank 0), the other ranks'
-    stdout and progress bars silenced. Returns this process's Parallel (in one process too)."""
+    stdout and progress bars silenced. --grad-accum left unset becomes the number of processes (1 in one process), so
+    that every reader of args.grad_accum (the batches, the recorded settings a resume compares) sees the number used.
+    Returns this process's Parallel (in one process too)."""
     global RANK
+    if args.grad_accum is None:  # the default: one micro-batch per process and step (nanoGPT's choice)
+        args.grad_accum = WORLD
     if WORLD == 1:
         return Parallel()
     if args.device_map:

@@ -243,6 +243,10 @@ def test_resume_checks_what_it_resumes(tiny_llama, pairs_file, tmp_path, monkeyp
         run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume", "--lr", "1e-3")
     with pytest.raises(cli.UserError, match="--resume with --alpha 0.7"):
         run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.7", "--resume")
+    # --grad-accum left unset is recorded as the number it resolves to (1 process: 1), so 2 is refused, 1 is not
+    assert json.loads((tmp_path / "k" / rundir.WORK / rundir.SETTINGS).read_text())["grad_accum"] == 1
+    with pytest.raises(cli.UserError, match=r"--resume with --grad-accum 2, but the run in .* began with 1"):
+        run(tiny_llama, str(data), tmp_path / "k", "--alpha", "0.3", "--resume", "--grad-accum", "2")
     rows = json.loads(data.read_text())
     data.write_text(json.dumps([{**r, "output": r["output"] + " Then bake."} for r in rows]))  # same count, same path
     with pytest.raises(cli.UserError, match="the file or folder of --data has other contents"):

@@ -268,6 +268,18 @@ def torchrun(argv):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
+def test_grad_accum_defaults_to_the_processes(monkeypatch):
+    """--grad-accum left unset is the number of processes; an explicit one they cannot share stops in one line (checked
+    before any process group is joined)."""
+    args = P.parse_args(["--model", "m", "--data", "d"])
+    assert args.grad_accum is None
+    training.init_distributed(args)
+    assert args.grad_accum == 1  # one process
+    monkeypatch.setattr(training, "WORLD", 2)
+    with pytest.raises(cli.UserError, match=r"^--grad-accum 3: each of the 2 processes .* use a multiple of 2$"):
+        training.init_distributed(P.parse_args(["--model", "m", "--data", "d", "--grad-accum", "3"]))
+
+
 @pytest.mark.slow  # three launches of two fresh Python processes (~15 s each on two busy cores)
 def test_two_processes_train_what_one_trains_with_grad_accum_2(one_thread, tiny_llama, prompt_files, tmp_path,
                                                                 monkeypatch):
@@ -322,3 +334,30 @@ def test_two_processes_train_what_one_trains_with_grad_accum_2(one_thread, tiny_
     assert r.returncode != 0 and "exitcode: 2" in r.stderr and "Traceback" not in ours
     assert errors and all("is being written by another run" in e for e in errors)
     assert snapshot(tmp_path / "two") == before
+
+
+@pytest.mark.slow  # one launch of two fresh Python processes, one run in this one
+def test_two_processes_without_grad_accum_train_what_one_trains_with_grad_accum_2(one_thread, tiny_llama,
+                                                                                  prompt_files, tmp_path):
+    """torchrun --nproc_per_node 2 procon.py with no --grad-accum runs (the default is the number of processes, 2) and
+    trains the adapter one process trains with --grad-accum 2 (max abs difference <= 1e-6, as above); the run's
+    recorded settings say 2."""
+    from safetensors.torch import load_file
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"instruction": f"How do I bake bread number {i}?", "output": f"Mix flour {i}."}
+                                 for i in range(10)]))
+    flags = ["--model", tiny_llama, "--data", str(pairs), "--harmful", prompt_files["harmful"], "--harmless",
+             prompt_files["harmless"], "--probe-harmful", prompt_files["harmful"], "--probe-harmless",
+             prompt_files["harmless"], "--epochs", "2", "--batch-size", "2", "--max-length", "64", "--alpha", "0.5",
+             "--lr", "1e-2"]
+    adapter = lambda out: load_file(str(out / "adapter" / "adapter_model.safetensors"))  # noqa: E731
+    P.main([*flags, "--grad-accum", "2", "--out", str(tmp_path / "one")])
+    r = torchrun([*flags, "--out", str(tmp_path / "two")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k, v in one.items():
+        assert (two[k] - v).abs().max() <= 1e-6, k
+    log = json.loads((tmp_path / "two" / "procon.json").read_text())
+    assert log["processes"] == 2 and log["args"]["grad_accum"] == 2 and len(log["steps"]) == 6  # 3 steps an epoch
