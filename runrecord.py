@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -197,11 +198,14 @@ def flat(items):
 
 
 def metadata(args, data_files=()):
-    """What every output carries beside it: the command, its arguments, the data hashes (files, or lists of them),
+    """What every output carries beside it: the command (shell-quoted: it re-runs as written), its arguments, the
+    model's digest (model_identity; None for a hub id not cached here), the data hashes (files, or lists of them),
     library versions and the code's commit."""
+    model = getattr(args, "model", None)
     return {
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "args": dict(vars(args)),
+        "model_sha256": model_identity(model)["sha256"] if model else None,
         "data": {p: sha256(p) for p in flat(data_files) if p and os.path.isfile(p)},
         "versions": versions(),
         "code": provenance(),

@@ -530,3 +530,15 @@ def test_a_non_finite_number_names_the_likely_flag(argv, expected):
         assert str(e.value).startswith("the loss became NaN; the likely cause: --lr 1000 is too large")
     else:
         assert str(e.value).startswith(f"the loss became NaN; the likely cause: {expected} is too large")
+
+
+def test_metadata_names_the_model_by_digest_and_the_command_as_it_ran(tiny_llama, monkeypatch):
+    """Every output's metadata carries the model's digest (the artifacts' model_identity) and the command shell-quoted,
+    so that an argument with a space re-runs as written."""
+    import argparse
+    import shlex
+
+    monkeypatch.setattr(sys, "argv", ["procon.py", "--data", "my pairs.json", "--model", tiny_llama])
+    meta = runrecord.metadata(argparse.Namespace(model=tiny_llama))
+    assert shlex.split(meta["command"]) == sys.argv
+    assert meta["model_sha256"] == runrecord.model_identity(tiny_llama)["sha256"] and meta["model_sha256"]
