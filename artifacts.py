@@ -156,10 +156,12 @@ def load_direction(path, name=None, cfg=None, other_model=False):
         if torch.is_tensor(v) and k != "refusal_tokens":
             check_tensor(path, k, v)
     md, tokens = d.get("mean_diff"), d.get("refusal_tokens")
-    if md is not None and (md.dim() != 3 or md.shape[2] != len(r_hat) or not 0 <= layer < md.shape[0] or
-                           not -md.shape[1] <= position < md.shape[1]):
-        cli.fail(f"{path}: its mean_diff has shape {list(md.shape)}, which holds no layer {layer}, position {position} "
-                f"of a {len(r_hat)}-wide direction")
+    for key in ("mean_diff", "harmless_mean"):  # per layer and position: the difference in means, the harmless mean
+        t = d.get(key)
+        if t is not None and (t.dim() != 3 or t.shape[2] != len(r_hat) or not 0 <= layer < t.shape[0] or
+                              not -t.shape[1] <= position < t.shape[1]):
+            cli.fail(f"{path}: its {key} has shape {list(t.shape)}, which holds no layer {layer}, position "
+                     f"{position} of a {len(r_hat)}-wide direction")
     if tokens is not None and (not torch.is_tensor(tokens) or tokens.is_floating_point() or tokens.dim() != 1):
         cli.fail(f"{path}: its refusal_tokens are not a list of token ids")
     if cfg is not None:
@@ -304,8 +306,9 @@ ADAPTER_MADE_ON = "made_on.json"  # beside peft's files: the record of the model
 
 
 def save_trained(folder, model, tok, made_on=None):
-    """procon.py's result: a LoRA adapter (peft's files, and made_on.json: `made_on`, the record of its base model,
-    which check_adapter reads), or with made_on None (--full) the whole model and its tokenizer. A write error is one
+    """procon.py's result and directions.py's ablation as an adapter: a LoRA adapter (peft's files, and made_on.json:
+    `made_on`, the record of its base model, which check_adapter reads), or with made_on None (procon.py --full) the
+    whole model and its tokenizer. A write error is one
     line, and leaves no half-written folder."""
     with runrecord.save_guard(folder, folder):
         model.save_pretrained(folder)

@@ -27,6 +27,17 @@ The same difference in means is the r-direction of ProCon (procon.py) and the re
     python directions.py --model Qwen/Qwen2.5-7B-Instruct --load-in-4bit --harmful H.json --harmless B.json --out D
     python directions.py --pseudo-harmful P.json --out D               # also false_refusal.pt (evaluate.py --ablate)
     python directions.py --save-ablated --out D        # also D/ablated: the direction out of the weights (sec. 4.1)
+    python directions.py --save-ablated --ablation norm-preserving --out D          # the same, "MPOA" (see below)
+    python directions.py --model M --ablate-weights D/direction.pt --save-ablated-adapter --out A  # a rank-1 LoRA
+
+The export's variants (--ablation), from their public code (jim-plus/llm-abliteration at 43def13, "JP"; p-e-w/heretic
+PR #52, 3525b1a, "HR"; J. Lai's blog posts huggingface.co/blog/grimjim/projected-abliteration and
+.../norm-preserving-biprojected-abliteration):
+
+    plain            W' = W - r r^T W                                   Arditi eq. 5
+    projected        r <- n(r - (r . m) m),  m = n(harmless mean at r's layer and position), then as plain
+    norm-preserving  the projected r, then every vector w_j that W writes to the stream rescaled to its old length:
+                     w_j' = |w_j| n(w_j - (r^T w_j) r)                  (JP HEAD per column; "MPOA", HR PR #52)
 
 Every place where the code chooses what a paper leaves open carries the tag [choice].
 """
@@ -160,13 +171,55 @@ def untie_embeddings(model):
 # W_out <- W_out - r_hat r_hat^T W_out (sec. 4.1, eq. 5), for the embedding, every attention and MLP output projection
 # (each expert's) and their biases: no write to the residual stream keeps a component along r_hat (eq. 4, in weights)
 @torch.no_grad()
-def orthogonalise_weights(weights, r_hat):
+def orthogonalise_weights(weights, r_hat, keep_norms=False):
     """W <- W - r_hat r_hat^T W for each (name, W, axis) of `weights`, axis the one of W that indexes the residual
-    stream (a row of the embedding, the output of a projection, a bias); computed in fp32, stored in W's dtype."""
+    stream (a row of the embedding, the output of a projection, a bias); computed in fp32, stored in W's dtype.
+
+    keep_norms (--ablation norm-preserving, "MPOA"): every vector W writes into the stream keeps its length,
+    w_j' = |w_j| n(w_j - (r^T w_j) r), so r^T W' = 0 still. [choice] The vector is the one along the stream axis: a
+    column W[:, j] of an [out, in] projection (what input feature j writes), as JP's sharded_ablate.py does since its
+    b214e67 "Hotfix" (JP before it, and HR's row_normalization, keep the norm of each row W[i, :] instead, which leaves
+    r^T W' != 0 and, in HR, is approximated by a rank-3 LoRA). [choice] Neither source edits the embedding or a bias;
+    here they get the same rule as the projections (a token's embedding row and a bias vector keep their lengths), so
+    the three variants rewrite the same weights. [choice] A vector that lay along r (nothing left, under 1e-6 of its
+    length) stays at zero rather than being blown up from rounding noise."""
     for _, w, axis in weights:
         r = r_hat.to(w.device, torch.float32)
         v = w.float().movedim(axis, -1)  # [..., d]: every vector W writes
-        w.copy_((v - (v @ r).unsqueeze(-1) * r).movedim(-1, axis))
+        out = v - (v @ r).unsqueeze(-1) * r
+        if keep_norms:
+            old, new = v.norm(dim=-1, keepdim=True), out.norm(dim=-1, keepdim=True)
+            out = out * torch.where(new > 1e-6 * old, old / new.clamp(min=1e-30), torch.ones_like(new))
+        w.copy_(out.movedim(-1, axis))
+
+
+ABLATIONS = ("plain", "projected", "norm-preserving")  # --ablation
+
+
+def project_direction(r_hat, harmless_mean):
+    """The projected direction: r <- n(r - (r . m) m), m = n(harmless mean), in float64 (r ends orthogonal to the
+    mean activation of harmless prompts, so the ablation leaves what every prompt shares at that layer). [choice] As
+    HR's orthogonalize_direction: r normalised first and projected once (JP projects the raw difference in means,
+    twice against cancellation: the same direction up to rounding); m is the raw, uncentred mean at r's own layer and
+    position, as both do. [choice] The "bi" of JP's biprojection, a second projection against the harmless mean at
+    each target layer's input, is not done: one direction for every layer, as HR (and Arditi) apply it."""
+    m, r = unit(harmless_mean.double(), "harmless mean activation"), r_hat.double()
+    out = r - (r @ m) * m
+    if out.norm() <= 1e-6:
+        cli.fail("the direction lies along the harmless mean activation: nothing is left of it once projected")
+    return (out / out.norm()).float()
+
+
+def ablation_direction(d, ablation, path):
+    """The direction an export removes: the file's own (plain) or projected against the harmless mean at its layer
+    and position (projected, norm-preserving), which the file must carry (direction.pt from this directions.py)."""
+    if ablation == "plain":
+        return d["direction"].float()
+    mean = d.get("harmless_mean")
+    if mean is None:
+        cli.fail(f"{path}: no harmless_mean in it (made by an older directions.py); --ablation {ablation} needs it: "
+                 "make the direction again")
+    return project_direction(d["direction"].float(), mean[d["layer"], d.get("position", -1)])
 
 
 # the choice of (i, l): bypass, induce, KL (sec. 2.4, app. C)
@@ -236,7 +289,8 @@ def typical_split(args, model, tok, split, tokens):
 
 def candidate_directions(acts_harmful, acts_harmless, n_layers):
     """Every candidate (layer, position): r = mu - nu and r_hat at the input of every layer but 0 (whose input is the
-    embeddings) and every position, and the silhouette of harmful vs harmless activations there."""
+    embeddings) and every position, the harmless mean nu there, and the silhouette of harmful vs harmless
+    activations there."""
     mean_diff = difference_in_means(acts_harmful, acts_harmless)[:n_layers]  # [L, positions, d]
     candidates = [(l, p) for l in range(1, n_layers) for p in range(mean_diff.shape[1])]
     r_hat = torch.zeros_like(mean_diff)
@@ -244,6 +298,7 @@ def candidate_directions(acts_harmful, acts_harmless, n_layers):
     labels = torch.cat([torch.ones(len(acts_harmful)), torch.zeros(len(acts_harmless))])
     both = torch.cat([acts_harmful, acts_harmless])
     return {"mean_diff": mean_diff, "r_hat": r_hat, "candidates": candidates,
+            "harmless_mean": acts_harmless.double().mean(0)[:n_layers].float(),  # --ablation projected reads it
             "silhouette": {c: silhouette(both[:, c[0], c[1]], labels) for c in candidates}}
 
 
@@ -324,8 +379,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.ablate_weights:  # instead of finding a direction: a saved one, out of the weights (sec. 4.1)
         return write_ablated(args.ablate_weights, args)
-    if args.save_ablated:  # an architecture whose weights cannot ablate exactly is refused before any work
-        check_orthogonalisable(artifacts.model_config(args.model, args.trust_remote_code))
+    if exports(args):  # an architecture whose weights (or an adapter) cannot ablate exactly is refused before any work
+        check_orthogonalisable(artifacts.model_config(args.model, args.trust_remote_code), args)
     runrecord.seed_everything(args.seed)
     t0 = time.time()
 
@@ -334,8 +389,8 @@ def main(argv=None):
     for name in ("harmful", "harmless") + (("pseudo_harmful",) if args.pseudo_harmful else ()):
         train[name], val[name] = split_prompts(getattr(args, name), args.column, args.n_train, args.n_val, args.seed)
     chat.check_groups(train)
-    outputs = OUTPUTS + (SURGICAL_OUTPUTS if args.pseudo_harmful else ()) + (("ablated",) if args.save_ablated else ())
-    with rundir.run_folder(args.out, outputs, args.overwrite, known=OUTPUTS + SURGICAL_OUTPUTS + ("ablated",),
+    outputs = OUTPUTS + (SURGICAL_OUTPUTS if args.pseudo_harmful else ()) + exports(args)
+    with rundir.run_folder(args.out, outputs, args.overwrite, known=OUTPUTS + SURGICAL_OUTPUTS + tuple(EXPORTS),
                            read=rundir.reads(args)) as work:
         # 2. model
         model, tok = loading.load(args)
@@ -385,11 +440,12 @@ def main(argv=None):
 # ============================================================================ outputs
 def write_outputs(work, args, model, tok, found, train, val, t0):
     """direction.pt, direction.json and layers.png; with Surgical, false_refusal.pt too; the summary table; with
-    --save-ablated, ablated/."""
+    --save-ablated, ablated/, and with --save-ablated-adapter, ablated_adapter/."""
     (layer, pos), tokens, check = found["chosen"], found["tokens"], found["check"]
     made_on = artifacts.record(args.model, model.config)
     artifacts.save_direction(os.path.join(work, "direction.pt"), found["r_hat"][layer, pos], layer,
-                             pos - args.positions, found["mean_diff"], tokens, made_on)
+                             pos - args.positions, found["mean_diff"], tokens, made_on,
+                             harmless_mean=found["harmless_mean"])
     per_layer = [{"layer": l, "position": p - args.positions, "silhouette": found["silhouette"][(l, p)],
                   **found["scores"].get((l, p), {})} for l, p in found["candidates"]]
     meta = {"model": args.model, "layer": layer, "activation": f"input of layer {layer}",
@@ -402,7 +458,7 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
         w, (fl, fp), fscores = found["surgical"]
         artifacts.save_direction(os.path.join(work, "false_refusal.pt"), unit(w[fl, fp]), fl, fp - args.positions,
                                  w, tokens, made_on, method="Surgical (Wang et al. 2025)",
-                                 ortho_lambda=args.ortho_lambda)
+                                 ortho_lambda=args.ortho_lambda, harmless_mean=found["harmless_mean"])
         meta["surgical"] = {"layer": fl, "position": fp - args.positions, "ortho_lambda": args.ortho_lambda,
                             "cos_to_refusal_direction": float(unit(w[fl, fp]) @ found["r_hat"][fl, fp]),
                             "per_layer": [{"layer": l, "position": p - args.positions, **s}
@@ -419,8 +475,11 @@ def write_outputs(work, args, model, tok, found, train, val, t0):
         s = meta["surgical"]
         print(f"Surgical's false-refusal vector: layer {s['layer']}, position {s['position']}, lambda "
               f"{s['ortho_lambda']:g}; pseudo-harmful refusal score ablated {fscores[(fl, fp)]['pseudo_harmful']:.2f}")
+    vector = os.path.join(work, VECTORS[args.ablated_vector])
+    if args.save_ablated_adapter:  # first: it needs the model's own weights, and gives the model back as it was
+        save_ablated_adapter(os.path.join(work, "ablated_adapter"), args, vector, model, tok)
     if args.save_ablated:  # the chosen vector (--ablated-vector) orthogonalised out of the weights (sec. 4.1)
-        save_ablated(os.path.join(work, "ablated"), args, os.path.join(work, VECTORS[args.ablated_vector]), model, tok)
+        save_ablated(os.path.join(work, "ablated"), args, vector, model, tok)
 
 
 ABLATION_META = "ablation.json"
@@ -435,57 +494,151 @@ def residual_component(model, tok, r_hat):
     return ((h @ r_hat.float()) / h.norm(dim=-1).clamp(min=1e-12)).abs().max().item()
 
 
-def save_ablated(folder, args, path, model=None, tok=None):
-    """A direction file's vector orthogonalised out of the model's weights (orthogonalise_weights, eq. 5), then the
-    model folder written (artifacts.save_model) with ablation.json: the vector, its file, the weights rewritten (with
-    the axis that indexes the stream), the component before and after. The model is loaded unquantised where it is not
-    given or is 4-bit (4-bit weights cannot be rewritten exactly) and refused where its weights are offloaded; its
-    unembedding is untied from its embeddings (the unembedding reads the stream, it does not write to it: it keeps its
-    weights). Afterwards the residual stream of a prompt must keep at most 1% of its largest component along r_hat
-    ([choice]: fp32 rounding left 2.5e-7 of it on the test model, bf16 leaves more; a write to the stream left out
-    would leave most of it)."""
+def save_inputs(args, path, model=None, tok=None):
+    """What an export of a direction file starts from: the file, the direction it removes (--ablation), and the model,
+    loaded unquantised where it is not given or is 4-bit (4-bit weights cannot be rewritten exactly), refused where its
+    weights are offloaded."""
     d = artifacts.load_direction(path)
+    r_hat = ablation_direction(d, args.ablation, path)
     if model is None or args.load_in_4bit:
         model, tok = artifacts.load_unquantised(args.model, args)
     artifacts.check_in_memory(model)
-    untie_embeddings(model)
-    weights = residual_write_weights(model)
-    before = residual_component(model, tok, d["direction"])
-    orthogonalise_weights(weights, d["direction"])
-    after = residual_component(model, tok, d["direction"])
+    return d, r_hat, model, tok
+
+
+def save_record(args, path, d, r_hat, weights, before, after):
+    """ablation.json's common part: the variant, the vector and its file, the weights (with the axis that indexes
+    the stream), the stream's largest component along the removed direction before and after."""
+    where = os.path.abspath(path).replace(os.sep + rundir.WORK + os.sep, os.sep)  # a file of this run: where it lands
     if after > 0.01 * before:
         cli.fail(f"the rewritten model still writes along the direction ({after:.2g} of the stream, {before:.2g} "
-                f"before): {type(model).__name__} writes to the stream through weights this code does not know")
-    where = os.path.abspath(path).replace(os.sep + rundir.WORK + os.sep, os.sep)  # a file of this run: where it lands
-    artifacts.save_model(folder, model, tok, ABLATION_META, {
-        "method": "weight orthogonalisation (Arditi et al. 2024, sec. 4.1)", "direction_file": where,
-        "direction_sha256": runrecord.sha256(path), "vector": d.get("method", "refusal direction (Arditi et al. 2024)"),
-        "layer": d["layer"], "position": d.get("position"), "made_on": d.get("model"), "model": args.model,
-        "residual_component": {"before": before, "after": after},
-        "orthogonalised": {name: axis for name, _, axis in weights}, **runrecord.metadata(args)})
+                 "before): it writes to the stream through weights this code does not know")
+    return {"method": "weight orthogonalisation (Arditi et al. 2024, sec. 4.1)", "ablation": args.ablation,
+            "ablation_sources": ABLATION_SOURCES[args.ablation], "direction_file": where,
+            "direction_sha256": runrecord.sha256(path), "vector": d.get("method", "refusal direction (Arditi et al. "
+            "2024)"), "layer": d["layer"], "position": d.get("position"), "made_on": d.get("model"),
+            "model": args.model, "cos_removed_to_file_direction": float(r_hat @ d["direction"].float()),
+            "residual_component": {"before": before, "after": after},
+            "orthogonalised": {name: axis for name, _, axis in weights}, **runrecord.metadata(args)}
+
+
+ABLATION_SOURCES = {"plain": "Arditi et al. 2024, eq. 5",
+                    "projected": "J. Lai, projected abliteration (jim-plus/llm-abliteration measure.py --projected; "
+                                 "p-e-w/heretic orthogonalize_direction)",
+                    "norm-preserving": "J. Lai, norm-preserving biprojected abliteration (jim-plus/llm-abliteration "
+                                       "43def13 sharded_ablate.py --normpreserve, per column; p-e-w/heretic PR #52 "
+                                       "MPOA, per row): per column here"}
+
+
+def save_ablated(folder, args, path, model=None, tok=None):
+    """A direction file's vector (projected first for --ablation projected and norm-preserving) orthogonalised out of
+    the model's weights (orthogonalise_weights, eq. 5; keeping every written vector's length for norm-preserving),
+    then the model folder written (artifacts.save_model) with ablation.json (save_record). The model's unembedding
+    is untied from its embeddings (the unembedding reads the stream, it does not write to it: it keeps its weights).
+    Afterwards the residual stream of a prompt must keep at most 1% of its largest component along the direction
+    ([choice]: fp32 rounding left 2.5e-7 of it on the test model, bf16 leaves more; a write to the stream left out
+    would leave most of it)."""
+    d, r_hat, model, tok = save_inputs(args, path, model, tok)
+    untie_embeddings(model)
+    weights = residual_write_weights(model)
+    before = residual_component(model, tok, r_hat)
+    orthogonalise_weights(weights, r_hat, keep_norms=args.ablation == "norm-preserving")
+    after = residual_component(model, tok, r_hat)
+    meta = save_record(args, path, d, r_hat, weights, before, after)
+    artifacts.save_model(folder, model, tok, ABLATION_META, meta)
+
+
+# The ablation as a LoRA adapter: W - r (r^T W) = W + B A with B = -r [d, 1] and A = r^T W [1, in], a LoRA of rank 1
+# and scale lora_alpha / r = 1 on each output projection; for the embedding E [vocab, d] (peft adds (B A)^T to it),
+# E - (E r) r^T: A = (E r)^T [1, vocab], B = -r.
+def check_adapter_form(model, weights):
+    """The modules whose writes a LoRA adapter carries: an nn.Linear's weight whose output indexes the stream, and the
+    input embeddings. [choice] Anything else (a bias, an absolute position embedding, fused experts, GPT-2's Conv1D)
+    is refused in one line rather than left out: leaving it would make a model that is not the ablated one."""
+    modules, embeddings, names = dict(model.named_modules()), model.get_input_embeddings(), []
+    for name, _, axis in weights:
+        owner, _, pname = name.rpartition(".")
+        m = modules.get(owner)
+        if pname != "weight" or not (m is embeddings or type(m) is torch.nn.Linear and axis == 0):
+            cli.fail(f"{name}: a LoRA adapter cannot carry this write to the residual stream (a bias, a position "
+                     "embedding, fused experts or a Conv1D); export the model folder (--save-ablated) instead")
+        names.append(owner)
+    return names
+
+
+@torch.no_grad()
+def rank1_adapter(model, weights, r_hat):
+    """peft's LoRA of rank 1, alpha 1 on every module of check_adapter_form, holding W' - W exactly (in fp32); the model
+    is wrapped in place (peft's unload() gives it back)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    names = check_adapter_form(model, weights)
+    with warnings.catch_warnings():  # a tied embedding adapted: ablation.json says what that means for merging
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        peft_model = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=names,
+                                                      bias="none"))
+    modules = dict(peft_model.base_model.model.named_modules())
+    for name, (_, w, _) in zip(names, weights):
+        r, m = r_hat.to(w.device, torch.float32), modules[name]
+        if "default" in m.lora_embedding_A:  # E [vocab, d]
+            a, b = m.lora_embedding_A["default"], m.lora_embedding_B["default"]
+            a.data = (w.float() @ r).unsqueeze(0).to(a.device)
+        else:  # W [d, in]
+            a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+            a.data = (r @ w.float()).unsqueeze(0).to(a.device)
+        b.data = -r.unsqueeze(1).to(b.device)
+    return peft_model
+
+
+def save_ablated_adapter(folder, args, path, model=None, tok=None):
+    """The plain (or projected) ablation as a peft LoRA adapter (rank1_adapter) for the unmodified base, written with
+    made_on.json (artifacts.save_trained) and ablation.json, checked as save_ablated checks its folder (the stream of
+    base + adapter keeps at most 1% of its component along the direction). The model is given back unwrapped."""
+    d, r_hat, model, tok = save_inputs(args, path, model, tok)
+    weights = residual_write_weights(model)
+    before = residual_component(model, tok, r_hat)
+    peft_model = rank1_adapter(model, weights, r_hat)
+    after = residual_component(model, tok, r_hat)  # the model runs through peft's LoRA layers now
+    meta = {**save_record(args, path, d, r_hat, weights, before, after), "form": "peft LoRA adapter, rank 1, "
+            "alpha 1 (scale 1): B = -r, A = r^T W; the embedding's as peft's embedding LoRA", "note": ADAPTER_NOTE}
+    artifacts.save_trained(folder, peft_model, tok, artifacts.record(args.model, model.config))
+    runrecord.save_json(os.path.join(folder, ABLATION_META), meta)
+    peft_model.unload()
+
+
+ADAPTER_NOTE = ("exact on the unmodified base under peft (PeftModel.from_pretrained). A model whose unembedding is "
+                "tied to its embeddings keeps its unembedding (peft adds the embedding's change in its forward), but "
+                "merging this adapter into such a model changes the tied unembedding too: export the model folder "
+                "(--save-ablated) for a merged model. vLLM's LoRA serving loads an embedding LoRA only for some "
+                "architectures (not tested here).")
 
 
 def write_ablated(path, args):
     """--ablate-weights: --model with the file's vector orthogonalised out of its weights (save_ablated), written to
-    --out. The file (made on this model, unless --other-model), the model and its architecture are checked before any
-    weight is read."""
+    --out; with --save-ablated-adapter, the LoRA adapter of it instead (save_ablated_adapter). The file (made on this
+    model, unless --other-model), the model and its architecture are checked before any weight is read."""
     name = args.model
     cfg = artifacts.model_config(name, args.trust_remote_code)
-    artifacts.load_direction(path, name, cfg, args.other_model)
-    check_orthogonalisable(cfg, args.trust_remote_code)
+    ablation_direction(artifacts.load_direction(path, name, cfg, args.other_model), args.ablation, path)
+    check_orthogonalisable(cfg, args)
     settings = rundir.settings(args, ("ablate_weights",))
-    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=("config.json",),
-                           read=rundir.reads(args)) as work:
-        save_ablated(work, args, path)
-    print(f"wrote {name} with the vector of {path} orthogonalised out of its weights to {args.out}")
+    with rundir.run_folder(args.out, None, args.overwrite, settings=settings, known=(
+            "adapter_config.json" if args.save_ablated_adapter else "config.json",), read=rundir.reads(args)) as work:
+        (save_ablated_adapter if args.save_ablated_adapter else save_ablated)(work, args, path)
+    print(f"wrote {name} with the vector of {path} orthogonalised out of its weights ({args.ablation}"
+          f"{', as a LoRA adapter' if args.save_ablated_adapter else ''}) to {args.out}")
 
 
-def check_orthogonalisable(cfg, trust_remote_code=False):
-    """A direction can be orthogonalised out of this architecture's weights exactly (residual_write_weights): checked
-    on its modules on the meta device, before any weight is read."""
-    skel = artifacts.skeleton(cfg, trust_remote_code)
+def check_orthogonalisable(cfg, args):
+    """A direction can be orthogonalised out of this architecture's weights exactly (residual_write_weights), and with
+    --save-ablated-adapter, by a LoRA adapter (check_adapter_form): checked on its modules on the meta device, before
+    any weight is read."""
+    skel = artifacts.skeleton(cfg, args.trust_remote_code)
     if skel is not None:
-        residual_write_weights(skel)
+        weights = residual_write_weights(skel)
+        if args.save_ablated_adapter:
+            check_adapter_form(skel, weights)
 
 
 def plot_panels(path, panels, title, xlabel="layer"):
@@ -521,6 +674,12 @@ PANELS = {"silhouette": "silhouette (harmful vs harmless)", "bypass": "refusal s
 OUTPUTS = ("direction.pt", "direction.json", "layers.png")
 SURGICAL_OUTPUTS = ("false_refusal.pt",)
 VECTORS = {"refusal": "direction.pt", "false-refusal": "false_refusal.pt"}  # --ablated-vector
+EXPORTS = {"ablated_adapter": "save_ablated_adapter", "ablated": "save_ablated"}  # output: its flag (the order made)
+
+
+def exports(args):
+    """The export folders a run writes (EXPORTS), in the order it writes them."""
+    return tuple(folder for folder, flag in EXPORTS.items() if getattr(args, flag))
 
 
 def split_prompts(path, column, n_train, n_val, seed):
@@ -542,20 +701,36 @@ def add_split_args(g):
 
 
 def add_export_args(g, vectors):
-    """directions.py's export flags, in its outputs group: --save-ablated, --ablated-vector, --ablate-weights."""
+    """directions.py's export flags, in its outputs group: --save-ablated, --ablated-vector, --ablate-weights,
+    --other-model, --ablation, --save-ablated-adapter."""
     g.add_argument("--save-ablated", action="store_true", help="also write the model with the chosen vector "
                    "orthogonalised out of its weights (sec. 4.1) to --out/ablated: a model folder any engine loads")
-    g.add_argument("--ablated-vector", choices=vectors, default=vectors[0], help="what --save-ablated removes: "
-                   "the refusal direction or Surgical's vector (needs --pseudo-harmful)")
+    g.add_argument("--ablated-vector", choices=vectors, default=vectors[0], help="what --save-ablated and "
+                   "--save-ablated-adapter remove: the refusal direction or Surgical's vector (needs --pseudo-harmful)")
     g.add_argument("--ablate-weights", default=None, metavar="FILE", help="instead of finding a direction: write "
                    "--model with FILE's vector (direction.pt, false_refusal.pt) orthogonalised out of it to --out")
     g.add_argument("--other-model", action="store_true", help="with --ablate-weights: a direction of another model")
+    g.add_argument("--ablation", choices=ABLATIONS, default="plain", help="how --save-ablated, --save-ablated-adapter "
+                   "and --ablate-weights remove the vector: plain (Arditi eq. 5), projected (the vector made "
+                   "orthogonal to the harmless mean at its layer first) or norm-preserving (projected, and every "
+                   "vector a weight writes to the residual stream keeps its length: 'MPOA'; no adapter form)")
+    g.add_argument("--save-ablated-adapter", action="store_true", help="also write the ablation as a peft LoRA "
+                   "adapter of rank 1 for the unmodified model to --out/ablated_adapter (with --ablate-weights: to "
+                   "--out, instead of the model folder); architectures with biases on their output projections are "
+                   "refused")
 
 
 def check_export_args(args):
-    """--ablated-vector false-refusal needs the prompts Surgical's vector is made from."""
+    """--ablated-vector false-refusal needs the prompts Surgical's vector is made from; --ablation applies to an
+    export; norm-preserving rescales every written vector, which no rank-1 adapter holds."""
     if args.ablated_vector == "false-refusal" and not args.pseudo_harmful:
         cli.fail("--ablated-vector false-refusal: Surgical's vector is made from --pseudo-harmful prompts; pass them")
+    if args.ablation != "plain" and not (args.save_ablated or args.save_ablated_adapter or args.ablate_weights):
+        cli.fail(f"--ablation {args.ablation}: applies to an export; pass --save-ablated, --save-ablated-adapter or "
+                 "--ablate-weights")
+    if args.ablation == "norm-preserving" and args.save_ablated_adapter:
+        cli.fail("--ablation norm-preserving rescales every vector the weights write: not a rank-1 change, so it has "
+                 "no adapter form; drop --save-ablated-adapter (or use plain or projected)")
 
 
 def parse_args(argv=None):

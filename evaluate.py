@@ -1150,7 +1150,8 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=cli.count(1), default=256, help="tokens generated per response; 64 is the "
                    "fast mode, enough for the keyword judge, which reads a response's opening")
     g.add_argument("--patch", default=None, help="ACTOR patch directory written by actor.py")
-    g.add_argument("--adapter", default=None, help="LoRA adapter directory written by procon.py")
+    g.add_argument("--adapter", default=None, help="LoRA adapter directory written by procon.py (or "
+                   "directions.py --save-ablated-adapter)")
     g.add_argument("--ablate", default=None, help="direction.pt to project out of every layer while evaluating")
     g.add_argument("--steer", default=None, help="direction.pt whose raw difference in means is added at the input "
                    "of its layer (layer l is decoder block l, 0-based; its input is the stream entering it)")

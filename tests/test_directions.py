@@ -296,6 +296,7 @@ def test_main_fixed_layer_and_positions(tiny_llama, prompt_files, tmp_path):
     run_directions(tiny_llama, prompt_files, tmp_path, "--layer", "2", "--positions", "3")
     d = artifacts.load_direction(str(tmp_path / "direction.pt"))
     assert d["layer"] == 2 and -3 <= d["position"] <= -1 and d["mean_diff"].shape == (4, 3, 64)
+    assert d["harmless_mean"].shape == (4, 3, 64) and d["harmless_mean"][1:].norm(dim=-1).min() > 0  # --ablation
     meta = json.loads((tmp_path / "direction.json").read_text())
     assert meta["select"] == "fixed"
 

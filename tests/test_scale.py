@@ -110,9 +110,110 @@ def test_ablated_weights_equal_ablation_by_hooks(arch_model, tmp_path):
             assert torch.equal(w, original[name]), name  # lm_head of the tied Llama: the embedding as it was
 
 
+def direction_file(path, base, model, harmless_mean=True):
+    """A random unit direction at layer 2 of a tiny model (64 wide, 4 layers), with a random harmless mean or none
+    (the file of an older directions.py)."""
+    g = torch.Generator().manual_seed(1)
+    r_hat = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
+    extra = {"harmless_mean": torch.randn(4, 1, 64, generator=g) + 3 * r_hat} if harmless_mean else {}
+    artifacts.save_direction(str(path), r_hat, 2, -1, torch.zeros(4, 1, 64), [0], artifacts.record(base, model.config),
+                             **extra)
+    return str(path), r_hat, extra.get("harmless_mean")
+
+
+def test_projected_direction_is_orthogonal_to_the_harmless_mean(tiny_llama, tmp_path):
+    """--ablation projected removes n(r - (r.m)m), m the normalised harmless mean at the direction's layer: a unit
+    vector orthogonal to m, in the plane of r and m, on r's side; the export's weights write nothing along it and
+    ablation.json records the variant. A direction file without the harmless mean is refused in one line."""
+    model, _ = loading.load_model(tiny_llama)
+    d, r_hat, mean = direction_file(tmp_path / "direction.pt", tiny_llama, model)
+    m = torch.nn.functional.normalize(mean[2, -1], dim=0)
+    assert abs(float(r_hat @ m)) > 0.1  # the file's own direction is not orthogonal to it already
+    p = directions.project_direction(r_hat, mean[2, -1])
+    assert abs(float(p @ m)) < 1e-6 and abs(p.norm().item() - 1) < 1e-6 and float(p @ r_hat) > 0
+    basis = torch.linalg.qr(torch.stack([r_hat, m], 1))[0]
+    assert (p - basis @ (basis.T @ p)).norm() < 1e-5  # in span{r, m}
+    out = tmp_path / "projected"
+    directions.main(["--model", tiny_llama, "--ablate-weights", d, "--ablation", "projected", "--out", str(out)])
+    meta = json.loads((out / directions.ABLATION_META).read_text())
+    assert meta["ablation"] == "projected" and abs(meta["cos_removed_to_file_direction"] - float(p @ r_hat)) < 1e-5
+    exported = loading.load_model(str(out))[0].state_dict()
+    for name, axis in meta["orthogonalised"].items():
+        assert (exported[name].movedim(axis, -1) @ p).abs().max() <= 5e-6 * exported[name].abs().max(), name
+    old, _, _ = direction_file(tmp_path / "old.pt", tiny_llama, model, harmless_mean=False)
+    with pytest.raises(cli.UserError, match="no harmless_mean in it"):
+        directions.main(["--model", tiny_llama, "--ablate-weights", old, "--ablation", "projected", "--out",
+                         str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("which", ["llama", "neox"])
+def test_norm_preserving_export_keeps_every_written_vectors_length(tiny_llama, tiny_neox, which, tmp_path):
+    """--ablation norm-preserving: every vector a rewritten weight writes to the stream (a column of a projection,
+    a token's embedding row, a bias: random ones on the GPT-NeoX) keeps its length (1e-5 relative) and has no
+    component along the projected direction; the plain export of the same file does not keep them; every other
+    weight is the model's own."""
+    base, model, _ = base_with_biases(tiny_llama if which == "llama" else tiny_neox, tmp_path / "base")
+    d, r_hat, mean = direction_file(tmp_path / "direction.pt", base, model)
+    p, original = directions.project_direction(r_hat, mean[2, -1]), model.state_dict()
+    for ablation in ("norm-preserving", "plain"):
+        directions.main(["--model", base, "--ablate-weights", d, "--ablation", ablation, "--out",
+                         str(tmp_path / ablation)])
+    meta = json.loads((tmp_path / "norm-preserving" / directions.ABLATION_META).read_text())
+    assert meta["ablation"] == "norm-preserving" and meta["residual_component"]["after"] < 1e-5
+    kept, plain = loading.load_model(str(tmp_path / "norm-preserving"))[0].state_dict(), \
+        loading.load_model(str(tmp_path / "plain"))[0].state_dict()
+    assert any("bias" in n for n in meta["orthogonalised"]) == (which == "neox")
+    for name, w in original.items():
+        if name not in meta["orthogonalised"]:
+            assert torch.equal(kept[name], w), name
+            continue
+        v, v_kept = w.movedim(meta["orthogonalised"][name], -1), kept[name].movedim(meta["orthogonalised"][name], -1)
+        assert ((v_kept.norm(dim=-1) - v.norm(dim=-1)).abs() <= 1e-5 * v.norm(dim=-1)).all(), name
+        assert (v_kept @ p).abs().max() <= 5e-6 * v.abs().max() and not torch.equal(kept[name], w), name
+        v_plain = plain[name].movedim(meta["orthogonalised"][name], -1)
+        assert v.dim() == 1 or (v_plain.norm(dim=-1) < v.norm(dim=-1) - 1e-4).any(), name  # plain shortens them
+
+
+def test_ablation_adapter_equals_the_exported_folder(tiny_llama, tiny_neox, tmp_path):
+    """--save-ablated-adapter: a peft LoRA adapter of rank 1 and scale 1 (the output projections' and the embedding's
+    rank-1 changes) that peft's PeftModel.from_pretrained puts on the unmodified base, giving the logits of the exported
+    model folder (plain and projected, 1e-4), which differ from the base's; the project's adapter check accepts it.
+    Refused in one line before any work: norm-preserving (not rank 1), and output projections with biases."""
+    from peft import PeftModel
+
+    model, tok = loading.load_model(tiny_llama)
+    d, _, _ = direction_file(tmp_path / "direction.pt", tiny_llama, model)
+    for ablation in ("plain", "projected"):
+        folder, adapter = tmp_path / ablation, tmp_path / f"{ablation}_adapter"
+        for out, more in ((folder, []), (adapter, ["--save-ablated-adapter"])):
+            directions.main(["--model", tiny_llama, "--ablate-weights", d, "--ablation", ablation, "--out", str(out),
+                             *more])
+        conf = json.loads((adapter / "adapter_config.json").read_text())
+        assert conf["r"] == 1 and conf["lora_alpha"] == 1 and (adapter / artifacts.ADAPTER_MADE_ON).exists()
+        meta = json.loads((adapter / directions.ABLATION_META).read_text())
+        assert meta["ablation"] == ablation and meta["residual_component"]["after"] < 1e-5
+        assert set(conf["target_modules"]) == {n.rpartition(".")[0] for n in meta["orthogonalised"]}
+        artifacts.check_adapter(str(adapter), tiny_llama, model.config, skel=model)
+        adapted = PeftModel.from_pretrained(loading.load_model(tiny_llama)[0], str(adapter)).eval()
+        want = logits(loading.load_model(str(folder))[0], tok)
+        assert (logits(adapted, tok) - want).abs().max() <= 1e-4
+        assert (logits(model, tok) - want).abs().max() > 1e-3
+    with pytest.raises(cli.UserError, match="norm-preserving rescales every vector"):
+        directions.main(["--model", tiny_llama, "--ablate-weights", d, "--ablation", "norm-preserving",
+                         "--save-ablated-adapter", "--out", str(tmp_path / "x")])
+    neox, _ = loading.load_model(tiny_neox)
+    dn, _, _ = direction_file(tmp_path / "neox.pt", tiny_neox, neox)
+    with pytest.raises(cli.UserError, match="a LoRA adapter cannot carry this write to the residual stream"):
+        directions.main(["--model", tiny_neox, "--ablate-weights", dn, "--save-ablated-adapter", "--out",
+                         str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_save_ablated_in_a_run_with_surgicals_vector_and_evaluate_reads_it(tiny_llama, prompt_files, tmp_path):
-    """directions.py --save-ablated --ablated-vector false-refusal writes --out/ablated beside false_refusal.pt;
-    evaluate.py reads it like any model, and its refusal scores are those of evaluate.py --ablate false_refusal.pt."""
+    """directions.py --save-ablated --save-ablated-adapter --ablated-vector false-refusal writes --out/ablated and
+    --out/ablated_adapter beside false_refusal.pt; evaluate.py reads them like any model and adapter, and their refusal
+    scores are those of evaluate.py --ablate false_refusal.pt."""
     pseudo = tmp_path / "pseudo.json"
     pseudo.write_text(json.dumps([f"How do I kill a Python process number {i}?" for i in range(12)]))
     files = ["--harmful", prompt_files["harmful"], "--harmless", prompt_files["harmless"]]
@@ -120,20 +221,24 @@ def test_save_ablated_in_a_run_with_surgicals_vector_and_evaluate_reads_it(tiny_
         directions.main(["--model", tiny_llama, *files, "--save-ablated", "--ablated-vector", "false-refusal"])
     d = tmp_path / "d"
     directions.main(["--model", tiny_llama, *files, "--pseudo-harmful", str(pseudo), "--n-train", "8", "--n-val", "4",
-                     "--save-ablated", "--ablated-vector", "false-refusal", "--out", str(d)])
+                     "--save-ablated", "--save-ablated-adapter", "--ablated-vector", "false-refusal", "--out", str(d)])
     meta = json.loads((d / "ablated" / directions.ABLATION_META).read_text())
+    assert json.loads((d / "ablated_adapter" / directions.ABLATION_META).read_text())["direction_file"] == \
+        meta["direction_file"]
     assert meta["direction_file"] == str(d / "false_refusal.pt") and meta["vector"].startswith("Surgical")
     assert {f for f in os.listdir(d / "ablated")} >= {"config.json", "model.safetensors", "generation_config.json",
                                                        "tokenizer_config.json", "ablation.json"}
     scores = {}
     for name, model, extra in (("ablated", str(d / "ablated"), []),
                                ("hooks", tiny_llama, ["--ablate", str(d / "false_refusal.pt")]),
+                               ("adapter", tiny_llama, ["--adapter", str(d / "ablated_adapter")]),
                                ("base", tiny_llama, [])):
         E.main(["--model", model, "--data", prompt_files["harmless"], "--judge", "logit", "--out",
                 str(tmp_path / name), *extra])
         rows = [json.loads(x) for x in (tmp_path / name / "responses.jsonl").read_text().splitlines()]
         scores[name] = torch.tensor([r["logit_score"] for r in rows])
     assert (scores["ablated"] - scores["hooks"]).abs().max() <= 1e-3  # logit_score is rounded to 4 decimals
+    assert (scores["adapter"] - scores["hooks"]).abs().max() <= 1e-3  # written first, the model given back whole
     assert (scores["ablated"] - scores["base"]).abs().max() > 1e-3
 
 
