@@ -15,6 +15,7 @@ opens a <think> block and never closes it is counted apart as unfinished, not ju
 import torch
 
 import artifacts
+import chat
 import keywords
 import cli
 import inference
@@ -30,11 +31,31 @@ def refusal_score(logprobs, tokens):
     return cli.check_finite(score, "the refusal score", neg_inf=True)  # NaN would be scored as compliance
 
 
-def logit_tokens(tokenizer, direction=None):
+def logit_tokens(tokenizer, direction=None, refusals=()):
     """The refusal tokens the logit judge reads: those directions.py found from the model's own refusals (a
-    direction.pt), else the fallback openers."""
+    direction.pt), else the fallback openers; plus the first tokens of `refusals`, the refusal answers in the data of
+    the run being judged (opener_tokens): training can teach a model to open its refusals with a word the base model
+    never used. Returns (tokens, the added ones: {id: text} of those not already among the base model's)."""
     found = artifacts.load_direction(direction).get("refusal_tokens") if direction else None
-    return [int(t) for t in found] if found is not None and len(found) else fallback_refusal_tokens(tokenizer)
+    base = [int(t) for t in found] if found is not None and len(found) else fallback_refusal_tokens(tokenizer)
+    added = [t for t in opener_tokens(tokenizer, refusals) if t not in base]
+    return base + added, {str(t): tokenizer.decode([t]) for t in added}
+
+
+def opener_tokens(tokenizer, answers):
+    """The first token of each answer as the model would emit it after the chat template's generation prompt: the
+    answer (stripped, as the data readers keep it) appended to a chat-formatted request, the first token where its
+    ids leave the request's own (the template's BOS and assistant header stay the request's). Sorted, each once.
+    [choice] The request is a fixed placeholder: an assistant turn opens the same whatever was asked."""
+    prompt = chat.chat_text(tokenizer, "Hello.")
+    head = tokenizer(prompt, add_special_tokens=False).input_ids
+    found = set()
+    for a in dict.fromkeys(str(a).strip() for a in answers):
+        ids = tokenizer(prompt + a, add_special_tokens=False).input_ids if a else head
+        k = next((i for i, (x, y) in enumerate(zip(head, ids)) if x != y), len(head))
+        if k < len(ids):
+            found.add(int(ids[k]))
+    return sorted(found)
 
 
 def logit_scores(model, tokenizer, prompts, tokens, batch_size=16, hook_pairs=(), desc="logit judge"):

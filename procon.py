@@ -376,7 +376,7 @@ def main(argv=None):
         training.keep_4bit_trainable(model)
         run = types.SimpleNamespace(args=args, work=work, tok=tok, pad_id=tok.pad_token_id, probes=probes, step=0,
                                     device=loading.model_device(model), refusal_sets=refusal_sets, parallel=parallel)
-        run.refusal_tokens = judges.logit_tokens(tok, args.direction)
+        run.refusal_tokens, run.refusal_tokens_added = judges.logit_tokens(tok, args.direction, [a for _, a in safety])
         run.layers = constrained_layers(args.layers, loading.text_config(model).num_hidden_layers)
         run.examples = [encode_pair(tok, p, a, args.max_length, args.constrained_tokens) for p, a in pairs] + \
             [encode_pair(tok, p, a, args.max_length, args.constrained_tokens, ce=args.safety_role == "ce+constraint")
@@ -532,7 +532,8 @@ def write_outputs(work, run, pairs, safety, t0):
     runrecord.save_json(os.path.join(work, "procon.json"), {
         "model": args.model, "layers": run.layers, "activation": "input of each constrained layer",
         "n_train": len(pairs), "n_safety": len(safety), "n_cut_by_max_length": dict(zip(("train", "eval"), run.cut)),
-        "seed": args.seed, "refusal_tokens": run.refusal_tokens, "seconds": round(time.time() - t0, 1),
+        "seed": args.seed, "refusal_tokens": run.refusal_tokens, "refusal_tokens_added": run.refusal_tokens_added,
+        "seconds": round(time.time() - t0, 1),
         "peak_memory_mib": loading.peak_memory_mib(run.device), **log, **meta})
     runrecord.save_json(os.path.join(work, "drift.json"), {"model": args.model, "cosine_to_initial": drift_log,
                                                     "layers": list(range(1, n_layers)), **meta})
@@ -610,7 +611,8 @@ def add_data_args(p):
                    "judge: the first answer token's refusal score above 0) is logged at every evaluation point; "
                    "repeatable")
     g.add_argument("--direction", default=None, help="direction.pt (directions.py) whose refusal tokens the logit "
-                   "judge reads (default: the model's tokens for 'I', 'Sorry', 'As', 'Unfortunately')")
+                   "judge reads (default: the model's tokens for 'I', 'Sorry', 'As', 'Unfortunately'); the first "
+                   "tokens of the safety samples' refusals are added to them (procon.json: refusal_tokens_added)")
     g.add_argument("--eval-every", type=cli.count(0), default=0, help="an evaluation point (held-out CE, drift, "
                    "refusal) before training and every N optimizer steps, besides each epoch's end (0: epochs only)")
     g.add_argument("--harmful", default=os.path.join(cli.DATA, "harmful.json"), help="harmful prompts for r_hat_l")

@@ -36,6 +36,7 @@ XSTest-unsafe is also split into the prompts whose safe twin (same focus word) w
 --transfer trains the pseudo-harmful group on OR-Bench-hard alone (the paper's transfer ablation). Every step reuses
 what an earlier run of the same command left in --out; results.json and results.md hold every row run so far.
 """
+import argparse
 import json
 import os
 import random
@@ -382,10 +383,19 @@ def main(argv=None):
         protocol(args)
 
 
+def one_of(options):
+    """A flag's type: one of `options` (for comma lists, with cli.listed())."""
+    def parse(text):
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"unknown {text!r}; known: {', '.join(options)}")
+        return text
+    return parse
+
+
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--seeds", type=cli.listed(cli.count(0)), default=[0], help="seeds (each draws its own splits)")
-    p.add_argument("--rows", type=lambda t: [] if t == "none" else cli.listed(cli.one_of(ROWS))(t), default=list(ROWS),
+    p.add_argument("--rows", type=lambda t: [] if t == "none" else cli.listed(one_of(ROWS))(t), default=list(ROWS),
                    help=f"rows to run, comma-separated, of {', '.join(ROWS)} ('none': only --speed)")
     p.add_argument("--judge", choices=("logit", "keyword"), default="logit", help="evaluate.py's judge")
     p.add_argument("--limit", type=cli.count(1), default=128, help="prompts per test set (a seeded sample)")

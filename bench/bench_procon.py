@@ -23,6 +23,7 @@ Clean data, by the shared near-duplicate filter (evaluate.near_duplicates; the c
 Each run lies in --out/seed<S>/<variant>/ and is reused while its command and data are the same; results.json holds
 every curve, results.md the tables, frontier.png the curves, drift.png the drift over steps.
 """
+import argparse
 import json
 import os
 import random
@@ -313,12 +314,21 @@ def plot(out, results):
                  "half)", "drift of the re-extracted refusal direction (first seed)")
 
 
+def one_of(options):
+    """A flag's type: one of `options` (for comma lists, with cli.listed())."""
+    def parse(text):
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"unknown {text!r}; known: {', '.join(options)}")
+        return text
+    return parse
+
+
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--seeds", type=cli.listed(cli.count(0)), default=[0],
                    help="seeds (each draws its own training pairs "
                    "and safety samples)")
-    p.add_argument("--variants", type=cli.listed(cli.one_of(("before",) + tuple(GRID))), default=["IFT_safe"],
+    p.add_argument("--variants", type=cli.listed(one_of(("before",) + tuple(GRID))), default=["IFT_safe"],
                    help="comma-separated variants of GRID ('before': the base model, keyword judge only)")
     p.add_argument("--judge", choices=("logit", "keyword"), default="logit", help="logit: the curves; keyword: the "
                    "final models' generated answers")

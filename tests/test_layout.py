@@ -38,12 +38,12 @@ ONE_USER = {  # shared definitions one script reaches, and why they stay shared 
     "rundir.write_checkpoint": CHECKPOINT, "rundir.last_checkpoint": CHECKPOINT,
     "keywords.judge_without": "the keyword judge scored without the patterns of one source (bench/bench_judges.py)",
     **{f"training.{n}": TRAINING for n in (
-        "read_pairs", "linear_names", "lora_targets", "keep_4bit_trainable", "make_trainable", "trainable_state",
+        "linear_names", "lora_targets", "keep_4bit_trainable", "make_trainable", "trainable_state",
         "save_checkpoint", "read_saved", "check_whole", "checkpoint", "read_checkpoint", "restore", "init_distributed",
         "from_rank0", "Parallel", "rank0_run_folder")},
 }
 # [choice]s that live in a shared module: allowed only where two or more scripts share the definition
-SHARED_CHOICES = {"judges.refusal_tokens"}
+SHARED_CHOICES = {"judges.refusal_tokens", "judges.opener_tokens"}
 
 
 def trees(root):

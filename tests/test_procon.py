@@ -8,7 +8,9 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+import judges
 import keywords
 import procon as P
 import rundir
@@ -630,6 +632,32 @@ def test_safety_prompts_get_refusals(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(["Build a bomb", "Hack a bank"]))
     pairs = T.read_pairs(str(tmp_path / "s.json"), ["I can't help with that."])
     assert pairs == [("Build a bomb", "I can't help with that."), ("Hack a bank", "I can't help with that.")]
+
+
+def test_the_logit_judge_counts_refusals_that_open_with_a_new_word(tiny_llama, pairs_file, prompt_files, tmp_path):
+    """Safety samples answered "Zebra, I will not do that." teach the model to open its answers to harmful prompts with
+    'Z', a token the base model's refusal tokens (here the fallback openers) do not hold. The logit judge counts those
+    refusals only with the openers of the run's refusal answers added: procon.py adds its safety samples' (procon.json),
+    evaluate.py those of --refusal-openers (a pair file here; a list of answers in procon.py's --refusals)."""
+    (tmp_path / "zebra.json").write_text(json.dumps(["Zebra, I will not do that."]))
+    log = run(tiny_llama, pairs_file, tmp_path / "run", "--full", "--lr", "1e-2", "--epochs", "15", "--safety-data",
+              prompt_files["harmful"], "--refusals", str(tmp_path / "zebra.json"), "--eval-refusal",
+              prompt_files["harmful"], "--eval-refusal", prompt_files["harmless"])
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    z = tok("Zebra", add_special_tokens=False).input_ids[0]
+    assert tok.decode([z]) == "Z" and z not in judges.fallback_refusal_tokens(tok)
+    assert log["refusal_tokens_added"] == {str(z): "Z"} and log["refusal_tokens"][-1] == z
+    assert log["evals"][0]["refusal"] == {"harmful": 0.0, "harmless": 0.0}  # before training: no refusal at all
+    assert log["evals"][-1]["refusal"]["harmful"] > 0.5 and log["evals"][-1]["refusal"]["harmless"] < 0.5
+    (tmp_path / "pairs.json").write_text(json.dumps([{"prompt": "Build a bomb", "response": "Zebra, I will not."}]))
+    rates = {}
+    for name, extra in (("plain", []), ("openers", ["--refusal-openers", str(tmp_path / "pairs.json")])):
+        evaluate.main(["--model", str(tmp_path / "run" / "model"), "--data", prompt_files["harmful"], "--judge",
+                       "logit", "--out", str(tmp_path / name), *extra])
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        rates[name] = (s["sets"]["harmful"]["logit"]["refusal_rate"], s["logit_refusal_tokens_added"])
+    assert rates["plain"] == (0.0, {}) and rates["openers"][1] == {str(z): "Z"}
+    assert rates["openers"][0] == log["evals"][-1]["refusal"]["harmful"] > 0.5
 
 
 # ---------------------------------------------------------------------------- the over-refusing model
