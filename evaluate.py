@@ -8,6 +8,7 @@
                                                     # plus the openers of the refusals the adapter was trained on
     python evaluate.py ... --judge keyword --judge guard:meta-llama/Llama-Guard-3-1B --load-in-4bit
     python evaluate.py --responses completions.csv --labels final_label --judge keyword --out runs/judge-check
+    python evaluate.py --model runs/d/ablated --reference HuggingFaceTB/SmolLM2-135M-Instruct ...  # an export's damage
 
 What is evaluated: the base model, or it plus an ACTOR layer patch (--patch, from actor.py) or a LoRA adapter
 (--adapter, from procon.py), or with a saved direction ablated (--ablate: Arditi's refusal direction, or Surgical's
@@ -19,6 +20,8 @@ Metrics: the refusal rate of every set with its Wilson interval, per prompt type
 (judges.tradeoff_score: the mean compliance over the sets that should be answered and the mean refusal over those that
 should be refused, averaged); beside it, each set's degenerate answers (empty, looping, no language) and how many of
 the answers a judge counts as compliance are degenerate.
+Damage, once per run: what the intervention costs against a reference model (--model as it is, or --reference), the
+mean first-token KL on harmless prompts (heretic's measure) and the CE and perplexity of given answers.
 """
 import gc
 import itertools
@@ -103,6 +106,11 @@ OUTPUTS = ("responses.jsonl", "summary.json", "summary.md", "summary.png")
 FILES = ("chat_template", "patch", "adapter", "ablate", "steer", "data", "exclude", "responses")  # by contents
 NOT_RESPONSES = ("judge", "keyword_mode", "labels", "direction", "refusal_openers", "data_dir",
                  "other_model")  # these judge again only
+DAMAGE_FLAGS = ("reference", "damage_prompts", "damage_pairs", "damage_limit")  # measured again on a --resume
+# [choice] The damage's default data: the 32 harmless prompts no script trains or takes a direction on (procon.py's
+# drift probe reads them), and the project's instruction-answer pairs (procon.py's default training set).
+DAMAGE_PROMPTS = os.path.join(cli.DATA, "probe_harmless.json")
+DAMAGE_PAIRS = os.path.join(cli.DATA, "instructions.json")
 
 
 # ============================================================================ prompts and responses
@@ -342,7 +350,7 @@ def settings_of(args, rows):
     the model's contents (rundir.settings), the prompts themselves. --batch-size is among them because a response
     depends, in float rounding, on the other prompts of its batch; --device because it sets the dtype (bf16 on GPU, fp32
     on CPU)."""
-    s = rundir.settings(args, FILES, NOT_RESPONSES)
+    s = rundir.settings(args, FILES, NOT_RESPONSES + DAMAGE_FLAGS)
     s.update(device=loading.check_device(args.device).split(":")[0],
              coeff=steer_coeff(args), benchmark=list(dict.fromkeys(args.benchmark)),
              prompts=runrecord.sha256_of(json.dumps([[r["id"], r["prompt"], r["expect"]] for r in rows])))
@@ -371,9 +379,17 @@ def check_against_model(args):
         artifacts.check_adapter(args.adapter, args.model, cfg, args.other_model, skel)
 
 
-def load_evaluated(args):
-    """The model with what is evaluated on it: (model, tokenizer, hooks to hold while generating or scoring)."""
+def load_evaluated(args, rows, generating, data=None):
+    """The model with what is evaluated on it: (model, tokenizer, hooks to hold while generating or scoring, the damage
+    block, None without damage `data`), once the rows fit its context. The reference's side of the damage is measured
+    first: the --reference model's (loaded and freed before this one), else this model's before a patch or an adapter
+    goes on, without the hooks."""
+    ref_side = reference_side(args, data) if data and args.reference else None
     model, tok = loading.load(args)
+    chat.check_context(model, chat.token_lengths(tok, chat.format_chat(tok, [r["prompt"] for r in rows])),
+                       args.max_new_tokens if generating else 0)  # absolute positions: refused; others: warned
+    if data and not args.reference and applied(args):
+        ref_side = damage_side(model, tok, [], data, args, "reference")
     if args.patch:
         artifacts.apply_patch(model, args.patch, args.model, args.other_model)
     if args.adapter:
@@ -383,7 +399,8 @@ def load_evaluated(args):
         hooks += direction_hooks(model, artifacts.load_direction(args.ablate), ablate=True)
     if args.steer:
         hooks += direction_hooks(model, artifacts.load_direction(args.steer), coeff=steer_coeff(args))
-    return model, tok, hooks
+    block = damage(damage_side(model, tok, hooks, data, args, "evaluated"), ref_side, data, args) if data else None
+    return model, tok, hooks, block
 
 
 def direction_hooks(model, d, ablate=False, coeff=None):
@@ -426,6 +443,122 @@ def ablation_hooks(model, r_hat):
             writes = [block]
         pairs += [(block, "pre", pre)] + [(w, "post", post) for w in writes]
     return pairs
+
+
+# ============================================================================ damage: what the intervention costs
+# Beside every refusal rate, what the intervention costs against a reference model (the unmodified --model, or
+# --reference: e.g. the original of an exported, weight-orthogonalised folder): heretic's first-token KL divergence on
+# harmless prompts, and the CE (and perplexity) of given answers, the ACTOR paper's perplexity.
+def first_token_kl(logp_ref, logp_model):
+    """KL(P_ref || P_model) of each prompt's next-token distribution after its chat-formatted prompt: the sum over the
+    vocabulary of p_ref (log p_ref - log p_model); a token the reference never emits (p_ref = 0) adds 0. Its mean over
+    the prompts is heretic's figure, F.kl_div(logp_model, logp_ref, log_target=True, reduction="batchmean")."""
+    terms = logp_ref.exp() * (logp_ref - logp_model)
+    return torch.where(torch.isneginf(logp_ref), torch.zeros_like(terms), terms).sum(-1)
+
+
+def perplexity(ce):
+    """The perplexity of the answers: exp(mean token CE)."""
+    return math.exp(ce) if ce is not None and ce < 700 else None  # beyond e^700 no float holds it
+
+
+def pair_tokens(tok, prompt, answer):
+    """One (prompt, answer) pair as the chat template writes it, as procon.py encodes its pairs: (token ids, how many
+    of them are the prompt's); the answer's tokens, the template's end-of-turn marker included, follow."""
+    prompt_text, full = chat.chat_text(tok, prompt), chat.chat_text(tok, prompt, answer)
+    if not full.startswith(prompt_text):  # a template that rewrites earlier turns: the answer appended instead
+        full = prompt_text + answer + (tok.eos_token or "")
+    return tok(full, add_special_tokens=False).input_ids, len(tok(prompt_text, add_special_tokens=False).input_ids)
+
+
+@torch.no_grad()
+def answer_ce(model, encoded, pad_id, batch_size, hook_pairs=()):
+    """The mean token CE of the answers of encoded pairs (pair_tokens): the sum over every answer token of
+    -log p(token | all before it), divided by the number of answer tokens (token-weighted, as procon.py's held-out
+    CE). Right padding, longest first, so positions start at 0 as in training. Returns (CE, answer tokens)."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    device, total, count = loading.model_device(model), 0.0, 0
+    with inference.hooks(list(hook_pairs) + inference.check_overflow(model, "damage: answer CE")):
+        for start in range(0, len(order), batch_size):
+            batch = [encoded[i] for i in order[start:start + batch_size]]
+            n = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), n), pad_id)
+            mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+            for b, (tokens, n_prompt) in enumerate(batch):
+                ids[b, :len(tokens)], mask[b, :len(tokens)] = torch.tensor(tokens), 1
+                labels[b, n_prompt:len(tokens)] = ids[b, n_prompt:len(tokens)]
+            target = labels[:, 1:]
+            keep = (target != -100).any(0).nonzero().squeeze(-1)  # logits only where some answer token is predicted
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                           logits_to_keep=keep.to(device)).logits.float()
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, keep].reshape(
+                -1).to(device), ignore_index=-100, reduction="sum").item()
+            count += int((target != -100).sum())
+    return cli.check_finite(total / max(count, 1), "the answers' CE (damage)"), count
+
+
+def damage_data(args):
+    """The damage measure's data, read before any model loads: (harmless prompts, (prompt, answer) pairs), each a
+    seeded sample of --damage-limit; None with --damage-limit 0."""
+    if args.damage_limit == 0:
+        return None
+    prompts = chat.read_prompts(args.damage_prompts, limit=args.damage_limit, seed=args.seed)
+    pairs = chat.sample(training.read_pairs(args.damage_pairs), args.damage_limit, args.seed)
+    if args.adapter and os.path.abspath(args.damage_pairs) == os.path.abspath(DAMAGE_PAIRS):
+        print(f"note: --damage-pairs {args.damage_pairs} is procon.py's default training set; an adapter trained on "
+              "it has seen these answers (pass held-out pairs for a held-out CE)", file=sys.stderr)
+    return prompts, pairs
+
+
+def damage_side(model, tok, hook_pairs, data, args, what):
+    """What the damage measure reads of one model (`what`: the evaluated one or the reference): the next-token
+    log-probabilities after each harmless prompt, the answers' CE, and the token ids both read (the two models must
+    see the same tokens)."""
+    prompts, pairs = data
+    encoded = [pair_tokens(tok, p, a) for p, a in pairs]
+    texts = chat.format_chat(tok, prompts)
+    chat.check_context(model, chat.token_lengths(tok, texts), what="damage prompts")
+    chat.check_context(model, [len(ids) for ids, _ in encoded], what="damage pairs")
+    logp = inference.last_logits(model, tok, prompts, args.batch_size, hook_pairs, f"damage: KL ({what})")
+    ce, tokens = answer_ce(model, encoded, tok.pad_token_id, args.batch_size, hook_pairs)
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts] + [ids for ids, _ in encoded]
+    return {"logp": logp, "ce": ce, "tokens": tokens, "ids": ids}
+
+
+def reference_side(args, data):
+    """The --reference model's side of the damage measure: loaded with --model's flags, measured, and freed before
+    --model loads (never two models at once)."""
+    import argparse
+
+    ref, tok = loading.load(argparse.Namespace(**{**vars(args), "model": args.reference}))
+    side = damage_side(ref, tok, [], data, args, "reference")
+    del ref, tok
+    free_memory()
+    return side
+
+
+def applied(args):
+    """The interventions on --model, by flag (empty: the model is evaluated as it is)."""
+    return [f"--{k}" for k in ("patch", "adapter", "ablate", "steer") if getattr(args, k)]
+
+
+def damage(model_side, ref_side, data, args):
+    """The damage block of summary.json: the first-token KL on the harmless prompts (mean, median, max over them) and
+    the answers' CE and perplexity under the evaluated model and the reference. With no reference side (nothing
+    applied, no --reference) the model is its own reference: the KL is 0 by definition and the CEs are one number."""
+    if ref_side is not None and (ref_side["ids"], ref_side["logp"].shape) != (model_side["ids"],
+                                                                              model_side["logp"].shape):
+        cli.fail(f"--reference {args.reference} reads other tokens than --model {args.model} (another tokenizer, chat "
+                 "template or vocabulary); the KL and CE compare the two on the same tokens")
+    kl = first_token_kl(ref_side["logp"], model_side["logp"]) if ref_side else torch.zeros(len(data[0]))
+    ce_ref = ref_side["ce"] if ref_side else model_side["ce"]
+    against = args.reference or (f"{args.model} without {', '.join(applied(args))}" if applied(args) else args.model)
+    return {"reference": against, "kl_note": None if ref_side else "0 by definition: nothing is applied and no "
+            "--reference is given, so the model is its own reference",
+            "prompts": args.damage_prompts, "n_prompts": len(data[0]), "kl_mean": kl.mean().item(),
+            "kl_median": kl.quantile(0.5).item(), "kl_max": kl.max().item(), "pairs": args.damage_pairs,
+            "n_pairs": len(data[1]), "answer_tokens": model_side["tokens"], "ce_model": model_side["ce"],
+            "ce_ref": ce_ref, "ppl_model": perplexity(model_side["ce"]), "ppl_ref": perplexity(ce_ref)}
 
 
 def generate_responses(model, tok, rows, done, path, args, hook_pairs):
@@ -942,6 +1075,7 @@ def main(argv=None):
     args.model = args.model or (loading.default_model() if uses_model else None)  # --responses alone runs no model
     if uses_model:
         check_against_model(args)
+    data = damage_data(args) if uses_model else None  # the damage measure's prompts and pairs (None: not measured)
 
     # 2. prompts; the output folder (an unfinished run's responses with --resume, the same settings or a refusal)
     rows, removed = load_rows(args)
@@ -950,13 +1084,11 @@ def main(argv=None):
                            resumable=generating, progress=("responses.jsonl",), read=rundir.reads(args)) as work:
         done = read_done(os.path.join(work, "responses.jsonl"), rows) if args.resume else {}
 
-        # 3. the model and what is evaluated on it (only if something generates or scores)
-        model = tok = None
+        # 3. the model and what is evaluated on it, and its damage (only if something generates or scores)
+        model = tok = harm = None
         hook_pairs = []
         if uses_model:
-            model, tok, hook_pairs = load_evaluated(args)
-            chat.check_context(model, chat.token_lengths(tok, chat.format_chat(tok, [r["prompt"] for r in rows])),
-                             args.max_new_tokens if generating else 0)  # absolute positions: refused; others: warned
+            model, tok, hook_pairs, harm = load_evaluated(args, rows, generating, data)
 
         # 4. generation (resumable): batches appended to the run's responses.jsonl as they finish
         gen_seconds = None
@@ -967,7 +1099,7 @@ def main(argv=None):
             r.setdefault("response", None)
 
         # 5. judges: logit first (it reads the evaluated model, which is then freed), then those that read responses
-        extra = {"excluded_near_duplicates": removed,
+        extra = {"excluded_near_duplicates": removed, "damage": harm,
                  **(logit_judge(rows, model, tok, hook_pairs, args) if "logit" in names else {})}
         model = tok = hook_pairs = None
         free_memory()
@@ -1008,14 +1140,20 @@ def check_args(args, names):
          "--refusal-openers adds refusal tokens to the logit judge; without --judge logit it changes nothing"),
         (args.column, args.data, "--column names the prompt column of --data"), (args.data_dir, args.benchmark,
          "--data-dir holds the --benchmark sets"), (args.exclude, not args.responses, "--exclude leaves prompts out "
-         "of --benchmark and --data; --responses judges every row of its file")))
+         "of --benchmark and --data; --responses judges every row of its file"),
+        (args.reference, (not args.responses or "logit" in names) and args.damage_limit != 0, "--reference is the "
+         "model the damage is measured against; it needs a model run (not --responses alone) and --damage-limit > 0")))
     cli.check_model_args(args)
     for flag, path, folder in (("--ablate", args.ablate, False), ("--steer", args.steer, False),
                                ("--direction", args.direction, False), ("--patch", args.patch, True),
-                               ("--adapter", args.adapter, True), ("--data-dir", args.data_dir, True)):
+                               ("--adapter", args.adapter, True), ("--data-dir", args.data_dir, True),
+                               ("--damage-prompts", args.damage_prompts, None), ("--damage-pairs", args.damage_pairs,
+                                                                                 None)):
         if path:
-            cli.check_path(path, "folder" if folder else "direction file", flag, folder)
+            cli.check_path(path, {True: "folder", False: "direction file", None: "file"}[folder], flag, bool(folder))
     refusal_answers(args.refusal_openers)  # read now, so that a bad file stops the run before any generation
+    if args.reference:
+        loading.check_model_path(args.reference)
     check_judges(names)
 
 
@@ -1047,7 +1185,8 @@ def write_outputs(rows, names, extra, work, args, timing):
     tested = [r["degenerate"] for r in rows if r["degenerate"] is not None]
     summary["degenerate_responses"] = {"tested": len(tested), "degenerate": sum(bool(d) for d in tested),
                                        **{d: tested.count(d) for d in DEGENERATE}}
-    data_files = [args.data, args.responses, *args.exclude, *args.refusal_openers] + [
+    data_files = [args.data, args.responses, *args.exclude, *args.refusal_openers,
+                  *([args.damage_prompts, args.damage_pairs] if extra.get("damage") else [])] + [
         os.path.join(args.data_dir, s["file"]) for n in args.benchmark if n in BENCHMARKS for s in BENCHMARKS[n]
         if s["file"] and args.data_dir]
     runrecord.save_json(os.path.join(work, "summary.json"), {
@@ -1058,7 +1197,7 @@ def write_outputs(rows, names, extra, work, args, timing):
         "limit": args.limit, "seed": args.seed, "n_responses": len(rows), **timing,
         **runrecord.metadata(args, sorted({f for f in data_files if f}))})
     shown = names + (["human"] if args.labels else [])
-    md = markdown(summary, shown, args)
+    md = markdown(summary, shown, args) + damage_lines(extra.get("damage"))
     runrecord.save_text(os.path.join(work, "summary.md"), md)
     plot_summary(os.path.join(work, "summary.png"), summary, shown)
     return md
@@ -1115,6 +1254,24 @@ def markdown(summary, names, args):
             lines.append(f"- {s} ({j}): " + ", ".join(f"{t} {pct(v['refusal_rate'])} (n={v['n']})"
                                                       for t, v in by_type.items()))
     return "\n".join(lines) + "\n"
+
+
+def damage_lines(d):
+    """summary.md's damage table (empty when the damage was not measured)."""
+    if not d:
+        return ""
+    f4 = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    return "\n".join(["", f"Damage against the reference model ({d['reference']}):", "",
+                      "| KL mean | KL median | KL max | harmless prompts | answer CE, model | answer CE, reference | "
+                      "perplexity, model | perplexity, reference | pairs (answer tokens) |",
+                      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                      f"| {f4(d['kl_mean'])} | {f4(d['kl_median'])} | {f4(d['kl_max'])} | {d['n_prompts']} | "
+                      f"{f4(d['ce_model'])} | {f4(d['ce_ref'])} | {f4(d['ppl_model'])} | {f4(d['ppl_ref'])} | "
+                      f"{d['n_pairs']} ({d['answer_tokens']}) |", "",
+                      f"KL: KL(P_reference || P_model) of the next-token distribution after each chat-formatted "
+                      f"prompt of {d['prompts']} (heretic's first-token KL), over the prompts"
+                      + (f" ({d['kl_note']})" if d["kl_note"] else "") + f". Answer CE: the mean token cross-entropy "
+                      f"of the answers of {d['pairs']} after their prompts; perplexity: its exponential."]) + "\n"
 
 
 def agreement_lines(summary, args):
@@ -1199,6 +1356,16 @@ def parse_args(argv=None):
                    "default 1, Arditi's activation addition; negative values subtract")
     g.add_argument("--other-model", action="store_true", help="apply a direction, patch or adapter made on another "
                    "model than --model (e.g. a base model's direction to its fine-tune)")
+    g = p.add_argument_group("damage: what the intervention costs, against a reference model (once per run)")
+    g.add_argument("--reference", default=None, help="the model the damage is measured against (default: --model "
+                   "without --patch, --adapter, --ablate and --steer), e.g. the original of an exported ablated folder")
+    g.add_argument("--damage-prompts", default=DAMAGE_PROMPTS, help="harmless prompts: the mean first-token KL of "
+                   "the reference's next-token distribution to the model's, after each (heretic's measure)")
+    g.add_argument("--damage-pairs", default=DAMAGE_PAIRS, help="(prompt, answer) pairs (Alpaca, prompt/response, "
+                   "GSM8K): the mean token CE and perplexity of the answers under the model and the reference; the "
+                   "default is procon.py's default training set, so pass held-out pairs for its adapters")
+    g.add_argument("--damage-limit", type=cli.count(0), default=None, help="at most N damage prompts and N pairs (a "
+                   "seeded sample; default: all); 0: no damage measured")
     g = p.add_argument_group("data")
     g.add_argument("--benchmark", action="append", default=[], help=f"benchmark, repeatable: {', '.join(BENCHMARKS)}")
     g.add_argument("--data", default=None, help="any prompt file (JSON, JSONL, CSV, TXT), judged against --expect")

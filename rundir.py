@@ -27,7 +27,8 @@ NOT_SETTINGS = ("out", "overwrite", "resume")  # flags that never shape what a r
 # the flags, in every script, that name a file or folder the run reads (a model given as a path included)
 READS = ("model", "merge", "chat_template", "data", "data_dir", "safety_data", "refusals", "eval_data", "harmful",
          "harmless", "pseudo_harmful", "probe_harmful", "probe_harmless", "patch", "adapter", "ablate", "steer",
-         "direction", "exclude", "responses", "eval_refusal", "ablate_weights", "refusal_openers")
+         "direction", "exclude", "responses", "eval_refusal", "ablate_weights", "refusal_openers", "reference",
+         "damage_prompts", "damage_pairs")
 
 
 # ============================================================================ what shapes a run

@@ -1,5 +1,6 @@
 """evaluate.py: benchmarks, generation, judges (measured against human labels), metrics, resume, bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,8 +29,9 @@ def rows_of(out):
     return [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
 
 
-def run_eval(model, out, *extra):
-    E.main(["--model", model, "--out", str(out), "--max-new-tokens", "6", "--batch-size", "3", *extra])
+def run_eval(model, out, *extra):  # the damage on 2 prompts and 2 pairs: every run measures it, cheaply
+    E.main(["--model", model, "--out", str(out), "--max-new-tokens", "6", "--batch-size", "3", "--damage-limit", "2",
+            *extra])
 
 
 # ---------------------------------------------------------------- the keyword judge, measured against human labels
@@ -230,6 +232,66 @@ def test_patch_and_adapter(tiny_llama, prompt_files, tmp_path):
     base, patched, adapted = ([r["logit_score"] for r in rows_of(tmp_path / f"eval-{n}")] for n in ("base", "patch",
                                                                                                      "adapter"))
     assert patched != base and adapted != base
+    harm = {n: damage_of(tmp_path / f"eval-{n}") for n in ("base", "patch", "adapter")}
+    for n in ("patch", "adapter"):  # the reference measured on the model before the patch or adapter went on
+        assert harm[n]["kl_mean"] > 0 and harm[n]["ce_ref"] == harm["base"]["ce_model"] != harm[n]["ce_model"]
+
+
+def damage_of(out):
+    return json.loads((out / "summary.json").read_text())["damage"]
+
+
+def test_first_token_kl_is_heretics_measure():
+    """KL(P_ref || P_model) per prompt, whose mean is heretic's F.kl_div(..., log_target=True, 'batchmean'): 0 for a
+    model against itself, positive otherwise, finite where the reference gives a token no probability."""
+    torch.manual_seed(0)
+    ref, model = torch.log_softmax(torch.randn(5, 50), -1), torch.log_softmax(torch.randn(5, 50), -1)
+    heretic = torch.nn.functional.kl_div(model, ref, log_target=True, reduction="batchmean")
+    assert torch.allclose(E.first_token_kl(ref, model).mean(), heretic, atol=1e-6)
+    assert E.first_token_kl(ref, ref).abs().max() == 0 and (E.first_token_kl(ref, model) > 0).all()
+    masked = torch.log_softmax(torch.randn(5, 50).index_fill(1, torch.tensor([0]), float("-inf")), -1)
+    assert torch.isfinite(E.first_token_kl(masked, model)).all()
+    assert E.perplexity(math.log(7)) == pytest.approx(7) and E.perplexity(None) is None
+
+
+def test_damage_beside_the_refusal_rate(tiny_llama, prompt_files, tmp_path):
+    """The damage block: KL 0 (by definition, and measured) and the reference's CE the model's when nothing is applied;
+    with --ablate a KL above 0 that the hooks give alone, the reference measured with the hooks off; an exported
+    ablated folder against --reference its original gives the hooks' KL; --damage-limit samples, 0 measures none."""
+    directions.main(["--model", tiny_llama, "--harmful", prompt_files["harmful"], "--harmless",
+                     prompt_files["harmless"], "--out", str(tmp_path / "d"), "--layer", "2", "--save-ablated"])
+    direction = str(tmp_path / "d" / "direction.pt")
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"instruction": f"Name a colour number {i}.", "output": f"Blue, number {i}."}
+                                 for i in range(4)]))
+    args = ["--data", prompt_files["harmless"], "--judge", "logit", "--damage-prompts", prompt_files["harmless"],
+            "--damage-pairs", str(pairs), "--damage-limit", "12"]
+    for name, extra in (("base", []), ("self", ["--reference", tiny_llama]), ("ablate", ["--ablate", direction]),
+                        ("exported", ["--model", str(tmp_path / "d" / "ablated"), "--reference", tiny_llama]),
+                        ("few", ["--damage-limit", "2"]), ("none", ["--damage-limit", "0"])):
+        run_eval(tiny_llama, tmp_path / name, *args, *extra)
+    base, itself, ablated, exported = (damage_of(tmp_path / n) for n in ("base", "self", "ablate", "exported"))
+    assert base["kl_mean"] == base["kl_max"] == 0 and "0 by definition" in base["kl_note"]
+    assert base["ce_ref"] == base["ce_model"] > 0 and base["answer_tokens"] > 8
+    assert (base["n_prompts"], base["n_pairs"]) == (12, 4)
+    assert base["ppl_model"] == pytest.approx(math.exp(base["ce_model"]))
+    assert itself["kl_note"] is None and itself["kl_max"] < 1e-6  # measured: the model against itself
+    assert itself["ce_ref"] == pytest.approx(itself["ce_model"], abs=1e-6) and itself["ce_model"] == pytest.approx(
+        base["ce_model"], abs=1e-6)
+    assert ablated["kl_mean"] > 1e-5 and ablated["kl_max"] >= ablated["kl_median"] > 0
+    assert ablated["reference"] == f"{tiny_llama} without --ablate" and ablated["ce_ref"] == base["ce_model"]
+    assert ablated["ce_model"] != ablated["ce_ref"]
+    model, tok = loading.load_model(tiny_llama)
+    prompts = chat.read_prompts(prompt_files["harmless"])
+    hooks = E.ablation_hooks(model, artifacts.load_direction(direction)["direction"])
+    kl = E.first_token_kl(inference.last_logits(model, tok, prompts), inference.last_logits(model, tok, prompts,
+                                                                                            hook_pairs=hooks))
+    assert ablated["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-3)
+    assert exported["kl_mean"] == pytest.approx(ablated["kl_mean"], rel=1e-3)  # the exported folder = the hooks
+    assert exported["ce_model"] == pytest.approx(ablated["ce_model"], rel=1e-4)
+    assert (damage_of(tmp_path / "few")["n_prompts"], damage_of(tmp_path / "few")["n_pairs"]) == (2, 2)
+    assert damage_of(tmp_path / "none") is None and "Damage" not in (tmp_path / "none" / "summary.md").read_text()
+    assert "| KL mean |" in (tmp_path / "ablate" / "summary.md").read_text()
 
 
 def test_classifier_and_llm_judges(tiny_llama, tmp_path):
@@ -792,7 +854,7 @@ def bad(tiny_llama, tiny_neox, prompt_files, guard_model, no_template_model, tmp
 
 def BASE(p, out):
     return ["--model", p["llama"], "--data", p["harmful"], "--max-new-tokens", "6", "--batch-size", "3",
-            "--judge", "keyword", "--out", str(out)]
+            "--judge", "keyword", "--damage-limit", "2", "--out", str(out)]
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -891,6 +953,11 @@ BAD_INPUTS = [
     row("plain", "--refusal-openers {harmful} --overwrite", "--refusal-openers adds refusal tokens to the logit "
         "judge; without --judge logit"),
     row("plain", "--refusal-openers {noprompt} --judge logit --overwrite", "{noprompt}: row 2 is not usable"),
+    row("plain", "--reference {llama} --damage-limit 0 --overwrite", "--reference is the model the damage is measured"),
+    row("plain", "--reference {llama} --responses {r_label} --data= --overwrite", "it needs a model run"),
+    row("plain", "--reference {file}x --overwrite", "no such model directory"),
+    row("plain", "--damage-prompts {file}x --overwrite", "--damage-prompts .*afilex: no such file"),
+    row("plain", "--damage-pairs {harmless} --overwrite", "row 1 is not usable: expected instruction/output"),
     row("plain", "--data-dir {bad_dir} --overwrite", "--data-dir holds the --benchmark sets"),
     row("plain", "--data= --benchmark advbench --column goal --overwrite",
         "--column names the prompt column of --data"),
