@@ -1330,6 +1330,20 @@ def plot_summary(path, summary, names):
 
 
 # ============================================================================ arguments
+def add_damage_args(p):
+    """The damage flags: the reference model and the data the cost of an intervention is measured on."""
+    g = p.add_argument_group("damage: what the intervention costs, against a reference model (once per run)")
+    g.add_argument("--reference", default=None, help="the model the damage is measured against (default: --model "
+                   "without --patch, --adapter, --ablate and --steer), e.g. the original of an exported ablated folder")
+    g.add_argument("--damage-prompts", default=DAMAGE_PROMPTS, help="harmless prompts: the mean first-token KL of "
+                   "the reference's next-token distribution to the model's, after each (heretic's measure)")
+    g.add_argument("--damage-pairs", default=DAMAGE_PAIRS, help="(prompt, answer) pairs (Alpaca, prompt/response, "
+                   "GSM8K): the mean token CE and perplexity of the answers under the model and the reference; the "
+                   "default is procon.py's default training set, so pass held-out pairs for its adapters")
+    g.add_argument("--damage-limit", type=cli.count(0), default=None, help="at most N damage prompts and N pairs (a "
+                   "seeded sample; default: all); 0: no damage measured")
+
+
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     g = p.add_argument_group("method: what is evaluated, and how it is judged")
@@ -1356,16 +1370,7 @@ def parse_args(argv=None):
                    "default 1, Arditi's activation addition; negative values subtract")
     g.add_argument("--other-model", action="store_true", help="apply a direction, patch or adapter made on another "
                    "model than --model (e.g. a base model's direction to its fine-tune)")
-    g = p.add_argument_group("damage: what the intervention costs, against a reference model (once per run)")
-    g.add_argument("--reference", default=None, help="the model the damage is measured against (default: --model "
-                   "without --patch, --adapter, --ablate and --steer), e.g. the original of an exported ablated folder")
-    g.add_argument("--damage-prompts", default=DAMAGE_PROMPTS, help="harmless prompts: the mean first-token KL of "
-                   "the reference's next-token distribution to the model's, after each (heretic's measure)")
-    g.add_argument("--damage-pairs", default=DAMAGE_PAIRS, help="(prompt, answer) pairs (Alpaca, prompt/response, "
-                   "GSM8K): the mean token CE and perplexity of the answers under the model and the reference; the "
-                   "default is procon.py's default training set, so pass held-out pairs for its adapters")
-    g.add_argument("--damage-limit", type=cli.count(0), default=None, help="at most N damage prompts and N pairs (a "
-                   "seeded sample; default: all); 0: no damage measured")
+    add_damage_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--benchmark", action="append", default=[], help=f"benchmark, repeatable: {', '.join(BENCHMARKS)}")
     g.add_argument("--data", default=None, help="any prompt file (JSON, JSONL, CSV, TXT), judged against --expect")
