@@ -20,9 +20,17 @@ PROMPT_COLUMNS = ("prompt", "instruction", "goal", "Behavior", "Goal", "forbidde
 
 def read_records(path):
     """Rows of a JSON, JSONL, CSV or TXT file, as a list of dicts (TXT and lists of strings become {"prompt": ...}).
-    Text is UTF-8; a byte-order mark is read as one."""
+    Text is UTF-8; a byte-order mark is read as one. Every row is read or the file refused, naming the row: a CSV row
+    with more or fewer fields than its header, a JSON object that names a key twice (JSON keeps the last in silence)."""
     cli.check_path(path)
     ext = os.path.splitext(path)[1].lower()
+    twice = {}  # id of a JSON object -> (the object, kept alive so that its id stays its own; a key it names twice)
+
+    def pairs_hook(pairs):
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            twice[id(obj)] = obj, next(k for i, (k, _) in enumerate(pairs) if k in (p for p, _ in pairs[:i]))
+        return obj
     try:
         with open(path, encoding="utf-8-sig", newline="" if ext in (".csv", ".tsv") else None) as f:
             if ext == ".jsonl":
@@ -30,19 +38,19 @@ def read_records(path):
                 for i, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            rows.append(json.loads(line, object_pairs_hook=pairs_hook))
                         except json.JSONDecodeError as e:
                             cli.fail(f"{path}: line {i} is not valid JSON ({e.msg})")
             elif ext == ".json":
                 try:
-                    rows = json.load(f)
+                    rows = json.load(f, object_pairs_hook=pairs_hook)
                 except json.JSONDecodeError as e:
                     cli.fail(f"{path}: not valid JSON ({e.msg} at line {e.lineno})")
                 if isinstance(rows, dict):  # {"data": [...]} and similar wrappers
                     lists = [v for v in rows.values() if isinstance(v, list)]
                     rows = lists[0] if len(lists) == 1 else [rows]
             elif ext in (".csv", ".tsv"):
-                rows = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
+                rows = read_csv(f, path, "\t" if ext == ".tsv" else ",")
             elif ext in (".txt", ""):
                 rows = [line.rstrip("\n") for line in f if line.strip()]
             else:
@@ -59,8 +67,36 @@ def read_records(path):
             r = {"prompt": r}
         if not isinstance(r, dict):
             cli.fail(f"{path}: row {i + 1} is a {type(r).__name__}, expected a string or an object")
+        if id(r) in twice:
+            cli.fail(f"{path}: row {i + 1} names {twice[id(r)][1]!r} twice; JSON would keep the last in silence")
         out.append(r)
+    if twice:
+        cli.fail(f"{path}: an object names {next(iter(twice.values()))[1]!r} twice; JSON would keep the last in "
+                 "silence")
     return out
+
+
+def read_csv(f, path, delimiter):
+    """The rows of a CSV or TSV file as dicts keyed by its header. A row with more fields than the header (an unquoted
+    comma in a prompt) or fewer (a field left out) is refused with its number (rows counted after the header, as
+    every reader counts them) and the line it ends on; so is a header that names a column twice."""
+    reader = csv.reader(f, delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return []
+    named = [h for h in header if h.strip()]
+    if len(set(named)) < len(named):
+        cli.fail(f"{path}: the header names column {next(h for h in named if named.count(h) > 1)!r} twice")
+    rows = []
+    for row in reader:
+        if not row:  # a blank line, as csv.DictReader skips it
+            continue
+        if len(row) != len(header):
+            why = "an unquoted comma or tab in a field?" if len(row) > len(header) else "a field left out?"
+            cli.fail(f"{path}: row {len(rows) + 1} (ending at line {reader.line_num}) has {len(row)} fields; the "
+                     f"header has {len(header)} ({why})")
+        rows.append(dict(zip(header, row)))
+    return rows
 
 
 def text_of(value, path, row, column):
@@ -71,7 +107,9 @@ def text_of(value, path, row, column):
 
 
 def read_prompts(path, column=None, limit=None, seed=0):
-    """Prompts from a file: the `column` field, else the first of PROMPT_COLUMNS the file has. Stripped, non-empty."""
+    """Prompts from a file: the `column` field, else the first of PROMPT_COLUMNS the file has. Stripped. Every row
+    gives one (the rule of the pair files): a row without the column, with it empty, or with its prompt under another
+    key ends the run with the row's number."""
     rows = read_records(path)
     if not rows:
         cli.fail(f"{path}: no prompts in file")
@@ -80,10 +118,15 @@ def read_prompts(path, column=None, limit=None, seed=0):
     if col is None or col not in keys:
         want = repr(column) if column else "any of " + ", ".join(PROMPT_COLUMNS)
         cli.fail(f"{path}: no column {want} (columns: {', '.join(sorted(keys))}); choose one with --column")
-    prompts = [text_of(r[col], path, i + 1, col) for i, r in enumerate(rows) if r.get(col) is not None]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        cli.fail(f"{path}: column {col!r} holds no non-empty prompts")
+    prompts = []
+    for i, r in enumerate(rows, 1):
+        prompts.append(text_of(r[col], path, i, col) if r.get(col) is not None else "")
+        if not prompts[-1]:
+            other = next((c for c in PROMPT_COLUMNS if c != col and str(r.get(c) or "").strip()), None)
+            cli.fail(f"{path}: row {i} " + (f"holds its prompt under {other!r}, other rows under {col!r}; put every "
+                                            "prompt under one key" if other else
+                                            f"has an empty {col!r}" if col in r else
+                                            f"has no {col!r} (it has {', '.join(map(str, r)) or 'nothing'})"))
     return sample(prompts, limit, seed)
 
 
@@ -147,13 +190,19 @@ def length_batches(tokenizer, texts, batch_size):
 
 
 def check_context(model, lengths, extra_tokens=0, what="prompts"):
-    """Sequences (of these token lengths, plus extra_tokens to generate) longer than the model's context: an error on a
-    model with absolute position embeddings (GPT-2 style: they would index past its table), a warning with the count
-    on others."""
+    """Sequences longer than the model's context, checked before any work. A prompt longer than the context by itself
+    is refused on every model: past the positions it was trained on, and attention's memory grows with the square of
+    the length, so that a prompt far past it ran out of memory. A prompt that fits but runs past with
+    extra_tokens to generate is refused on a model with absolute position embeddings (GPT-2 style: they would index
+    past its table), warned about with the count on others."""
     cfg = loading.text_config(model)
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if not limit or not lengths:
         return
+    alone = sum(n > limit for n in lengths)
+    if alone:
+        cli.fail(f"{alone} of {len(lengths)} {what} run past the model's context of {limit} tokens by themselves "
+                 f"(longest {max(lengths)}): shorten them or leave them out")
     lengths = [n + extra_tokens for n in lengths]
     over = sum(n > limit for n in lengths)
     if not over:

@@ -10,6 +10,7 @@ generation); rundir.py (output folders), artifacts.py (directions, patches, adap
 (refusal judges), training.py (fine-tuning machinery).
 """
 import argparse
+import errno
 import math
 import os
 import sys
@@ -222,6 +223,11 @@ def check_path(path, what="file", flag=None, folder=False):
     says which: 'no such <what>', 'is a folder, not a <what>' (or 'is a file'), 'not readable'."""
     label = f"{flag} {path}" if flag else str(path)
     if not os.path.exists(path):
+        try:
+            os.stat(path)
+        except OSError as e:  # a symlink loop, or a link whose target is gone, is not a missing file
+            if os.path.islink(path) or e.errno == errno.ELOOP:
+                fail(f"{label}: {'a symlink loop' if e.errno == errno.ELOOP else 'a link to nothing'} ({e.strerror})")
         fail(f"{label}: no such {what}")
     if os.path.isdir(path) != folder:
         fail(f"{label}: is a {'file' if folder else 'folder'}, not a {what}")

@@ -2,9 +2,13 @@
 
 A hub id, a local folder or a .gguf in (converted once, cached), a model out: fp32 on the CPU, bf16 on a GPU, or 4-bit
 NF4 (bitsandbytes); one device, or spread with --device-map over GPUs, the CPU and the disk (--max-memory); the decoder
-layers of any architecture; 4-bit blocks dequantised for exact arithmetic.
+layers of any architecture; 4-bit blocks dequantised for exact arithmetic. A model is loaded whole or refused (every
+tensor its config expects read from its files with its shape, none left over), and what the libraries cannot read is
+one line naming the file.
 """
 import argparse
+import contextlib
+import json
 import os
 import re
 import sys
@@ -59,9 +63,10 @@ def gguf_to_hf(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(path))
-    print(f"converting {name} to {out} (once)", file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with library_errors(f"could not convert {path}"):
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model, info = quiet_load(AutoModelForCausalLM.from_pretrained, folder, gguf_file=name, dtype=torch.float32)
+    check_loaded(model, info, path, [name])  # a converted model with a tensor filled at random would be cached as whole
     model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None  # now plain fp32 weights
     del model.config.quantization_config
     tmp = out + ".tmp"
@@ -69,6 +74,7 @@ def gguf_to_hf(path):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, out)
+    print(f"converted {name} to {out} (once: later runs read it there)", file=sys.stderr)  # after: an error is one line
     return out
 
 
@@ -102,6 +108,123 @@ def check_model_path(name):
         cli.check_path(os.path.expanduser(name), "model directory", folder=True)
         if not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
             cli.fail(f"--model {name}: not a model folder (no config.json)")
+        check_model_files(os.path.expanduser(name))
+
+
+def check_model_files(folder):
+    """A local model folder's files, read before any work without loading a weight: each entry can be opened (no
+    symlink loop, no link to nothing), each JSON file parses, each safetensors file holds a whole header whose tensors
+    its length covers, and each shard an index names is there. Each failure is one line that names the file."""
+    from safetensors import safe_open
+
+    for f in sorted(os.listdir(folder)):
+        p = os.path.join(folder, f)
+        if not os.path.exists(p):  # a symlink loop or a link to nothing, named as such
+            cli.check_path(p)
+        if f.endswith(".json") and os.path.isfile(p):
+            try:
+                with open(p, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                cli.fail(f"{p}: not valid JSON ({getattr(e, 'msg', 'not UTF-8')}{at_line(e)}); the file is cut or "
+                         "damaged")
+            shards = data.get("weight_map") if f.endswith(".index.json") and isinstance(data, dict) else None
+            for shard in sorted({str(v) for v in shards.values()} if isinstance(shards, dict) else ()):
+                if not os.path.isfile(os.path.join(folder, shard)):
+                    cli.fail(f"{p} names the shard {shard}, which is not in {folder}")
+        elif f.endswith(".safetensors") and os.path.isfile(p):
+            try:
+                with safe_open(p, "pt") as fh:
+                    fh.keys()
+            except Exception as e:  # safetensors' own error type: a cut, empty or garbage file
+                cli.fail(f"{p}: not a whole safetensors file ({first_line(e)}); the file is cut or damaged")
+
+
+def at_line(e):
+    return f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+
+
+def first_line(e):
+    """An exception as one line: its type where the text alone would not say what failed, and its first line."""
+    text = (str(e).strip().splitlines() or [""])[0].strip()
+    if isinstance(e, OSError) and e.filename:
+        text = f"{e.strerror or text} ({e.filename})"
+    if isinstance(e, KeyError):  # its text is the key alone
+        text = f"no {text} in it"
+    return text[:300] or type(e).__name__
+
+
+@contextlib.contextmanager
+def library_errors(what):
+    """What transformers, tokenizers, safetensors and gguf raise on files they cannot read (their own error types
+    too), as one line: `what`, then the cause. A bad input, not a bug of this project: no traceback. transformers'
+    warnings are held back meanwhile: they would stand before the line (this project checks what it loaded itself)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    except (cli.UserError, MemoryError, torch.OutOfMemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        cli.fail(f"{what}: {first_line(e)}")
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def quiet_load(load, *args, **kwargs):
+    """A transformers from_pretrained that reports what it read (its load report, not logged) and does not stop at
+    a tensor of another shape: (model, info) for check_loaded."""
+    return load(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+
+
+def tensors(n):
+    return f"{n} tensor{'s' if n != 1 else ''}"
+
+
+def keys_in_short(keys):
+    """Tensor names summed up: layer numbers folded (model.layers.*.mlp.up_proj.weight), the first three kinds."""
+    kinds = sorted({re.sub(r"\.\d+\.", ".*.", k, count=1) for k in keys})
+    return ", ".join(kinds[:3]) + (f" and {len(kinds) - 3} more" if len(kinds) > 3 else "")
+
+
+def layers_of(keys):
+    return sorted({int(m.group(1)) for k in keys for m in [re.search(r"\.(\d+)\.", k)] if m})
+
+
+def check_loaded(model, info, name, files):
+    """A model loaded whole: every tensor its architecture (config.json) expects was read from the files with its
+    shape, and nothing in the files was left over. transformers would fill a missing tensor at random (a config naming
+    more layers than the weights hold), drop a left-over one (fewer layers) and re-initialise one of another shape;
+    here each is one line that names the files and the mismatch. Tied weights (an lm_head that is the embedding) are
+    not missing: transformers leaves them out of its list."""
+    where = f"{name}: its weights ({', '.join(files)})" if files else f"{name}: its weights"
+    n = text_config(model).num_hidden_layers
+    missing, extra, mismatched = (sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys",
+                                                                      "mismatched_keys"))
+    if missing or extra:
+        keys, verb = (missing, "lack") if missing else (extra, "hold")
+        layers = layers_of(keys) if all(layers_of([k]) for k in keys) else []
+        held = None if not layers else layers[0] if missing and layers == list(range(layers[0], n)) else \
+            layers[-1] + 1 if extra and layers[0] >= n else None
+        hint = f"; config.json names {n} layers, the files hold {held}" if held is not None else ""
+        what = "that config.json's architecture expects" if missing else "that its architecture has no place for"
+        cli.fail(f"{where} {verb} {tensors(len(keys))} {what} ({keys_in_short(keys)}){hint}")
+    if mismatched:
+        key, saved, built = mismatched[0]
+        cli.fail(f"{where} hold {key} of shape {list(saved)}, but config.json makes it {list(built)}"
+                 f"{f' (and {tensors(len(mismatched) - 1)} more)' if len(mismatched) > 1 else ''}; the config "
+                 "is not this model's")
+    if info.get("error_msgs"):
+        cli.fail(f"{where}: {info['error_msgs'][0].strip().splitlines()[0]}")
+
+
+def weight_files(path):
+    """The weight files of a local model folder, by name (for messages); none for a hub id."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
 
 
 def resolve_model(name):
@@ -138,7 +261,7 @@ def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=F
     dequantize_block).
     system_prompt and thinking ("on"/"off": the chat template's enable_thinking) are kept on the tokenizer, so that
     every prompt this model sees is formatted the same way (chat_text), and checked here on one prompt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = resolve_model(name)
     device = check_device(device)
@@ -151,12 +274,13 @@ def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=F
         kwargs["device_map"] = {"": device}
     if device_map:
         kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    tokenizer = read_tokenizer(path, name, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        hint = "; pass --offload-folder DIR (or more --max-memory)" if "offload_folder" in str(e) else ""
-        cli.fail(f"could not load model {name!r}: {str(e).strip().splitlines()[0]}{hint}")
+        with library_errors(f"could not load model {name!r}"):
+            model, info = quiet_load(AutoModelForCausalLM.from_pretrained, path, **kwargs)
+    except cli.UserError as e:
+        cli.fail(f"{e}{'; pass --offload-folder DIR (or more --max-memory)' if 'offload_folder' in str(e) else ''}")
+    check_loaded(model, info, name, weight_files(path))
     if not load_in_4bit and not device_map:
         model.to(device)
     model.eval()
@@ -176,6 +300,25 @@ def load_model(name, load_in_4bit=False, chat_template=None, trust_remote_code=F
     if need_chat:
         chat.chat_text(tokenizer, "Hello", "Hi")  # a template that rejects the system role (or any turn) fails here
     return model, tokenizer
+
+
+def read_tokenizer(path, name, trust_remote_code=False):
+    """The model's tokenizer; one that cannot be read names its file, or says that a local folder has none."""
+    from transformers import AutoTokenizer
+
+    files = os.listdir(path) if os.path.isdir(path) else []
+    if files and not any(f in files for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")):
+        what = f"{name}: no tokenizer file (tokenizer.json, tokenizer.model or vocab.json)"
+    else:
+        what = f"could not read the tokenizer {os.path.join(path, 'tokenizer.json')}" if "tokenizer.json" in files \
+            else f"could not load the tokenizer of {name!r}"
+    try:
+        with library_errors(what):
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except cli.UserError:
+        if "no tokenizer file" in what:  # the cause is the missing file; the library's words would not say it
+            cli.fail(what)
+        raise
 
 
 def load(args, **kwargs):

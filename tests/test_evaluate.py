@@ -621,8 +621,10 @@ def test_overwrite_replaces_the_whole_set_on_success(tiny_llama, prompt_files, t
 
 
 def test_context_is_warned_about_on_rotary_models(tiny_neox, tmp_path, capsys):
-    (tmp_path / "long.json").write_text(json.dumps(["bread " * 300, "Write a poem about the sea."]))
-    E.main(["--model", tiny_neox, "--data", str(tmp_path / "long.json"), "--judge", "logit", "--out",
+    """A prompt that fits, with new tokens that run past the context: a warning (a prompt past it by itself is
+    refused: tests/test_loading.py)."""
+    (tmp_path / "long.json").write_text(json.dumps(["bread " * 230, "Write a poem about the sea."]))
+    E.main(["--model", tiny_neox, "--data", str(tmp_path / "long.json"), "--max-new-tokens", "20", "--out",
             str(tmp_path / "o")])
     assert "warning: 1 of 2 prompts run past the model's context of 256 tokens" in capsys.readouterr().err
 
