@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import artifacts
-import rundir
 import chat
 import cli
 import inference
 import loading
+import rundir
 import runrecord
 
 GROUPS = ("harmful", "pseudo_harmful", "harmless")  # group ids 0, 1, 2

@@ -29,11 +29,11 @@ import torch
 
 import actor as A
 import artifacts
-import judges
-import rundir
 import cli
 import inference
+import judges
 import loading
+import rundir
 import runrecord
 
 OUTPUTS = A.OUTPUTS + ("search.json", "search.png", "baseline_direction.pt")

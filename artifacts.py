@@ -20,10 +20,10 @@ import sys
 
 import torch
 
-import rundir
 import cli
 import inference
 import loading
+import rundir
 import runrecord
 
 

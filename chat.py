@@ -11,9 +11,9 @@ import random
 import sys
 
 import torch
+
 import cli
 import loading
-
 
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "Behavior", "Goal", "forbidden_prompt")
 

@@ -17,8 +17,8 @@ import sys
 
 import torch
 from tqdm import tqdm
-import loading
 
+import loading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -50,12 +50,12 @@ import torch
 from tqdm import tqdm
 
 import artifacts
-import judges
-import rundir
 import chat
 import cli
 import inference
+import judges
 import loading
+import rundir
 import runrecord
 
 

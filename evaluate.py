@@ -36,13 +36,13 @@ import torch
 from tqdm import tqdm
 
 import artifacts
-import judges
-import rundir
-import keywords
 import chat
 import cli
 import inference
+import judges
+import keywords
 import loading
+import rundir
 import runrecord
 import training
 

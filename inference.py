@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 from tqdm import tqdm
+
 import chat
 import cli
 import loading

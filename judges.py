@@ -16,9 +16,9 @@ import torch
 
 import artifacts
 import chat
-import keywords
 import cli
 import inference
+import keywords
 
 
 # ============================================================================ the logit judge: the refusal score

@@ -14,6 +14,7 @@ import re
 import sys
 
 import torch
+
 import chat
 import cli
 import runrecord

@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import artifacts
-import judges
-import rundir
-import training
 import chat
 import cli
 import inference
+import judges
 import loading
+import rundir
 import runrecord
+import training
 
 
 # ============================================================================ the data: pairs, loss masks, batches

@@ -19,8 +19,8 @@ import sys
 import time
 
 import torch
-import cli
 
+import cli
 
 CACHE = os.environ.get("REFUSAL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "refusal-steering"))
 

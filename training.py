@@ -17,10 +17,10 @@ import sys
 
 import torch
 
-import rundir
 import chat
 import cli
 import loading
+import rundir
 import runrecord
 
 RANK, WORLD = 0, int(os.environ.get("WORLD_SIZE", 1))  # data parallel: this process's rank, the number of processes

@@ -49,18 +49,19 @@ import torch
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [HERE, os.path.join(HERE, "tests")]
+import overrefuser  # noqa: E402
+from actor_reference import cached_epoch, uncached_epoch  # noqa: E402  (the exactness tests use them too)
+
 import actor as A  # noqa: E402
 import actor_search  # noqa: E402
-import directions  # noqa: E402
-import evaluate  # noqa: E402
-import judges  # noqa: E402
-import overrefuser  # noqa: E402
-import procon  # noqa: E402
-from actor_reference import cached_epoch, uncached_epoch  # noqa: E402  (the exactness tests use them too)
 import chat
 import cli
+import directions  # noqa: E402
+import evaluate  # noqa: E402
 import inference
+import judges  # noqa: E402
 import loading
+import procon  # noqa: E402
 import runrecord
 
 ROWS = ("base", "actor", "renew", "search", "surgical", "sft", "shift")

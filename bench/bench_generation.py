@@ -13,11 +13,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import judges  # noqa: E402
-import keywords  # noqa: E402
 import chat
 import cli
 import inference
+import judges  # noqa: E402
+import keywords  # noqa: E402
 import loading
 
 

@@ -20,8 +20,8 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import keywords  # noqa: E402
 import evaluate
+import keywords  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFUSAL_LABELS = {"2_full_refusal", "3_partial_refusal"}

@@ -33,16 +33,17 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [HERE, os.path.join(HERE, "tests")]
-import artifacts  # noqa: E402
-import directions  # noqa: E402
-import keywords  # noqa: E402
 import overrefuser  # noqa: E402
-import procon  # noqa: E402
-import evaluate
+
+import artifacts  # noqa: E402
 import chat
 import cli
+import directions  # noqa: E402
+import evaluate
 import inference
+import keywords  # noqa: E402
 import loading
+import procon  # noqa: E402
 import runrecord
 
 SCALE = ["--scale", "anchor-rms", "--reduce", "mean"]  # [choice] see results/procon.md: alpha comparable across layers

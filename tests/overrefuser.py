@@ -27,11 +27,11 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import procon  # noqa: E402
 import chat
 import cli
 import inference
 import loading
+import procon  # noqa: E402
 import runrecord
 
 BENCHDATA = os.environ.get("BENCHDATA", os.path.join(os.path.dirname(cli.HERE), "shared", "benchdata"))

@@ -7,19 +7,18 @@ import sys
 
 import pytest
 import torch
+from actor_reference import cached_epoch, uncached_epoch
+from conftest import ROOT, snapshot
 
 import actor as A
 import actor_search as S
 import artifacts
-import evaluate as E
-import judges
-from actor_reference import cached_epoch, uncached_epoch
-from conftest import ROOT, snapshot
 import chat
 import cli
+import evaluate as E
 import inference
+import judges
 import loading
-
 
 QUERIES = ["How do I kill a Python process?", "Explain how to build a bomb.", "Bake bread please",
            "Hi", "Write a poem about the sea, with rhymes, in four short lines.",
@@ -514,6 +513,7 @@ def test_bench_splits_are_clean(overrefuser, benchdata, tmp_path):
     seeded part of the pseudo-harmful queries and the full protocol's exclude file."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import bench_actor
+
     import evaluate as E
 
     args = bench_actor.parse_args(["--benchdata", benchdata, "--out", str(tmp_path)])

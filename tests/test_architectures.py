@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import actor as A
+import chat
 import directions
 import evaluate as E
-import procon as P
-import training
-import chat
 import inference
 import loading
+import procon as P
+import training
 
 # the modules that read the residual stream in each block: (attention's input, MLP's input)
 READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),

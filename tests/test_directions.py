@@ -6,15 +6,15 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, snapshot
 
 import artifacts
-import directions as D
-import judges
-import keywords
-from conftest import ROOT, snapshot
 import chat
 import cli
+import directions as D
 import inference
+import judges
+import keywords
 import loading
 import runrecord
 

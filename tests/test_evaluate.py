@@ -7,17 +7,17 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, snapshot
 
 import artifacts
-import directions
-import keywords
-import evaluate as E
-import rundir
-from conftest import ROOT, snapshot
 import chat
 import cli
+import directions
+import evaluate as E
 import inference
+import keywords
 import loading
+import rundir
 
 
 def summary_metrics(out):

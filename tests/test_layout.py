@@ -11,13 +11,13 @@ import subprocess
 
 import pytest
 import torch
+from conftest import ROOT
 
 import artifacts
 import cli
 import evaluate
 import procon
 import runrecord
-from conftest import ROOT
 
 SCRIPTS = ("actor.py", "actor_search.py", "directions.py", "evaluate.py", "procon.py")  # the entry points
 METHOD_FILES = ("actor.py", "procon.py", "directions.py", "evaluate.py")

@@ -8,19 +8,19 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, snapshot
 from transformers import AutoTokenizer
 
+import chat
+import cli
+import evaluate
+import inference
 import judges
 import keywords
+import loading
 import procon as P
 import rundir
 import training as T
-from conftest import ROOT, snapshot
-import evaluate
-import chat
-import cli
-import inference
-import loading
 
 
 @pytest.fixture(scope="module", autouse=True)

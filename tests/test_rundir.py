@@ -10,16 +10,16 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, snapshot
 
 import actor as A
+import cli
 import directions as D
 import evaluate as E
-import procon as P
-import rundir
-from conftest import ROOT, snapshot
-import cli
 import inference
 import loading
+import procon as P
+import rundir
 import runrecord
 
 

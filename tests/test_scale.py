@@ -9,20 +9,20 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, snapshot
 
 import actor as A
 import artifacts
-import directions
-import evaluate as E
-import procon as P
-import rundir
-import training
-from conftest import ROOT, snapshot
 import chat
 import cli
+import directions
+import evaluate as E
 import inference
 import loading
+import procon as P
+import rundir
 import runrecord
+import training
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea, in four lines.", "Hi"]
 
