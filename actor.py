@@ -373,15 +373,29 @@ def layer_band(args, n_layers):
 
 # ============================================================================ outputs
 def save(work, block, a_init, a_final, groups, meta):
-    """The patch (artifacts.save_patch: the trained block and actor.json, with where the groups sat along the initial
+    """The patch (save_patch: the trained block and actor.json, with where the groups sat along the initial
     r_hat before and after) and projections.png. Returns the mean projections before and after."""
     r_hat_init, r_hat_final = refusal_direction(a_init, groups), refusal_direction(a_final, groups)
     before, after = mean_projections(a_init, r_hat_init, groups), mean_projections(a_final, r_hat_init, groups)
-    artifacts.save_patch(work, block, {**meta, "projection_on_initial_r_hat": {"before": before, "after": after},
+    save_patch(work, block, {**meta, "projection_on_initial_r_hat": {"before": before, "after": after},
                                        "cos_initial_final_r_hat": float(r_hat_init @ r_hat_final)})
     plot_projections(os.path.join(work, "projections.png"), (a_init @ r_hat_init).cpu(), (a_final @ r_hat_init).cpu(),
                      groups, meta["layer"], meta["base_model"])
     return before, after
+
+
+def save_patch(folder, block, meta):
+    """Block l*'s trained weights, and actor.json (`meta`). What applying the patch needs (its layer, its model) rides
+    in the safetensors header too, so that weights and what they fit can never disagree."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+    fits = {k: meta.get(k) for k in ("layer", "base_model", "model_key", "model_sha256", "model_files", "arch",
+                                     "hidden_size", "n_layers")}
+    path = os.path.join(folder, artifacts.PATCH_WEIGHTS)
+    with runrecord.save_guard(path, path):
+        save_file(state, path, metadata={"actor": runrecord.save_json_text(fits, path)})
+    runrecord.save_json(os.path.join(folder, artifacts.PATCH_META), meta)
 
 
 def plot_projections(path, before, after, groups, layer, model_name):

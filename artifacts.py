@@ -189,20 +189,6 @@ def addition_hooks(model, vector, layer, coeff=1.0):
 PATCH_WEIGHTS, PATCH_META = "actor_layer.safetensors", "actor.json"
 
 
-def save_patch(folder, block, meta):
-    """Block l*'s trained weights, and actor.json (`meta`). What applying the patch needs (its layer, its model) rides
-    in the safetensors header too, so that weights and what they fit can never disagree."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-    fits = {k: meta.get(k) for k in ("layer", "base_model", "model_key", "model_sha256", "model_files", "arch",
-                                     "hidden_size", "n_layers")}
-    path = os.path.join(folder, PATCH_WEIGHTS)
-    with runrecord.save_guard(path, path):
-        save_file(state, path, metadata={"actor": runrecord.save_json_text(fits, path)})
-    runrecord.save_json(os.path.join(folder, PATCH_META), meta)
-
-
 def check_patch(folder, name, cfg, other_model=False, skel=None, whole=True):
     """An ACTOR patch against a model: its model (by contents), its layer, its weights' names and shapes against that
     layer's, and (whole) every weight read: floating point and finite. Returns its metadata."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, snapshot
 
+import actor
 import artifacts
 import chat
 import cli
@@ -786,7 +787,7 @@ def bad(tiny_llama, tiny_neox, prompt_files, guard_model, no_template_model, tmp
         p[name] = str(t / name)
     llama = loading.load_model(p["llama_copy2"])[0]
     (t / "patch_changed").mkdir()  # a patch made on the copy, which records the copy's contents
-    artifacts.save_patch(str(t / "patch_changed"), loading.decoder_layers(llama)[1], {
+    actor.save_patch(str(t / "patch_changed"), loading.decoder_layers(llama)[1], {
         "layer": 1, "base_model": p["llama_copy2"], **artifacts.record(p["llama_copy2"], llama.config)})
     p["patch_changed"] = str(t / "patch_changed")
     for name, extra in (("killed", []), ("killed_steered", ["--steer", p["d"], "--coeff", "8"]),

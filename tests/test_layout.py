@@ -34,7 +34,6 @@ CONVENTIONS = {"main", "parse_args", "check_args", "write_outputs"}  # each scri
 TRAINING = "fine-tuning machinery (pair files, LoRA set-up, checkpoints, data parallel) a second trainer would share"
 CHECKPOINT = "a checkpoint folder is the run folder's: run_folder's --resume and has_progress read them"
 ONE_USER = {  # shared definitions one script reaches, and why they stay shared (machinery only: no [choice] in them)
-    "artifacts.save_patch": "the patch format's writer, beside its checker and reader (check_patch, apply_patch)",
     "rundir.write_checkpoint": CHECKPOINT, "rundir.last_checkpoint": CHECKPOINT,
     "keywords.judge_without": "the keyword judge scored without the patterns of one source (bench/bench_judges.py)",
     **{f"training.{n}": TRAINING for n in (

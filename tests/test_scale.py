@@ -257,7 +257,7 @@ def test_merged_patch_and_adapter_equal_the_patched_and_adapted_models(arch_mode
         for p in block.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=g))
     (tmp_path / "patch").mkdir()
-    artifacts.save_patch(str(tmp_path / "patch"), block, {"base_model": path, "layer": 1,
+    A.save_patch(str(tmp_path / "patch"), block, {"base_model": path, "layer": 1,
                                                           **artifacts.record(path, model.config)})
     A.main(["--merge", str(tmp_path / "patch"), "--out", str(tmp_path / "merged_patch")])
     fresh, _ = loading.load_model(path)
