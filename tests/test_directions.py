@@ -430,6 +430,8 @@ BAD_INPUT = [
     (["--model", "{file}"], "file: is a file, not a model directory"),
     (["--model", "{tmp}"], "not a model folder"),  # not the tokenizer's complaint
     ([], "exists; pass --overwrite"),
+    (["--ablation", "projected", "--overwrite"], "--ablation projected: applies to an export"),
+    (["--ablation", "norm-preserving", "--save-ablated-adapter", "--overwrite"], "no adapter form"),
 ]
 
 
