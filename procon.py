@@ -424,7 +424,7 @@ def anchors_of_run(work, run, model, probes):
     return start
 
 
-# ============================================================================ arguments
+# ============================================================================ checks and outputs
 @torch.no_grad()
 def check_ce_chunk(forward, model, batch, device, ce_chunk):
     """--ce-chunk computes logits itself (forward(..., ce_chunk)); on the first batch it must give the model's own CE,
@@ -552,6 +552,7 @@ def write_outputs(work, run, pairs, safety, t0):
           f"{loading.peak_memory_mib(run.device):.0f} MiB; pairs whose response --max-length cut off: {run.cut[0]})")
 
 
+# ============================================================================ arguments
 def add_method_args(p):
     """ProCon's own flags: the constraint, its weight and schedule, where it reads."""
     g = p.add_argument_group("method (ProCon)")
