@@ -215,3 +215,13 @@ def check_context(model, lengths, extra_tokens=0, what="prompts"):
     if absolute:
         cli.fail(msg + "; this model's absolute positions end there: shorten them or lower the token budget")
     print(f"warning: {msg}; the model has not been trained on such positions", file=sys.stderr)
+
+
+def pair_tokens(tok, prompt, answer):
+    """One (prompt, answer) pair as the chat template writes it (procon.py trains on it, evaluate.py scores it):
+    (token ids, how many of them are the prompt's); the answer's tokens, the template's end-of-turn marker included,
+    follow."""
+    prompt_text, full = chat_text(tok, prompt), chat_text(tok, prompt, answer)
+    if not full.startswith(prompt_text):  # a template that rewrites earlier turns: the answer appended instead
+        full = prompt_text + answer + (tok.eos_token or "")
+    return tok(full, add_special_tokens=False).input_ids, len(tok(prompt_text, add_special_tokens=False).input_ids)

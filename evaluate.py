@@ -462,18 +462,9 @@ def perplexity(ce):
     return math.exp(ce) if ce is not None and ce < 700 else None  # beyond e^700 no float holds it
 
 
-def pair_tokens(tok, prompt, answer):
-    """One (prompt, answer) pair as the chat template writes it, as procon.py encodes its pairs: (token ids, how many
-    of them are the prompt's); the answer's tokens, the template's end-of-turn marker included, follow."""
-    prompt_text, full = chat.chat_text(tok, prompt), chat.chat_text(tok, prompt, answer)
-    if not full.startswith(prompt_text):  # a template that rewrites earlier turns: the answer appended instead
-        full = prompt_text + answer + (tok.eos_token or "")
-    return tok(full, add_special_tokens=False).input_ids, len(tok(prompt_text, add_special_tokens=False).input_ids)
-
-
 @torch.no_grad()
 def answer_ce(model, encoded, pad_id, batch_size, hook_pairs=()):
-    """The mean token CE of the answers of encoded pairs (pair_tokens): the sum over every answer token of
+    """The mean token CE of the answers of encoded pairs (chat.pair_tokens): the sum over every answer token of
     -log p(token | all before it), divided by the number of answer tokens (token-weighted, as procon.py's held-out
     CE). Right padding, longest first, so positions start at 0 as in training. Returns (CE, answer tokens)."""
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -515,7 +506,7 @@ def damage_side(model, tok, hook_pairs, data, args, what):
     log-probabilities after each harmless prompt, the answers' CE, and the token ids both read (the two models must
     see the same tokens)."""
     prompts, pairs = data
-    encoded = [pair_tokens(tok, p, a) for p, a in pairs]
+    encoded = [chat.pair_tokens(tok, p, a) for p, a in pairs]
     texts = chat.format_chat(tok, prompts)
     chat.check_context(model, chat.token_lengths(tok, texts), what="damage prompts")
     chat.check_context(model, [len(ids) for ids, _ in encoded], what="damage pairs")

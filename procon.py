@@ -54,12 +54,8 @@ def encode_pair(tok, prompt, response, max_length, tokens="prompt", ce=True):
 
     labels are -100 on the prompt, so the loss is on response tokens only (on none with ce=False); the constraint
     mask marks the tokens whose projections the constraint reads (--constrained-tokens)."""
-    prompt_text = chat.chat_text(tok, prompt)
-    full_text = chat.chat_text(tok, prompt, response)
-    if not full_text.startswith(prompt_text):  # a template that rewrites earlier turns: append the answer instead
-        full_text = prompt_text + response + (tok.eos_token or "")
-    n_prompt = len(tok(prompt_text, add_special_tokens=False).input_ids)
-    ids = tok(full_text, add_special_tokens=False).input_ids[:max_length]
+    ids, n_prompt = chat.pair_tokens(tok, prompt, response)
+    ids = ids[:max_length]
     response_mask = [0] * min(n_prompt, len(ids)) + [1] * max(0, len(ids) - n_prompt)
     labels = [t if m and ce else -100 for t, m in zip(ids, response_mask)]
     if tokens == "response":
